@@ -50,7 +50,6 @@ class ModelConfig:
     bottom_mlp_dims: tuple[int, ...] = (512, 256)  # dense_mode=mlp; a last layer of K is added
     cross_layers: int = 3  # DCNv2
     cross_rank: int = 0  # DCNv2 low-rank cross (0 = full rank)
-    dropout: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""What every CTR model shares: an embedding module in, a logit per row out.
+
+A model takes its embedding module as an argument (a plain EBC adapter, the α-EBC, or
+later the repacked multi-size module): anything mapping a ``KeyedJaggedTensor`` to
+``[B, F, K]``. ``forward(dense, sparse) == interact(dense, embedding(sparse))``; the
+split lets the DNIS step run the interaction on α-scaled embeddings it built itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.modules.mlp import MLP
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pipeline.config import ModelConfig
+
+
+def mlp_head(in_features: int, dims: tuple[int, ...]) -> nn.Sequential:
+    """ReLU MLP of ``dims`` followed by a linear layer to one logit."""
+    if not dims:
+        return nn.Sequential(nn.Linear(in_features, 1))
+    return nn.Sequential(MLP(in_features, list(dims)), nn.Linear(dims[-1], 1))
+
+
+def fm_pairwise(fields: torch.Tensor) -> torch.Tensor:
+    """FM second-order term ``Σ_{i<j} <v_i, v_j>`` of ``[B, F, K]`` fields, shaped ``[B]``."""
+    square_of_sum = fields.sum(dim=1).pow(2)
+    sum_of_squares = fields.pow(2).sum(dim=1)
+    return 0.5 * (square_of_sum - sum_of_squares).sum(dim=1)
+
+
+class CTRModel(nn.Module):
+    """Base: builds the optional dense bottom MLP and the field tensor.
+
+    Args:
+        embedding: module mapping a KJT to ``[B, num_fields, embedding_dim]``.
+        num_fields: fields the embedding module outputs.
+        num_dense: dense inputs sent through a bottom MLP to one more K-dim field
+            (``dense_mode=mlp``, as DLRM); 0 when dense values travel in the KJT.
+        cfg: sizes of the interaction layers.
+    """
+
+    def __init__(self, embedding: nn.Module, num_fields: int, num_dense: int, cfg: ModelConfig):
+        super().__init__()
+        self.embedding = embedding
+        self.embedding_dim = cfg.embedding_dim
+        self.dense_arch = (
+            MLP(num_dense, list(cfg.bottom_mlp_dims) + [cfg.embedding_dim]) if num_dense else None
+        )
+        self.num_fields = num_fields + (1 if num_dense else 0)
+        self.flat_dim = self.num_fields * cfg.embedding_dim
+
+    def fields(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """``[B, F', K]``: the dense field (if any) first, then the embeddings."""
+        if self.dense_arch is None:
+            return embeddings
+        return torch.cat([self.dense_arch(dense).unsqueeze(1), embeddings], dim=1)
+
+    def interact(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B]`` from dense inputs and ``[B, F, K]`` embeddings."""
+        raise NotImplementedError
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.interact(dense, self.embedding(sparse))

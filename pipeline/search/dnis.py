@@ -1,0 +1,133 @@
+"""The DNIS search step (paper Algorithm 1, first-order), one input distribution per step.
+
+Each step the loader sends one batch: ``train_rows`` train rows, then (on α steps)
+validation rows. ``DNISTask.forward`` runs the (sharded) EBC once for all of them:
+
+- train rows: embeddings scaled by α (a constant here), interaction, train loss; the
+  caller's backward updates the tables (fused optimizer) and the dense layers (DDP);
+- validation rows: pooled embeddings *detached*, scaled by a fresh leaf copy of α,
+  interaction, validation loss, and ``autograd.grad`` of it with respect to that copy.
+
+Taking α's gradient at the pre-update Θ is the first-order approximation (``ξ = 0`` in
+eq. 7), as in first-order DARTS. ``AlphaUpdater`` then averages the gradient over ranks,
+normalises it row-wise (eq. 8), takes an Adam step and clips α to [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+from pipeline.data.batch import Batch
+
+
+def alpha_gradient(loss: torch.Tensor, alpha_leaf: torch.Tensor) -> torch.Tensor:
+    """``∂loss/∂alpha_leaf`` without touching any parameter's ``.grad``."""
+    return torch.autograd.grad(loss, alpha_leaf)[0]
+
+
+# Keep autograd.grad out of the FX trace that TrainPipelineSparseDist takes of the model.
+torch.fx.wrap("alpha_gradient")
+
+
+def normalize_rows(grad: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Eq. 8: divide each row of α's gradient by its mean absolute value (+ eps).
+
+    >>> normalize_rows(torch.tensor([[2.0, -2.0], [0.001, 0.003]]), eps=0.0).tolist()
+    [[1.0, -1.0], [0.5, 1.5]]
+    """
+    return grad / (grad.abs().mean(dim=1, keepdim=True) + eps)
+
+
+class DNISTask(nn.Module):
+    """Search step around a model whose ``embedding`` is an ``AlphaEmbeddingBagCollection``.
+
+    Args:
+        model: a ``CTRModel`` (any of ``pipeline.models``) built on the α-EBC.
+        train_rows: rows of each batch that are train rows (static, per rank).
+        alpha_interval: α gets a gradient every this many training steps, starting at
+            the first; the loader adds validation rows exactly on those steps.
+
+    ``forward(batch)`` returns ``(train_loss, outputs)``, the ``TrainPipeline`` convention;
+    ``outputs`` holds ``loss``, ``logits`` and ``labels`` of the train rows and, on α
+    steps, ``val_loss`` and ``grad_alpha``. In eval mode every row is a train row.
+    """
+
+    def __init__(self, model: nn.Module, train_rows: int, alpha_interval: int = 1) -> None:
+        super().__init__()
+        self.model = model
+        self.train_rows = train_rows
+        self.alpha_interval = alpha_interval
+        self.steps_taken = 0  # restored from checkpoints so α steps stay on schedule
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        embedding = self.model.embedding
+        pooled = embedding.lookup(batch.sparse)
+        alpha = embedding.alpha
+        if not self.training:
+            logits = self.model.interact(batch.dense, embedding.apply_alpha(pooled, alpha))
+            loss = bce(logits, batch.labels.clamp(min=0))
+            return loss, {"loss": loss.detach(), "logits": logits.detach(), "labels": batch.labels}
+        n = self.train_rows
+        alpha_step = self.steps_taken % self.alpha_interval == 0
+        self.steps_taken += 1
+        train_emb = embedding.apply_alpha(pooled.rows(0, n), alpha)
+        logits = self.model.interact(batch.dense[:n], train_emb)
+        loss = bce(logits, batch.labels[:n])
+        out = {"loss": loss.detach(), "logits": logits.detach(), "labels": batch.labels[:n]}
+        if alpha_step:
+            alpha_leaf = alpha.detach().requires_grad_(True)
+            val_emb = embedding.apply_alpha(pooled.rows(n).detach(), alpha_leaf)
+            val_logits = self.model.interact(batch.dense[n:], val_emb)
+            val_loss = bce(val_logits, batch.labels[n:])
+            out["val_loss"] = val_loss.detach()
+            out["grad_alpha"] = alpha_gradient(val_loss, alpha_leaf)
+        return loss, out
+
+
+class AlphaUpdater:
+    """Applies α gradients: mean over ranks, eq. 8, Adam (lr 1e-2 in the paper), clip [0, 1].
+
+    Args:
+        alpha: the α parameter (``requires_grad=False``; kept out of DDP).
+        lr: Adam learning rate.
+        eps: eq. 8's ``ε_g``.
+        all_reduce_mean: averages a tensor over ranks (identity on one process);
+            passed in so this module needs no process group.
+    """
+
+    def __init__(
+        self,
+        alpha: nn.Parameter,
+        lr: float = 1e-2,
+        eps: float = 1e-7,
+        all_reduce_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        self.alpha = alpha
+        self.eps = eps
+        self.all_reduce_mean = all_reduce_mean or (lambda t: t)
+        self.optimizer = torch.optim.Adam([alpha], lr=lr)
+
+    def step(self, grad_alpha: torch.Tensor) -> None:
+        """One α update from this rank's gradient."""
+        grad = self.all_reduce_mean(grad_alpha.detach().clone())
+        self.alpha.grad = normalize_rows(grad, self.eps)
+        self.optimizer.step()
+        self.alpha.grad = None
+        with torch.no_grad():
+            self.alpha.clamp_(0.0, 1.0)
+
+    def after_step(self, outputs: dict[str, torch.Tensor]) -> None:
+        """Loop hook: update α when the step produced a gradient."""
+        if "grad_alpha" in outputs:
+            self.step(outputs["grad_alpha"])
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

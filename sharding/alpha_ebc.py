@@ -1,0 +1,235 @@
+"""α soft selection around a plain TorchRec ``EmbeddingBagCollection`` (DNIS eq. 4).
+
+``AlphaEmbeddingBagCollection`` wraps an EBC the way DLRM's ``SparseArch`` does:
+``DistributedModelParallel`` shards the inner EBC with TorchRec's own sharders and this
+module only post-processes the pooled output. No distributed imports live here.
+
+Per bag it outputs ``Σ_i e_i ⊙ α[block(i)]``:
+
+- single-hot features (every Criteo field; missing values are the OOV id): the pooled
+  row times ``α[bucketize(id, cuts)]``;
+- multi-hot features: ``split_multi_hot`` (a batch transform) moves each id into a
+  per-block key ``f@l``; all of them share the feature's table, and the module combines
+  ``Σ_l α_l ⊙ pooled_l``.
+
+The forward is FX-traceable outside the EBC (static keys and shapes), so
+``TrainPipelineSparseDist`` can pipeline the EBC's input distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pipeline.search.blocking import Blocking
+
+
+def block_key(key: str, block: int) -> str:
+    """KJT key of block ``block`` of the multi-hot feature ``key``."""
+    return f"{key}@{block}"
+
+
+def table_name(key: str) -> str:
+    """Name of the embedding table of feature ``key``."""
+    return f"t_{key}"
+
+
+@dataclass
+class PooledEmbeddings:
+    """Pooled embeddings before α: ``single [B, Fs, K]``, their α rows ``blocks [B, Fs]``,
+    and ``multi [B, Fm, L, K]`` (one pooled vector per block of each multi-hot feature)."""
+
+    single: torch.Tensor
+    blocks: torch.Tensor
+    multi: Optional[torch.Tensor]
+
+    def rows(self, start: int, stop: Optional[int] = None) -> "PooledEmbeddings":
+        """The rows ``[start, stop)`` of the batch."""
+        return PooledEmbeddings(
+            self.single[start:stop],
+            self.blocks[start:stop],
+            None if self.multi is None else self.multi[start:stop],
+        )
+
+    def detach(self) -> "PooledEmbeddings":
+        return PooledEmbeddings(
+            self.single.detach(),
+            self.blocks,
+            None if self.multi is None else self.multi.detach(),
+        )
+
+
+def alpha_embedding_configs(
+    num_embeddings: dict[str, int],
+    embedding_dim: int,
+    init_scale: float,
+    multi_hot: Sequence[str] = (),
+    num_blocks: int = 1,
+) -> list[EmbeddingBagConfig]:
+    """One table per feature, single-hot tables first, all from ``uniform(-s, s)``.
+
+    TorchRec's default init scales by ``1/sqrt(num_embeddings)``; one global pruning
+    threshold would then cut big tables and spare small ones whatever α says, so every
+    table gets the same range here.
+    """
+    order = [k for k in num_embeddings if k not in multi_hot] + list(multi_hot)
+    return [
+        EmbeddingBagConfig(
+            name=table_name(key),
+            num_embeddings=num_embeddings[key],
+            embedding_dim=embedding_dim,
+            feature_names=(
+                [block_key(key, b) for b in range(num_blocks)] if key in multi_hot else [key]
+            ),
+            weight_init_min=-init_scale,
+            weight_init_max=init_scale,
+        )
+        for key in order
+    ]
+
+
+class AlphaEmbeddingBagCollection(nn.Module):
+    """``Σ_i e_i ⊙ α[block(i)]`` per bag, shaped ``[B, F, K]`` in ``blocking.keys`` order.
+
+    Args:
+        ebc: a plain EBC built from ``alpha_embedding_configs`` (possibly on ``meta``),
+            every table of dimension ``K``.
+        blocking: cut points per feature and the number of α rows.
+        multi_hot: keys whose bags may hold several ids; the input KJT must carry them
+            split into ``f@l`` keys (``split_multi_hot``) after all single-hot keys.
+
+    The input KJT holds the single-hot keys first, in ``blocking.keys`` order.
+    α starts at 1 and has ``requires_grad=False``: DDP must leave it alone, it is
+    updated by the DNIS step from gradients taken on validation rows.
+
+    Example:
+        >>> configs = alpha_embedding_configs({"a": 10, "b": 5}, 4, 0.01)
+        >>> blocking = compute_blocking({"a": [[3, 10]], "b": [[2, 5]]}, num_blocks=2)
+        >>> m = AlphaEmbeddingBagCollection(EmbeddingBagCollection(configs), blocking)
+        >>> kjt = single_hot_kjt(["a", "b"], torch.tensor([[0, 9], [1, 4]]))
+        >>> m(kjt).shape
+        torch.Size([2, 2, 4])
+    """
+
+    def __init__(
+        self, ebc: EmbeddingBagCollection, blocking: Blocking, multi_hot: Sequence[str] = ()
+    ) -> None:
+        super().__init__()
+        self.ebc = ebc
+        self.keys = list(blocking.keys)
+        self.single_keys = [k for k in self.keys if k not in multi_hot]
+        self.multi_keys = [k for k in self.keys if k in multi_hot]
+        self.num_blocks = blocking.num_blocks
+        configs = ebc.embedding_bag_configs()
+        dims = {c.embedding_dim for c in configs}
+        if len(dims) != 1:
+            raise ValueError(f"all tables need one dimension K, got {sorted(dims)}")
+        self.embedding_dim = dims.pop()
+        expected = self.single_keys + [
+            block_key(k, b) for k in self.multi_keys for b in range(self.num_blocks)
+        ]
+        got = [name for c in configs for name in c.feature_names]
+        if got != expected:
+            raise ValueError(f"EBC features {got} do not match the α layout {expected}")
+        self._feature_names = expected
+        cuts = torch.tensor([blocking.cuts[k] for k in self.single_keys], dtype=torch.int64)
+        self.register_buffer("cuts", cuts.reshape(len(self.single_keys), -1), persistent=False)
+        offsets = [blocking.row_offset(k) for k in self.single_keys]
+        self.register_buffer("row_offsets", torch.tensor(offsets).view(-1, 1), persistent=False)
+        multi_rows = [
+            [blocking.row_offset(k) + b for b in range(self.num_blocks)] for k in self.multi_keys
+        ]
+        self.register_buffer(
+            "multi_rows", torch.tensor(multi_rows, dtype=torch.int64).view(-1, self.num_blocks),
+            persistent=False,
+        )
+        # Output order: blocking.keys; single-hot and multi-hot parts are concatenated first.
+        concat_order = self.single_keys + self.multi_keys
+        self._field_order = [concat_order.index(k) for k in self.keys]
+        self._reorder = self._field_order != list(range(len(self.keys)))
+        self.alpha = nn.Parameter(
+            torch.ones(blocking.num_alpha_rows, self.embedding_dim), requires_grad=False
+        )
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, features: KeyedJaggedTensor) -> PooledEmbeddings:
+        """Pooled embeddings (through the possibly sharded EBC) and the α row of each bag."""
+        # A sharded EBC orders its output keys by shard, so read them by name (as DLRM's
+        # SparseArch does) rather than trusting the column order of .values().
+        by_key = self.ebc(features).to_dict()
+        pooled = torch.cat([by_key[name] for name in self._feature_names], dim=1)
+        k, num_single = self.embedding_dim, len(self.single_keys)
+        single = pooled[:, : num_single * k].reshape(-1, num_single, k)
+        ids = features.values()
+        if self.multi_keys:
+            ids = torch.narrow(ids, 0, 0, num_single * pooled.size(0))
+        ids = ids.view(num_single, -1)
+        blocks = (ids.unsqueeze(-1) >= self.cuts.unsqueeze(1)).sum(-1) + self.row_offsets
+        multi = None
+        if self.multi_keys:
+            multi = pooled[:, num_single * k :].reshape(-1, len(self.multi_keys), self.num_blocks, k)
+        return PooledEmbeddings(single, blocks.t(), multi)
+
+    def apply_alpha(self, pooled: PooledEmbeddings, alpha: torch.Tensor) -> torch.Tensor:
+        """Scale pooled embeddings by ``alpha`` (eq. 4): ``[B, F, K]`` in ``keys`` order."""
+        out = pooled.single * alpha[pooled.blocks]
+        if pooled.multi is not None:
+            multi = (pooled.multi * alpha[self.multi_rows]).sum(2)
+            out = torch.cat([out, multi], dim=1)
+            if self._reorder:
+                out = out[:, self._field_order]
+        return out
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.apply_alpha(self.lookup(features), self.alpha)
+
+
+def split_multi_hot(
+    features: KeyedJaggedTensor, blocking: Blocking, multi_hot: Sequence[str]
+) -> KeyedJaggedTensor:
+    """Batch transform: move each id of a multi-hot key ``f`` into key ``f@block(id)``.
+
+    Single-hot keys pass through first, unchanged and in order; then, per multi-hot key,
+    ``L`` keys holding the ids of each block (lengths per row, weights kept).
+    Runs in the loader, before the pipeline, so the model's forward stays static.
+    """
+    per_key = features.to_dict()
+    keys, values, lengths, weights = [], [], [], []
+    weighted = features.weights_or_none() is not None
+    for key in features.keys():
+        if key not in multi_hot:
+            jt = per_key[key]
+            keys.append(key)
+            values.append(jt.values())
+            lengths.append(jt.lengths())
+            if weighted:
+                weights.append(jt.weights())
+    for key in multi_hot:
+        jt = per_key[key]
+        batch = jt.lengths().numel()
+        row = torch.repeat_interleave(torch.arange(batch), jt.lengths().long())
+        block = torch.bucketize(jt.values(), torch.tensor(blocking.cuts[key]), right=True)
+        # Stable sort by (block, row) keeps ids of one bag together, block after block.
+        order = torch.argsort(block * batch + row, stable=True)
+        counts = torch.bincount(block * batch + row, minlength=blocking.num_blocks * batch)
+        for b in range(blocking.num_blocks):
+            keys.append(block_key(key, b))
+            lengths.append(counts[b * batch : (b + 1) * batch].to(jt.lengths().dtype))
+        values.append(jt.values()[order])
+        if weighted:
+            weights.append(jt.weights()[order])
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.cat(values),
+        lengths=torch.cat(lengths),
+        weights=torch.cat(weights) if weighted else None,
+    )

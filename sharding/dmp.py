@@ -1,0 +1,174 @@
+"""Process groups, planning and ``DistributedModelParallel`` wrapping, in one place.
+
+Models never see any of this: launch entry points build a plain model (tables on the
+``meta`` device), then call ``shard_model`` and ``make_optimizer`` from here.
+
+Example (one process, gloo):
+    >>> pg = init_distributed().process_group          # doctest: +SKIP
+    >>> dmp = shard_model(model, pg, torch.device("cpu"), "rowwise_adagrad", 0.05)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+# Fused (in-backward) table optimizers. FBGEMM has no fused Adam on CPU ("Optimizer
+# adam is not supported in CPU mode"), so row-wise Adagrad (TorchRec DLRM's choice)
+# is the default everywhere; "adam" works on GPU only.
+SPARSE_OPTIMIZERS = {
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    process_group: dist.ProcessGroup
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: int = 60) -> DistEnv:
+    """Join the job torchrun (or torchx) started: NCCL on GPUs, gloo on CPU.
+
+    Without torchrun's variables it starts a one-process group, so every entry point
+    runs the same code alone or under ``torchx run ... --nproc N``.
+    """
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank = int(os.environ.setdefault("RANK", "0"))
+    world_size = int(os.environ.setdefault("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.setdefault("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return DistEnv(rank, world_size, local_rank, device, dist.group.WORLD)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over all ranks (in place) and return it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sharders(device: torch.device) -> list:
+    """TorchRec's own EBC sharder; fused optimizers come from ``apply_optimizer_in_backward``."""
+    return [EmbeddingBagCollectionSharder()]
+
+
+def plan_model(
+    model: nn.Module,
+    env: DistEnv,
+    constraints: Optional[dict[str, ParameterConstraints]] = None,
+) -> ShardingPlan:
+    """A sharding plan from TorchRec's planner (the same on every rank)."""
+    topology = Topology(world_size=env.world_size, compute_device=env.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    return planner.collective_plan(model, sharders(env.device), env.process_group)
+
+
+def shard_model(
+    model: nn.Module,
+    env: DistEnv,
+    sparse_optimizer: str,
+    sparse_lr: float,
+    constraints: Optional[dict[str, ParameterConstraints]] = None,
+    plan: Optional[ShardingPlan] = None,
+) -> DistributedModelParallel:
+    """Fuse the table optimizer into backward, plan, and wrap in ``DistributedModelParallel``.
+
+    Every ``EmbeddingBagCollection`` inside ``model`` is sharded by TorchRec's sharders;
+    everything else (dense layers) is replicated and synchronised by DDP. Parameters
+    with ``requires_grad=False`` (α) stay out of DDP.
+    """
+    if sparse_optimizer not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"sparse optimizer {sparse_optimizer!r}; known: {sorted(SPARSE_OPTIMIZERS)}")
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            apply_optimizer_in_backward(
+                SPARSE_OPTIMIZERS[sparse_optimizer], module.parameters(), {"lr": sparse_lr}
+            )
+    if plan is None:
+        plan = plan_model(model, env, constraints)
+    return DistributedModelParallel(
+        module=model,
+        env=ShardingEnv.from_process_group(env.process_group),
+        device=env.device,
+        plan=plan,
+        sharders=sharders(env.device),
+    )
+
+
+def make_optimizer(
+    model: DistributedModelParallel, dense_lr: float, sparse_optimizer: str, sparse_lr: float
+) -> CombinedOptimizer:
+    """One optimizer for everything that trains (not α).
+
+    - tables with a fused kernel: their FBGEMM optimizer, applied inside backward;
+    - data-parallel tables (the planner picks them for tiny tables): TorchRec gives them
+      a DDP-averaged ``.grad`` and no fused optimizer, so they get a regular instance of
+      the same table optimizer here, rather than silently training with the dense Adam;
+    - dense layers: Adam (the paper's 1e-3).
+    """
+    trainable = [
+        (name, p)
+        for name, p in in_backward_optimizer_filter(model.named_parameters())
+        if p.requires_grad
+    ]
+    tables = {n: p for n, p in trainable if ".embedding_bags." in n}
+    dense = {n: p for n, p in trainable if n not in tables}
+    table_cls = SPARSE_OPTIMIZERS[sparse_optimizer]
+    parts = [
+        model.fused_optimizer,
+        KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adam(params, lr=dense_lr)),
+    ]
+    if tables:
+        parts.append(KeyedOptimizerWrapper(tables, lambda params: table_cls(params, lr=sparse_lr)))
+    return CombinedOptimizer(parts)
