@@ -23,21 +23,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.search.blocking import Blocking
-
-
-def block_key(key: str, block: int) -> str:
-    """KJT key of block ``block`` of the multi-hot feature ``key``."""
-    return f"{key}@{block}"
-
-
-def table_name(key: str) -> str:
-    """Name of the embedding table of feature ``key``."""
-    return f"t_{key}"
+from sharding.field_embedding import block_key, pooled_by_name
 
 
 @dataclass
@@ -65,40 +55,11 @@ class PooledEmbeddings:
         )
 
 
-def alpha_embedding_configs(
-    num_embeddings: dict[str, int],
-    embedding_dim: int,
-    init_scale: float,
-    multi_hot: Sequence[str] = (),
-    num_blocks: int = 1,
-) -> list[EmbeddingBagConfig]:
-    """One table per feature, single-hot tables first, all from ``uniform(-s, s)``.
-
-    TorchRec's default init scales by ``1/sqrt(num_embeddings)``; one global pruning
-    threshold would then cut big tables and spare small ones whatever α says, so every
-    table gets the same range here.
-    """
-    order = [k for k in num_embeddings if k not in multi_hot] + list(multi_hot)
-    return [
-        EmbeddingBagConfig(
-            name=table_name(key),
-            num_embeddings=num_embeddings[key],
-            embedding_dim=embedding_dim,
-            feature_names=(
-                [block_key(key, b) for b in range(num_blocks)] if key in multi_hot else [key]
-            ),
-            weight_init_min=-init_scale,
-            weight_init_max=init_scale,
-        )
-        for key in order
-    ]
-
-
 class AlphaEmbeddingBagCollection(nn.Module):
     """``Σ_i e_i ⊙ α[block(i)]`` per bag, shaped ``[B, F, K]`` in ``blocking.keys`` order.
 
     Args:
-        ebc: a plain EBC built from ``alpha_embedding_configs`` (possibly on ``meta``),
+        ebc: a plain EBC built from ``table_configs`` (possibly on ``meta``),
             every table of dimension ``K``.
         blocking: cut points per feature and the number of α rows.
         multi_hot: keys whose bags may hold several ids; the input KJT must carry them
@@ -109,7 +70,7 @@ class AlphaEmbeddingBagCollection(nn.Module):
     updated by the DNIS step from gradients taken on validation rows.
 
     Example:
-        >>> configs = alpha_embedding_configs({"a": 10, "b": 5}, 4, 0.01)
+        >>> configs = table_configs({"a": 10, "b": 5}, 4, 0.01)
         >>> blocking = compute_blocking({"a": [[3, 10]], "b": [[2, 5]]}, num_blocks=2)
         >>> m = AlphaEmbeddingBagCollection(EmbeddingBagCollection(configs), blocking)
         >>> kjt = single_hot_kjt(["a", "b"], torch.tensor([[0, 9], [1, 4]]))
@@ -163,10 +124,7 @@ class AlphaEmbeddingBagCollection(nn.Module):
 
     def lookup(self, features: KeyedJaggedTensor) -> PooledEmbeddings:
         """Pooled embeddings (through the possibly sharded EBC) and the α row of each bag."""
-        # A sharded EBC orders its output keys by shard, so read them by name (as DLRM's
-        # SparseArch does) rather than trusting the column order of .values().
-        by_key = self.ebc(features).to_dict()
-        pooled = torch.cat([by_key[name] for name in self._feature_names], dim=1)
+        pooled = pooled_by_name(self.ebc(features), self._feature_names)
         k, num_single = self.embedding_dim, len(self.single_keys)
         single = pooled[:, : num_single * k].reshape(-1, num_single, k)
         ids = features.values()

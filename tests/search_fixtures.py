@@ -16,7 +16,8 @@ from pipeline.data.batch import Batch
 from pipeline.models import build_model
 from pipeline.search.blocking import compute_blocking
 from pipeline.search.dnis import DNISTask
-from sharding.alpha_ebc import AlphaEmbeddingBagCollection, alpha_embedding_configs, split_multi_hot
+from sharding.alpha_ebc import AlphaEmbeddingBagCollection, split_multi_hot
+from sharding.field_embedding import table_configs
 
 K = 16
 NUM_BLOCKS = 3
@@ -51,7 +52,7 @@ def build_task(case: str, device: torch.device, model_name: str = "deepfm", seed
     """A DNIS task on a fresh α-EBC (real weights on CPU, or ``meta`` for sharding)."""
     spec = CASES[case]
     torch.manual_seed(seed)
-    configs = alpha_embedding_configs(spec["nums"], K, 0.1, spec["multi"], NUM_BLOCKS)
+    configs = table_configs(spec["nums"], K, 0.1, spec["multi"], NUM_BLOCKS)
     ebc = EmbeddingBagCollection(configs, is_weighted=bool(spec["weighted"]), device=device)
     embedding = AlphaEmbeddingBagCollection(ebc, case_blocking(case), spec["multi"])
     cfg = ModelConfig(name=model_name, embedding_dim=K, mlp_dims=(8,), bottom_mlp_dims=(8,))

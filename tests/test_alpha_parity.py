@@ -15,7 +15,8 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from multirank import run_ranks
 from pipeline.search.dnis import AlphaUpdater
 from search_fixtures import CASES, build_task, make_batch
-from sharding.alpha_ebc import AlphaEmbeddingBagCollection, table_name
+from sharding.alpha_ebc import AlphaEmbeddingBagCollection
+from sharding.field_embedding import table_name
 from sharding.dmp import all_reduce_mean, make_optimizer, shard_model
 
 SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise", "data_parallel"]

@@ -126,6 +126,10 @@ class AlphaUpdater:
         if "grad_alpha" in outputs:
             self.step(outputs["grad_alpha"])
 
+    def metrics(self) -> dict[str, list[float]]:
+        """Mean α of every row (block), for the metrics log."""
+        return {"alpha_row_mean": [round(v, 4) for v in self.alpha.detach().mean(1).tolist()]}
+
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()
 

@@ -1,0 +1,73 @@
+"""What one training step computes, and how the model of a run is built.
+
+A task is an ``nn.Module`` with the ``TrainPipeline`` convention: ``forward(batch)``
+returns ``(loss, outputs)``. ``TrainTask`` is plain supervised training (the reference);
+``pipeline.search.dnis.DNISTask`` is the search step. The loop runs either without
+knowing which model or task it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch import nn
+from torch.nn.functional import binary_cross_entropy_with_logits as bce
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from pipeline.config import Config
+from pipeline.data.batch import Batch
+from pipeline.models import build_model
+from pipeline.search.blocking import Blocking
+from pipeline.search.dnis import DNISTask
+from sharding.alpha_ebc import AlphaEmbeddingBagCollection
+from sharding.field_embedding import FieldEmbeddingCollection, table_configs
+
+
+class Layout(Protocol):
+    """The parts of ``pipeline.data.features.FeatureLayout`` that building a model needs."""
+
+    keys: Sequence[str]
+    weighted: bool
+    num_embeddings: dict[str, int]
+    num_dense: int
+
+
+class TrainTask(nn.Module):
+    """Plain training: binary cross-entropy of the model's logits on every row."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.model(batch.dense, batch.sparse)
+        # Padding rows (label -1) only occur in evaluation, where metrics mask them.
+        loss = bce(logits, batch.labels.clamp(min=0))
+        return loss, {"loss": loss.detach(), "logits": logits.detach(), "labels": batch.labels}
+
+
+def _ebc(cfg: Config, layout: Layout, device: torch.device, multi_hot=(), num_blocks=1):
+    configs = table_configs(
+        layout.num_embeddings, cfg.model.embedding_dim, cfg.model.init_scale, multi_hot, num_blocks
+    )
+    return EmbeddingBagCollection(configs, is_weighted=layout.weighted, device=device)
+
+
+def _model(cfg: Config, layout: Layout, embedding: nn.Module) -> nn.Module:
+    num_dense = layout.num_dense if cfg.data.dense_mode == "mlp" else 0
+    return build_model(cfg.model, embedding, len(layout.keys), num_dense)
+
+
+def build_train_task(cfg: Config, layout: Layout, device: torch.device) -> TrainTask:
+    """The reference: the configured model on a plain EBC (tables on ``device``, e.g. meta)."""
+    embedding = FieldEmbeddingCollection(_ebc(cfg, layout, device), layout.keys)
+    return TrainTask(_model(cfg, layout, embedding))
+
+
+def build_search_task(
+    cfg: Config, layout: Layout, blocking: Blocking, device: torch.device
+) -> DNISTask:
+    """The configured model on an α-EBC, wrapped in the DNIS step."""
+    embedding = AlphaEmbeddingBagCollection(_ebc(cfg, layout, device), blocking)
+    return DNISTask(_model(cfg, layout, embedding), cfg.data.batch_size, cfg.search.alpha_interval)

@@ -1,0 +1,104 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): sharded tables reshard on load.
+
+A checkpoint is a folder: DCP's files for the model (and optionally optimizer) state,
+plus ``extra.pt`` (loop position, α optimizer, anything small and replicated) written by
+rank 0. It is written under ``<name>.tmp`` and renamed once every rank has finished, so
+a folder without the suffix is always complete.
+
+Example:
+    >>> save_checkpoint(run / "checkpoints/step_100", dmp, optimizer, {"step": 100})  # doctest: +SKIP
+    >>> extra = load_checkpoint(run / "checkpoints/step_100", dmp, optimizer)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+EXTRA_FILE = "extra.pt"
+LATEST_FILE = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: Optional[Any] = None,
+    extra: Optional[dict[str, Any]] = None,
+    mark_latest: bool = True,
+) -> Path:
+    """Save model (and optimizer) state from every rank into ``directory``; returns it.
+
+    ``mark_latest`` points ``<parent>/latest`` at it (what ``--resume`` continues from).
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    dcp.save(state, checkpoint_id=str(tmp))
+    if _rank() == 0:
+        torch.save(extra or {}, tmp / EXTRA_FILE)
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    if _rank() == 0 and mark_latest:
+        latest = directory.parent / LATEST_FILE
+        latest.with_suffix(".tmp").write_text(directory.name)
+        os.replace(latest.with_suffix(".tmp"), latest)
+    _barrier()
+    return directory
+
+
+def load_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: Optional[Any] = None,
+) -> dict[str, Any]:
+    """Load ``directory`` into ``model`` (any world size, sharded or not); returns ``extra``.
+
+    The optimizer state is loaded only when ``optimizer`` is given (resuming the same
+    job); across world sizes or into a new model, load the model alone.
+    """
+    directory = Path(directory)
+    if not (directory / ".metadata").is_file():
+        raise FileNotFoundError(f"{directory}: not a complete checkpoint (no .metadata)")
+    state = {"model": model.state_dict()}
+    if optimizer is not None:
+        if hasattr(optimizer, "init_state"):
+            optimizer.init_state()  # lazily created states (Adam) must exist to be filled
+        state["optim"] = optimizer.state_dict()
+    dcp.load(state, checkpoint_id=str(directory))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    return torch.load(directory / EXTRA_FILE, weights_only=False)
+
+
+def latest_checkpoint(checkpoints: str | Path) -> Optional[Path]:
+    """The most recently completed checkpoint under ``checkpoints``, if any."""
+    pointer = Path(checkpoints) / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / ".metadata").is_file() else None
