@@ -12,7 +12,7 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.planner.types import ParameterConstraints
 
-from multirank import run_ranks
+from sharding.local_ranks import run_ranks
 from pipeline.search.dnis import AlphaUpdater
 from search_fixtures import CASES, build_task, make_batch
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection

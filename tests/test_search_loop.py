@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multirank import run_ranks
+from sharding.local_ranks import run_ranks
 from pipeline.config import TrainConfig
 from pipeline.loop import Trainer
 from pipeline.run_dir import RunDir

@@ -1,4 +1,5 @@
-"""Run a function on several CPU ranks (gloo), as TorchRec's ``test_utils/multi_process``.
+"""Run a function on several local CPU ranks (gloo), as TorchRec's
+``test_utils/multi_process``; the multi-rank tests and benchmarks use it.
 
 Each spawn costs seconds, so tests run many cases inside one call.
 

@@ -1,0 +1,133 @@
+"""Wall time of one DNIS search step vs one plain TorchRec training step, same model.
+
+Both run the same DeepFM (K=64, MLP 400x3, the paper's settings) over 26 sharded tables
+on 2 CPU ranks (gloo), through the same ``TrainPipelineSparseDist``, on the same train
+batches (4096 rows per rank); the search step adds the configured validation rows
+(default 1024, the 1:4 setting of ``configs/base.yaml``; also 1:1) and the α update.
+
+    python benchmarks/search_overhead.py [--steps 20] [--batch 4096]
+
+Prints one line per setting and ``ratio <search / plain>`` for the default setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from pipeline.config import load_config
+from pipeline.data.batch import Batch, concat_batches, single_hot_kjt
+from pipeline.data.metadata import encode_counts
+from pipeline.search.blocking import compute_blocking
+from pipeline.search.dnis import AlphaUpdater
+from pipeline.tasks import build_search_task, build_train_task
+from sharding.alpha_ebc import AlphaEmbeddingBagCollection
+from sharding.dmp import all_reduce_mean, make_optimizer, shard_model
+from sharding.local_ranks import run_ranks
+
+NUM_TABLES = 26
+# Criteo-like spread of table sizes, capped so 26 tables fit a CPU benchmark.
+VOCAB = [int(v) for v in np.geomspace(4, 200_000, NUM_TABLES)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    keys: tuple
+    weighted: bool
+    num_embeddings: dict
+    num_dense: int
+
+
+def zipf_ids(rng: np.random.Generator, vocab: int, rows: int) -> np.ndarray:
+    return np.minimum(rng.zipf(1.2, rows) - 1, vocab - 1)
+
+
+def make_batches(rank: int, rows: int, count: int, layout: Layout) -> list[Batch]:
+    rng = np.random.default_rng(rank)
+    out = []
+    for _ in range(count):
+        ids = np.stack([zipf_ids(rng, n, rows) for n in layout.num_embeddings.values()])
+        out.append(Batch(
+            dense=torch.rand(rows, 13), sparse=single_hot_kjt(list(layout.keys), torch.from_numpy(ids)),
+            labels=torch.from_numpy(rng.integers(0, 2, rows)).float(),
+        ))
+    return out
+
+
+def time_steps(pipeline, batches, steps: int, warmup: int = 3) -> float:
+    """Median seconds per step over ``steps`` steps after ``warmup``."""
+    it = iter(batches * ((steps + warmup) // len(batches) + 2))
+    for _ in range(warmup):
+        pipeline.progress(it)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        pipeline.progress(it)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(env, steps: int, batch: int, val_rows: list[int]) -> dict:
+    cfg = load_config(["configs/base.yaml"], [f"data.batch_size={batch}"])
+    layout = Layout(tuple(f"C{i + 1}" for i in range(NUM_TABLES)), False,
+                    {f"C{i + 1}": n for i, n in enumerate(VOCAB)}, 13)
+    meta = torch.device("meta")
+    train = make_batches(env.rank, batch, 4, layout)
+    results = {}
+
+    torch.manual_seed(0)
+    task = build_train_task(cfg, layout, meta)
+    dmp = shard_model(task, env, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
+    opt = make_optimizer(dmp, cfg.train.dense_lr, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
+    results["plain"] = time_steps(TrainPipelineSparseDist(dmp, opt, env.device), train, steps)
+
+    counts = {k: encode_counts(np.sort(np.bincount(zipf_ids(np.random.default_rng(9), n, 100_000),
+                                                   minlength=n))[::-1]) for k, n in layout.num_embeddings.items()}
+    blocking = compute_blocking(counts, cfg.blocking.num_blocks)
+    for rows in val_rows:
+        torch.manual_seed(0)
+        task = build_search_task(cfg, layout, blocking, meta)
+        dmp = shard_model(task, env, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
+        opt = make_optimizer(dmp, cfg.train.dense_lr, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
+        alpha = next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
+        updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
+        val = make_batches(env.rank + 100, rows, 4, layout)
+        joined = [concat_batches([t, v]) for t, v in zip(train, val)]
+        pipe = TrainPipelineSparseDist(dmp, opt, env.device)
+        progress = pipe.progress
+
+        def step(it, progress=progress):
+            out = progress(it)
+            updater.after_step(out)
+            return out
+
+        pipe.progress = step
+        results[f"search val {rows}"] = time_steps(pipe, joined, steps)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4096, help="train rows per rank")
+    parser.add_argument("--val", type=int, default=1024, help="validation rows per α step (default setting)")
+    args = parser.parse_args()
+    settings = [args.val, args.batch]
+    result = run_ranks(bench, 2, args.steps, args.batch, settings)[0]
+    plain = result["plain"]
+    print(f"26 tables, K=64, DeepFM, 2 CPU ranks, train batch {args.batch}/rank, median of {args.steps} steps")
+    print(f"plain step: {plain * 1e3:.1f} ms")
+    for rows in settings:
+        t = result[f"search val {rows}"]
+        print(f"search step (val {rows}/train {args.batch}): {t * 1e3:.1f} ms  ratio {t / plain:.3f}")
+    print(f"ratio {result[f'search val {args.val}'] / plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()

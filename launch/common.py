@@ -1,0 +1,147 @@
+"""What every training-like entry point does: arguments, process group, config, run
+directory, dataset, sharding, the loop, and the final test evaluation.
+
+Each stage (``launch.train``, ``launch.search``, ...) only says which task it builds and
+which hooks and batches it gives the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import Config, load_config
+from pipeline.data.batch import Batch
+from pipeline.data.features import FeatureLayout
+from pipeline.data.loader import SplitReader
+from pipeline.data.metadata import DatasetMeta
+from pipeline.evaluate import evaluate
+from pipeline.loop import StepHook, Trainer
+from pipeline.run_dir import RunDir
+from sharding.checkpoint import latest_checkpoint
+from sharding.dmp import DistEnv, init_distributed, make_optimizer, shard_model
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """Options shared by every stage; ``--set`` overrides any config key."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--config", action="append", required=True,
+        help="YAML config (repeatable; later files override earlier ones)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run directory's latest checkpoint (a killed run)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+@dataclass
+class Job:
+    """One stage's process: its rank, config, run directory and dataset."""
+
+    env: DistEnv
+    cfg: Config
+    run: RunDir
+    meta: DatasetMeta
+    layout: FeatureLayout
+    show_progress: bool
+
+    def reader(self, split: str, train: bool, batch_size: Optional[int] = None) -> SplitReader:
+        """This rank's reader of ``split``: full shuffled train batches, or padded eval
+        batches (every row once over all ranks)."""
+        data = self.cfg.data
+        default = data.batch_size if train else data.eval_batch_size
+        return SplitReader(
+            data.path, split, self.layout, batch_size=batch_size or default,
+            rank=self.env.rank, world_size=self.env.world_size, seed=self.cfg.run.seed,
+            shuffle=data.shuffle and train, drop_last=train, prefetch=data.prefetch,
+        )
+
+    def log(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, flush=True)
+
+
+def start(args: argparse.Namespace) -> Job:
+    """Join the job, resolve the config, open the run directory, read the dataset."""
+    env = init_distributed()
+    cfg = load_config(args.config, args.set)
+    run = RunDir(cfg.run.dir, is_main=env.is_main)
+    if not args.resume and latest_checkpoint(run.checkpoints) is not None:
+        raise SystemExit(
+            f"{run.path} already holds checkpoints; pass --resume to continue it "
+            "or set run.dir to a new directory"
+        )
+    run.save_config(cfg)
+    return open_job(env, cfg, run, show_progress=not args.no_progress)
+
+
+def open_job(env: DistEnv, cfg: Config, run: RunDir, show_progress: bool = True) -> Job:
+    """Seed every generator and read the dataset's metadata for ``cfg``."""
+    _seed(cfg.run.seed)
+    meta = DatasetMeta.load(cfg.data.path)
+    layout = FeatureLayout.from_meta(meta, cfg.data.dense_mode)
+    return Job(env, cfg, run, meta, layout, env.is_main and show_progress)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def shard(job: Job, task: nn.Module):
+    """``DistributedModelParallel`` around ``task`` and its combined optimizer."""
+    train = job.cfg.train
+    dmp = shard_model(task, job.env, train.sparse_optimizer, train.sparse_lr)
+    return dmp, make_optimizer(dmp, train.dense_lr, train.sparse_optimizer, train.sparse_lr)
+
+
+def fit(
+    job: Job,
+    model: nn.Module,
+    optimizer,
+    train_batches: Callable[[int, int, int], Iterator[Batch]],
+    steps_per_epoch: int,
+    hooks: Sequence[StepHook] = (),
+    resume: bool = False,
+) -> Trainer:
+    """Run the loop (resuming if asked), then load the best validation weights."""
+    val = job.reader("val", train=False)
+    trainer = Trainer(
+        model, optimizer, job.cfg.train, job.env.device, train_batches, steps_per_epoch,
+        val_batches=val.batches, run=job.run, hooks=hooks, show_progress=job.show_progress,
+    )
+    if resume and trainer.resume():
+        job.log(f"resumed at step {trainer.state.global_step}")
+    state = trainer.fit()
+    trainer.restore_best()
+    job.log(
+        f"stopped at step {state.global_step} (best step {state.best_step}, "
+        f"val logloss {state.best_val_loss:.5f}{', early stop' if state.stopped_early else ''})"
+    )
+    return trainer
+
+
+def evaluate_test_split(job: Job, model: nn.Module, stage: str, extra: Optional[dict] = None) -> dict:
+    """AUC/logloss on the test split (all ranks), logged and written to ``result.json``."""
+    metrics = evaluate(
+        model, job.reader("test", train=False).batches(), job.env.device,
+        show_progress=job.show_progress, desc="test",
+    )
+    job.run.log("test", **metrics)
+    job.run.write_json("result.json", {"stage": stage, "test": metrics, **(extra or {})})
+    job.log(f"test auc {metrics['auc']:.5f} logloss {metrics['logloss']:.5f} rows {metrics['rows']}")
+    return metrics

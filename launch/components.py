@@ -1,0 +1,173 @@
+"""TorchX components of the pipeline: each wraps ``torchx.components.dist.ddp``.
+
+Run one on this machine (gloo on CPU, NCCL on GPUs, the same component)::
+
+    torchx run -s local_cwd launch/components.py:search --config configs/synthetic.yaml --nproc 2
+
+or on Slurm / Kubernetes with ``-s slurm`` / ``-s kubernetes`` and an image. Every
+component runs a ``launch.<stage>`` module under ``torchrun``; the module reads its rank
+from the environment that ``torchrun`` sets.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torchx.specs as specs
+from torchx.components import dist
+
+DEFAULT_IMAGE = "ghcr.io/pytorch/torchx:0.7.0"  # local_cwd ignores it; set one for remote schedulers
+
+
+def _ddp(
+    module: str,
+    args: list[str],
+    nproc: int,
+    nnodes: int,
+    gpu: int,
+    memMB: int,
+    image: str,
+    name: str,
+    env: Optional[dict[str, str]] = None,
+) -> specs.AppDef:
+    return dist.ddp(
+        *args,
+        m=module,
+        image=image,
+        name=name,
+        j=f"{nnodes}x{nproc}",
+        cpu=max(1, nproc),
+        gpu=gpu,
+        memMB=memMB,
+        env=env,
+    )
+
+
+def preprocess(
+    output: str,
+    inputs: list[str],
+    dataset: str = "criteo_kaggle",
+    min_count: int = 1,
+    seed: int = 0,
+    strict: bool = False,
+    nproc: int = 2,
+    nnodes: int = 1,
+    memMB: int = 8192,
+    image: str = DEFAULT_IMAGE,
+) -> specs.AppDef:
+    """Criteo TSV (plain or .gz) -> parquet shards, vocabulary and metadata.json.
+
+    The ranks split the input files into byte ranges and merge their counts; the output
+    equals a single-process run's.
+
+    Args:
+        output: dataset directory to write.
+        inputs: Criteo files (Kaggle ``train.txt`` or Terabyte ``day_0 .. day_23``).
+        dataset: ``criteo_kaggle`` (random 8:1:1 split), ``criteo_1tb`` (split by day)
+            or ``synthetic`` (as Kaggle).
+        min_count: train-split values seen fewer times share the OOV id.
+        seed: seed of the split hash.
+        strict: stop at the first bad row instead of writing it to the reject file.
+        nproc: processes per node.
+        nnodes: nodes.
+        memMB: memory per node.
+        image: container image (remote schedulers only).
+    """
+    args = ["--output", output, "--dataset", dataset, "--min-count", str(min_count)]
+    args += ["--seed", str(seed)] + (["--strict"] if strict else []) + list(inputs)
+    return _ddp("launch.preprocess", args, nproc, nnodes, 0, memMB, image, "dnis-preprocess")
+
+
+def _stage(
+    module: str,
+    config: str,
+    overrides: Optional[list[str]],
+    resume: bool,
+    nproc: int,
+    nnodes: int,
+    gpu: int,
+    memMB: int,
+    image: str,
+) -> specs.AppDef:
+    args = ["--config", config]
+    for override in overrides or []:
+        args += ["--set", override]
+    if resume:
+        args.append("--resume")
+    return _ddp(module, args, nproc, nnodes, gpu, memMB, image, f"dnis-{module.split('.')[-1]}")
+
+
+def train(
+    config: str,
+    overrides: Optional[list[str]] = None,
+    resume: bool = False,
+    nproc: int = 2,
+    nnodes: int = 1,
+    gpu: int = 0,
+    memMB: int = 16384,
+    image: str = DEFAULT_IMAGE,
+) -> specs.AppDef:
+    """Plain training on full-width sharded tables (the reference).
+
+    Args:
+        config: YAML config (``configs/*.yaml``).
+        overrides: ``section.key=value`` overrides of the config.
+        resume: continue the run directory's latest checkpoint.
+        nproc: processes (ranks) per node; one per GPU when ``gpu`` > 0.
+        nnodes: nodes.
+        gpu: GPUs per node (0 = CPU with gloo).
+        memMB: memory per node.
+        image: container image (remote schedulers only).
+    """
+    return _stage("launch.train", config, overrides, resume, nproc, nnodes, gpu, memMB, image)
+
+
+def search(
+    config: str,
+    overrides: Optional[list[str]] = None,
+    resume: bool = False,
+    nproc: int = 2,
+    nnodes: int = 1,
+    gpu: int = 0,
+    memMB: int = 16384,
+    image: str = DEFAULT_IMAGE,
+) -> specs.AppDef:
+    """DNIS search of α over frequency blocks on sharded tables.
+
+    Args:
+        config: YAML config (``configs/*.yaml``).
+        overrides: ``section.key=value`` overrides of the config.
+        resume: continue the run directory's latest checkpoint.
+        nproc: processes (ranks) per node; one per GPU when ``gpu`` > 0.
+        nnodes: nodes.
+        gpu: GPUs per node (0 = CPU with gloo).
+        memMB: memory per node.
+        image: container image (remote schedulers only).
+    """
+    return _stage("launch.search", config, overrides, resume, nproc, nnodes, gpu, memMB, image)
+
+
+def evaluate(
+    run_dir: str,
+    split: str = "test",
+    checkpoint: str = "best",
+    nproc: int = 2,
+    nnodes: int = 1,
+    gpu: int = 0,
+    memMB: int = 16384,
+    image: str = DEFAULT_IMAGE,
+) -> specs.AppDef:
+    """AUC and logloss of a finished train or search run on a split.
+
+    Args:
+        run_dir: the run directory.
+        split: ``train``, ``val`` or ``test``.
+        checkpoint: checkpoint name (``best``, ``latest`` or ``step_...``).
+        nproc: processes (ranks) per node.
+        nnodes: nodes.
+        gpu: GPUs per node (0 = CPU with gloo).
+        memMB: memory per node.
+        image: container image (remote schedulers only).
+    """
+    args = ["--run-dir", run_dir, "--split", split, "--checkpoint", checkpoint]
+    return _ddp("launch.evaluate", args, nproc, nnodes, gpu, memMB, image, "dnis-evaluate")

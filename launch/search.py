@@ -1,0 +1,67 @@
+"""DNIS search: learn α (which embedding dimensions each frequency block needs) on
+sharded TorchRec tables, then evaluate on the test split and write α to the run dir.
+
+    python -m launch.search --config configs/synthetic.yaml
+    torchx run -s local_cwd launch/components.py:search --config configs/synthetic.yaml --nproc 2
+
+Writes ``blocking.json``, ``alpha.pt`` (tensor ``[L, K]``, or ``[F*L, K]`` per field),
+``alpha.json`` (α, blocking and per-block summary) and ``result.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from launch.common import Job, evaluate_test_split, fit, shard, stage_parser, start
+from pipeline.data.loader import search_batches
+from pipeline.search.alpha_table import alpha_rows, format_alpha_table
+from pipeline.search.blocking import Blocking, compute_blocking
+from pipeline.search.dnis import AlphaUpdater
+from pipeline.tasks import build_search_task
+from sharding.alpha_ebc import AlphaEmbeddingBagCollection
+from sharding.dmp import all_reduce_mean
+
+
+def blocking_for(job: Job) -> Blocking:
+    """Frequency blocking of every feature of the run's layout (``blocking`` config)."""
+    cfg = job.cfg.blocking
+    return compute_blocking(job.layout.counts, cfg.num_blocks, cfg.mode, cfg.per_field)
+
+
+def save_alpha(job: Job, alpha: torch.Tensor, blocking: Blocking) -> None:
+    """``alpha.pt`` and ``alpha.json`` (rank 0), and the α table on stdout."""
+    alpha = alpha.detach().cpu().clone()
+    if job.env.is_main:
+        torch.save(alpha, job.run.path / "alpha.pt")
+    job.run.write_json("alpha.json", {
+        "alpha": alpha.tolist(), "blocking": blocking.to_json(), "blocks": alpha_rows(alpha, blocking),
+    })
+    job.log("α per block (0 = most frequent):\n" + format_alpha_table(alpha, blocking))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)
+    job = start(args)
+    cfg = job.cfg
+    blocking = blocking_for(job)
+    job.run.write_json("blocking.json", blocking.to_json())
+    task = build_search_task(cfg, job.layout, blocking, torch.device("meta"))
+    dmp, optimizer = shard(job, task)
+    alpha = next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
+    updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
+    train = job.reader("train", train=True)
+    val = job.reader("val", train=True, batch_size=cfg.search.val_batch_size)
+
+    def train_batches(epoch: int, start_step: int, global_step: int):
+        task.steps_taken = global_step  # keeps α steps on schedule after a resume
+        return search_batches(train, val, cfg.search.alpha_interval, epoch, start_step, global_step)
+
+    fit(job, dmp, optimizer, train_batches, train.num_batches(), [updater], resume=args.resume)
+    save_alpha(job, alpha, blocking)
+    evaluate_test_split(job, dmp, "search")
+
+
+if __name__ == "__main__":
+    main()
