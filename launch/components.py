@@ -11,7 +11,7 @@ from the environment that ``torchrun`` sets.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional  # torchx 0.7 accepts typing.List/Dict, not list/dict
 
 import torchx.specs as specs
 from torchx.components import dist
@@ -28,7 +28,7 @@ def _ddp(
     memMB: int,
     image: str,
     name: str,
-    env: Optional[dict[str, str]] = None,
+    env: Optional[Dict[str, str]] = None,
 ) -> specs.AppDef:
     return dist.ddp(
         *args,
@@ -45,7 +45,7 @@ def _ddp(
 
 def preprocess(
     output: str,
-    inputs: list[str],
+    inputs: List[str],
     dataset: str = "criteo_kaggle",
     min_count: int = 1,
     seed: int = 0,
@@ -81,7 +81,7 @@ def preprocess(
 def _stage(
     module: str,
     config: str,
-    overrides: Optional[list[str]],
+    overrides: Optional[List[str]],
     resume: bool,
     nproc: int,
     nnodes: int,
@@ -99,7 +99,7 @@ def _stage(
 
 def train(
     config: str,
-    overrides: Optional[list[str]] = None,
+    overrides: Optional[List[str]] = None,
     resume: bool = False,
     nproc: int = 2,
     nnodes: int = 1,
@@ -124,7 +124,7 @@ def train(
 
 def search(
     config: str,
-    overrides: Optional[list[str]] = None,
+    overrides: Optional[List[str]] = None,
     resume: bool = False,
     nproc: int = 2,
     nnodes: int = 1,
