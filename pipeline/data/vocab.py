@@ -1,0 +1,194 @@
+"""Per-field vocabularies: raw Criteo value -> frequency rank (0 = most frequent on train).
+
+Categorical fields (``C1..C26``) are keyed by the uint32 value of their 8 hex chars;
+bucketised integer fields (``B1..B13``) by ``schema.bucket_key`` of the raw integer, a
+missing integer being its own key (``MISSING_BUCKET``). Missing categoricals, values seen
+fewer than ``min_count`` times on the train split and values never seen there share one
+OOV id per field, ranked by its combined count like any other value.
+
+Stored as a directory of ``.npy`` files (per field: sorted keys and their ids) plus
+``index.json``; loading memory-maps them, so worker processes share one copy.
+
+Example:
+    >>> vocab = Vocabulary.load("data/criteo/vocab")          # doctest: +SKIP
+    >>> vocab.lookup("C1", ["05db9164", "", "ffffffff"])      # doctest: +SKIP
+    array([0, 7, 7], dtype=int32)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.data.schema import BUCKET_FIELDS, bucket_key
+
+MISSING_BUCKET = np.iinfo(np.int64).min  # bucket key of a missing integer
+INDEX_FILE = "index.json"
+
+# byte -> nibble value, 255 for a byte that is not a hex digit
+_HEX_LUT = np.full(256, 255, dtype=np.uint8)
+for _digit, _byte in enumerate(b"0123456789abcdef"):
+    _HEX_LUT[_byte] = _digit
+for _digit, _byte in enumerate(b"ABCDEF", start=10):
+    _HEX_LUT[_byte] = _digit
+
+
+def hex_bytes_to_uint32(digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode rows of 8 ASCII hex bytes (``uint8[n, 8]``) to ``(uint32[n], ok[n])``."""
+    nibbles = np.ascontiguousarray(_HEX_LUT[digits])
+    ok = (nibbles.view(np.uint64)[:, 0] & np.uint64(0xF0F0F0F0F0F0F0F0)) == 0
+    packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])
+    return packed.view(">u4")[:, 0].astype(np.uint32), ok
+
+
+def parse_hex(values: Sequence[str | bytes | None] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Parse Criteo categorical strings to ``(uint32 values, missing mask)``.
+
+    Empty strings and ``None`` are missing (value 0). Anything else must be 8 hex chars.
+
+    >>> parse_hex(["0000000a", "", "FFFFFFFF"])
+    (array([        10,          0, 4294967295], dtype=uint32), array([False,  True, False]))
+    """
+    raw = [b"" if v is None else v.encode("ascii") if isinstance(v, str) else bytes(v) for v in values]
+    lengths = np.fromiter((len(v) for v in raw), dtype=np.int64, count=len(raw))
+    missing = lengths == 0
+    bad = ~missing & (lengths != 8)
+    digits = np.frombuffer(b"".join(v if len(v) == 8 else b"0" * 8 for v in raw), dtype=np.uint8)
+    decoded, ok = hex_bytes_to_uint32(digits.reshape(len(raw), 8))
+    bad |= ~ok
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"not a Criteo categorical (8 hex chars or empty): {raw[first]!r}")
+    decoded[missing] = 0
+    return decoded, missing
+
+
+def frequency_rank(
+    keys: np.ndarray, counts: np.ndarray, oov_count: int, min_count: int
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Rank a field's train values by count; rare ones join the OOV id.
+
+    Args:
+        keys: distinct train keys, sorted ascending.
+        counts: their train counts.
+        oov_count: train rows whose value is missing (it always maps to OOV).
+        min_count: keys with ``count < min_count`` map to OOV.
+
+    Returns:
+        ``(kept_keys, kept_ids, oov_id, id_counts)``: kept keys (sorted) and their ids,
+        the OOV id, and train counts indexed by id (non-increasing). Ties are broken by
+        putting OOV first, then by ascending key.
+
+    >>> frequency_rank(np.array([1, 2, 3, 4]), np.array([5, 1, 5, 9]), oov_count=3, min_count=2)
+    (array([1, 3, 4]), array([1, 2, 0], dtype=int32), 3, array([9, 5, 5, 4]))
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    keep = counts >= max(min_count, 1)
+    oov_total = int(oov_count) + int(counts[~keep].sum())
+    kept_keys, kept_counts = keys[keep], counts[keep]
+    order = np.lexsort((kept_keys, -kept_counts))
+    ranked = kept_counts[order]
+    oov_id = int(np.searchsorted(-ranked, -oov_total, side="left"))
+    positions = np.arange(order.size)
+    ids = np.empty(order.size, dtype=np.int32)
+    ids[order] = positions + (positions >= oov_id)
+    return kept_keys, ids, oov_id, np.insert(ranked, oov_id, oov_total)
+
+
+@dataclass(frozen=True)
+class FieldVocab:
+    """One field's sorted keys, their ids, and the shared OOV id."""
+
+    keys: np.ndarray
+    ids: np.ndarray
+    oov_id: int
+
+    @property
+    def size(self) -> int:
+        return int(self.keys.size) + 1
+
+    def ids_of(self, keys: np.ndarray, missing: np.ndarray | None = None) -> np.ndarray:
+        """Ids of int64 ``keys``; unknown keys and rows flagged ``missing`` get the OOV id."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self.keys.size == 0:
+            return np.full(keys.shape, self.oov_id, dtype=np.int32)
+        pos = np.searchsorted(self.keys, keys)
+        np.minimum(pos, self.keys.size - 1, out=pos)
+        found = self.keys[pos] == keys
+        if missing is not None:
+            found &= ~missing
+        return np.where(found, self.ids[pos], np.int32(self.oov_id)).astype(np.int32, copy=False)
+
+
+class Vocabulary:
+    """Frequency-rank vocabularies of every categorical (``C*``) and bucket (``B*``) field."""
+
+    def __init__(self, fields: dict[str, FieldVocab]):
+        self.fields = fields
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {name: f.size for name, f in self.fields.items()}
+
+    @property
+    def oov_ids(self) -> dict[str, int]:
+        return {name: f.oov_id for name, f in self.fields.items()}
+
+    def lookup(self, field: str, values, missing: np.ndarray | None = None) -> np.ndarray:
+        """Ids of raw values of ``field``.
+
+        ``C*`` fields take hex strings (``""``/``None`` missing) or a uint32 array (with an
+        optional ``missing`` mask); ``B*`` fields take raw integers, as strings (``""``
+        missing) or an int array (with an optional ``missing`` mask).
+        """
+        vocab = self.fields[field]
+        arr = values if isinstance(values, np.ndarray) else None
+        if field in BUCKET_FIELDS:
+            if arr is None:
+                texts = ["" if v is None else str(v) for v in values]
+                missing = np.array([t == "" for t in texts], dtype=bool)
+                arr = np.array([int(t) if t else 0 for t in texts], dtype=np.int64)
+            keys = bucket_key(arr)
+            if missing is not None:
+                keys = np.where(missing, MISSING_BUCKET, keys)
+            return vocab.ids_of(keys)
+        if arr is None or arr.dtype.kind in "USO":
+            arr, missing = parse_hex(list(values))
+        return vocab.ids_of(arr.astype(np.int64), missing)
+
+    def save(self, directory: str | Path) -> None:
+        """Write atomically: a sibling temp directory renamed into place."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        index = {}
+        for name, f in self.fields.items():
+            np.save(tmp / f"{name}.keys.npy", np.ascontiguousarray(f.keys, dtype=np.int64))
+            np.save(tmp / f"{name}.ids.npy", np.ascontiguousarray(f.ids, dtype=np.int32))
+            index[name] = {"size": f.size, "oov_id": f.oov_id}
+        (tmp / INDEX_FILE).write_text(json.dumps({"fields": index}, indent=1))
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, mmap: bool = True) -> "Vocabulary":
+        """Read a saved vocabulary; ``mmap`` shares the arrays between processes."""
+        directory = Path(directory)
+        index = json.loads((directory / INDEX_FILE).read_text())["fields"]
+        mode = "r" if mmap else None
+        return cls({
+            name: FieldVocab(
+                keys=np.load(directory / f"{name}.keys.npy", mmap_mode=mode),
+                ids=np.load(directory / f"{name}.ids.npy", mmap_mode=mode),
+                oov_id=int(entry["oov_id"]),
+            )
+            for name, entry in index.items()
+        })
