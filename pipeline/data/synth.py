@@ -15,12 +15,15 @@ The label model (the point of the generator)::
 
 - ``w`` are first-order weights, N(0, 1) for every value; ``v`` are latent vectors of
   ``LATENT_DIM`` = 16 dims of which only the first ``d(r)`` are non-zero, N(0, 1):
-  ``d = 16`` for ranks [0, 16), 8 for [16, 256), 4 for [256, 2048), 2 for
-  [2048, 16384), 1 for [16384, 65536), 0 beyond (``TIERS``). Frequent values thus need
+  ``d = 16`` for ranks [0, 8), 8 for [8, 64), 4 for [64, 512), 2 for [512, 4096),
+  1 for [4096, 32768), 0 beyond (``TIERS``). Frequent values thus need
   many embedding dimensions, rare ones one or two, the rarest none: what DNIS searches.
 - Missing values contribute nothing; ``c_m`` is non-zero for I1, I6, I11 only.
 - ``a1, a2, a3`` are calibrated on a fixed sample so the three terms have standard
-  deviations ``TERM_STD`` (0.6, 1.8, 0.4), and ``b`` so the mean CTR is 0.25.
+  deviations ``TERM_STD`` (0.6, 2.2, 0.4), and ``b`` so the mean CTR is 0.25.
+
+Measured (seed 0, 200k train rows, 2 epochs, Adam 3e-3): the true logit scores AUC 0.90;
+an FM+MLP reaches AUC 0.66 / 0.70 / 0.76 with K = 2 / 4 / 16, logistic regression 0.66.
 
 Everything is a function of ``(seed, vocab_scale)`` and the global row index: rows are
 drawn in blocks of ``BLOCK_ROWS`` with a generator seeded by ``(seed, block)``, so the
@@ -49,9 +52,9 @@ from torch.nn import functional as F
 BLOCK_ROWS = 1 << 15
 LATENT_DIM = 16
 # (first rank past the tier, latent dims of the tier); ranks past the last tier: 0 dims.
-TIERS: tuple[tuple[int, int], ...] = ((16, 16), (256, 8), (2048, 4), (16384, 2), (65536, 1))
-HEAD_RANKS = 2048  # ranks with more than 2 dims; the rest keep 2-dim vectors
-TERM_STD = {"first_order": 0.6, "pairwise": 1.8, "ints": 0.4}
+TIERS: tuple[tuple[int, int], ...] = ((8, 16), (64, 8), (512, 4), (4096, 2), (32768, 1))
+HEAD_RANKS = 512  # ranks with more than 2 dims; the rest keep 2-dim vectors
+TERM_STD = {"first_order": 0.6, "pairwise": 2.2, "ints": 0.4}
 TARGET_CTR = 0.25
 CALIBRATION_ROWS = 20000
 # Per categorical field: (vocabulary size, missing rate, Zipf exponent); sizes follow
@@ -79,8 +82,8 @@ INT_WIDTH = 8  # chars per integer: log1p(x) is capped at 18, so 0 <= x < 1e8; n
 def latent_dims(ranks: np.ndarray) -> np.ndarray:
     """Planted latent dims ``d(r)`` of values of rank ``ranks`` (any field).
 
-    >>> latent_dims(np.array([0, 15, 16, 300, 5000, 70000])).tolist()
-    [16, 16, 8, 4, 2, 0]
+    >>> latent_dims(np.array([0, 7, 8, 100, 1000, 5000, 40000])).tolist()
+    [16, 16, 8, 4, 2, 1, 0]
     """
     bounds = np.array([b for b, _ in TIERS])
     dims = np.array([d for _, d in TIERS] + [0])
