@@ -1,0 +1,266 @@
+"""The two passes over one chunk, as worker-process functions writing into the work dir.
+
+Pass 1 (``count_chunk``) validates every row, counts the train split's values per field
+and writes ``_work/counts/<chunk>.npz`` plus ``_work/rejects/<chunk>.tsv`` (line numbers
+local to the chunk). Pass 2 (``write_chunk``) maps values to ids with the vocabulary and
+writes ``<split>/<chunk>.parquet`` per split, then ``_work/shards/<chunk>.json``. Every
+file appears by rename, so a killed run leaves finished chunks reusable and nothing
+half-written under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.criteo_reader import (
+    TRAIN, Chunk, ParsedBlock, StreamError, assign_splits, count_lines_before, iter_blocks,
+    parse_block,
+)
+from pipeline.data.schema import (
+    BUCKET_FIELDS, DENSE_FIELDS, LABEL, NUM_DENSE, SPARSE_FIELDS, SPLITS, bucket_key,
+    dense_transform,
+)
+from pipeline.data.vocab import MISSING_BUCKET, Vocabulary
+
+SHARD_SCHEMA = pa.schema(
+    [(LABEL, pa.float32())]
+    + [(f, pa.float32()) for f in DENSE_FIELDS]
+    + [(f, pa.int32()) for f in SPARSE_FIELDS + BUCKET_FIELDS]
+)
+RAW_ROW_CHARS = 200  # raw row text kept in rejects.tsv
+
+
+class BadRowError(ValueError):
+    """A bad row under ``--strict``; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """What a worker needs besides the chunk (picklable, small)."""
+
+    output: str
+    dataset: str
+    seed: int
+    strict: bool
+    block_bytes: int
+    row_group_rows: int
+
+    @property
+    def work(self) -> Path:
+        return Path(self.output) / "_work"
+
+
+class CountAccumulator:
+    """Sums ``(keys, counts)`` pairs; memory stays near the number of distinct keys."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_size = 0
+
+    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        self.pending.append((np.asarray(keys, np.int64), np.asarray(counts, np.int64)))
+        self.pending_size += len(keys)
+        if self.pending_size > max(2 * self.keys.size, 1 << 20):
+            self._reduce()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted distinct keys and their summed counts."""
+        self._reduce()
+        return self.keys, self.counts
+
+    def _reduce(self) -> None:
+        if not self.pending:
+            return
+        keys = np.concatenate([self.keys] + [k for k, _ in self.pending])
+        counts = np.concatenate([self.counts] + [c for _, c in self.pending])
+        self.keys, inverse = np.unique(keys, return_inverse=True)
+        self.counts = np.bincount(inverse, weights=counts, minlength=self.keys.size).astype(np.int64)
+        self.pending, self.pending_size = [], 0
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def counts_path(ctx: ChunkContext, chunk: Chunk) -> Path:
+    return ctx.work / "counts" / f"{chunk.id}.npz"
+
+
+def rejects_path(ctx: ChunkContext, chunk: Chunk) -> Path:
+    return ctx.work / "rejects" / f"{chunk.id}.tsv"
+
+
+def shard_marker(ctx: ChunkContext, chunk: Chunk) -> Path:
+    return ctx.work / "shards" / f"{chunk.id}.json"
+
+
+def shard_file(split: str, chunk: Chunk) -> str:
+    """Shard path relative to the dataset directory."""
+    return f"{split}/{chunk.id}.parquet"
+
+
+def _blocks(chunk: Chunk, ctx: ChunkContext):
+    """``(block offset, first line index in chunk, parsed block, raw bytes)``, then a
+    final ``(offset, line, None, reason)`` if a gzip stream breaks."""
+    line = 0
+    try:
+        for offset, data in iter_blocks(chunk, ctx.block_bytes):
+            block = parse_block(data)
+            yield offset, line, block, data
+            line += block.num_lines
+    except StreamError as err:
+        yield err.offset, line, None, err.reason
+
+
+def _raw_line(block: ParsedBlock, data: bytes, line: int) -> str:
+    end = data.find(b"\n", block.line_starts[line])
+    raw = data[block.line_starts[line] : end if end >= 0 else len(data)][: RAW_ROW_CHARS]
+    return raw.decode("ascii", "backslashreplace").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def _strict_error(chunk: Chunk, local_line: int, field: str, reason: str, raw: str) -> BadRowError:
+    before = 0 if chunk.compressed else count_lines_before(chunk.path, chunk.start)
+    return BadRowError(f"{chunk.path}:{before + local_line + 1}: field {field}: {reason}: {raw}")
+
+
+def count_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
+    """Pass 1 over ``chunk``: validate rows, count train values; returns the chunk id."""
+    sparse = [CountAccumulator() for _ in SPARSE_FIELDS]
+    bucket = [CountAccumulator() for _ in BUCKET_FIELDS]
+    missing = np.zeros(len(SPARSE_FIELDS), dtype=np.int64)
+    dense_counts = np.zeros(NUM_DENSE, dtype=np.int64)
+    rows = np.zeros((len(SPLITS), 2), dtype=np.int64)  # per split: read, rejected
+    lines, crc, rejects = 0, 0, []
+    for offset, first_line, block, data in _blocks(chunk, ctx):
+        if block is None:  # broken gzip: the partial line at the break is one bad row
+            split = assign_splits(ctx.dataset, ctx.seed, chunk.name, np.array([offset]))[0]
+            rows[split] += 1
+            rejects.append((first_line, "row", data, ""))
+            if ctx.strict:
+                raise _strict_error(chunk, first_line, "row", data, "")
+            lines = first_line + 1
+            break
+        crc = zlib.crc32(data, crc)
+        lines = first_line + block.num_lines
+        bad_lines = np.array([r[0] for r in block.rejects], dtype=np.int64)
+        if block.rejects:
+            line, field, reason = block.rejects[0]
+            if ctx.strict:
+                raise _strict_error(chunk, first_line + line, field, reason, _raw_line(block, data, line))
+            rejects += [(first_line + ln, f, r, _raw_line(block, data, ln)) for ln, f, r in block.rejects]
+        all_splits = assign_splits(ctx.dataset, ctx.seed, chunk.name, offset + block.line_starts)
+        np.add.at(rows[:, 0], all_splits, 1)
+        np.add.at(rows[:, 1], all_splits[bad_lines], 1)
+        train = all_splits[block.rows] == TRAIN
+        for j, acc in enumerate(sparse):
+            present = block.sparse[train & ~block.sparse_missing[:, j], j]
+            missing[j] += int(train.sum()) - present.size
+            acc.add(*np.unique(present, return_counts=True))
+        keys = bucket_keys(block.dense[train], block.dense_missing[train])
+        for j, acc in enumerate(bucket):
+            acc.add(*np.unique(keys[:, j], return_counts=True))
+        dense_counts += (~block.dense_missing[train]).sum(axis=0)
+    arrays = {"missing": missing, "dense_counts": dense_counts, "rows": rows,
+              "lines": np.int64(lines), "crc32": np.int64(crc)}
+    for name, acc in zip(SPARSE_FIELDS + BUCKET_FIELDS, sparse + bucket):
+        arrays[f"{name}.keys"], arrays[f"{name}.counts"] = acc.result()
+    text = "".join(f"{line + 1}\t{field}\t{reason}\t{raw}\n" for line, field, reason, raw in rejects)
+    atomic_write_bytes(rejects_path(ctx, chunk), text.encode())
+    tmp = counts_path(ctx, chunk).with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, counts_path(ctx, chunk))
+    return chunk.id
+
+
+def bucket_keys(dense: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Bucket keys of raw integers; a missing integer is its own key."""
+    return np.where(missing, MISSING_BUCKET, bucket_key(dense))
+
+
+_VOCABS: dict[str, Vocabulary] = {}
+
+
+def _vocabulary(output: str) -> Vocabulary:
+    """The dataset's vocabulary, memory-mapped once per process."""
+    if output not in _VOCABS:
+        _VOCABS[output] = Vocabulary.load(Path(output) / "vocab")
+    return _VOCABS[output]
+
+
+def encode_block(block: ParsedBlock, vocab: Vocabulary) -> pa.Table:
+    """The shard columns of a block's good rows."""
+    columns = {LABEL: block.label}
+    dense = dense_transform(np.where(block.dense_missing, 0, block.dense))
+    columns.update({f: dense[:, j] for j, f in enumerate(DENSE_FIELDS)})
+    for j, f in enumerate(SPARSE_FIELDS):
+        columns[f] = vocab.fields[f].ids_of(block.sparse[:, j].astype(np.int64), block.sparse_missing[:, j])
+    keys = bucket_keys(block.dense, block.dense_missing)
+    for j, f in enumerate(BUCKET_FIELDS):
+        columns[f] = vocab.fields[f].ids_of(keys[:, j])
+    return pa.table(columns, schema=SHARD_SCHEMA)
+
+
+class ShardWriter:
+    """Writes one shard in row groups of exactly ``row_group_rows`` (the last one shorter),
+    to a temp file renamed on ``close``; writes nothing when no row came."""
+
+    def __init__(self, path: Path, row_group_rows: int):
+        self.path, self.row_group_rows = path, row_group_rows
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.buffer: list[pa.Table] = []
+        self.buffered = self.rows = 0
+        self.writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        self.rows += table.num_rows
+        while self.buffered >= self.row_group_rows:
+            self._flush(self.row_group_rows)
+
+    def close(self) -> int:
+        if self.buffered:
+            self._flush(self.buffered)
+        if self.writer is not None:
+            self.writer.close()
+            os.replace(self.tmp, self.path)
+        return self.rows
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.buffer).combine_chunks()
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(self.tmp, SHARD_SCHEMA)
+        self.writer.write_table(table.slice(0, n), row_group_size=n)
+        rest = table.slice(n)
+        self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+
+def write_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
+    """Pass 2 over ``chunk``: write its rows' ids per split; returns the chunk id."""
+    vocab = _vocabulary(ctx.output)
+    writers = [ShardWriter(Path(ctx.output) / shard_file(s, chunk), ctx.row_group_rows) for s in SPLITS]
+    for offset, _, block, _ in _blocks(chunk, ctx):
+        if block is None:
+            break
+        splits = assign_splits(ctx.dataset, ctx.seed, chunk.name, offset + block.line_starts[block.rows])
+        table = encode_block(block, vocab)
+        for s, writer in enumerate(writers):
+            mask = splits == s
+            if mask.any():
+                writer.write(table.filter(pa.array(mask)))
+    rows = {split: writer.close() for split, writer in zip(SPLITS, writers)}
+    atomic_write_bytes(shard_marker(ctx, chunk), json.dumps(rows).encode())
+    return chunk.id

@@ -1,0 +1,367 @@
+"""``dnis-preprocess``: raw Criteo TSV (plain or .gz) -> parquet shards, vocabulary, metadata.
+
+Stages (each a plain function; ``run`` chains them, ``launch.preprocess`` runs the same
+chain on several ranks with barriers in between):
+
+1. ``prepare``: plan newline-aligned chunks (``_work/plan.json``), or find the output
+   finished (a no-op) or half-done (resume).
+2. ``count_chunks``: pass 1, per chunk: validate rows, count train-split values.
+3. ``merge_counts``: frequency ranks -> ``vocab/``, ``rejects.tsv``, ``_work/merged.json``.
+4. ``write_chunks``: pass 2, per chunk: ``train|val|test/<input>.<chunk>.parquet``.
+5. ``finalize``: ``metadata.json`` (last: its presence marks the dataset complete).
+
+Example::
+
+    dnis-preprocess --output data/kaggle --dataset criteo_kaggle --min-count 4 train.txt
+    python -m pipeline.data.preprocess --output data/tb --dataset criteo_1tb day_*.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from importlib import metadata as importlib_metadata
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from pipeline.data.chunk_passes import (
+    ChunkContext, CountAccumulator, atomic_write_bytes, count_chunk, counts_path,
+    rejects_path, shard_file, shard_marker, write_chunk,
+)
+from pipeline.data.criteo_reader import DATASETS, Chunk, check_sources, plan_chunks, source_name, split_rule
+from pipeline.data.metadata import METADATA_FILE, DatasetMeta, encode_counts
+from pipeline.data.schema import BUCKET_FIELDS, DENSE_FIELDS, SPARSE_FIELDS, SPLITS
+from pipeline.data.vocab import FieldVocab, Vocabulary, frequency_rank
+
+OUTPUT_ENTRIES = ("train", "val", "test", "vocab", "_work", "rejects.tsv", METADATA_FILE)
+CHECKSUM = "sha256 over the crc32 of each chunk's uncompressed bytes (chunks of --chunk-mb)"
+
+
+class PreprocessError(RuntimeError):
+    """The output directory cannot be used as asked (options differ, inputs changed)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Preprocessing options; ``recorded`` are those that shape the output."""
+
+    inputs: tuple[str, ...]
+    output: str
+    dataset: str = "criteo_kaggle"
+    min_count: int = 1
+    seed: int = 0
+    strict: bool = False
+    workers: int = os.cpu_count() or 1
+    chunk_mb: int = 64
+    row_group_rows: int = 1_000_000
+    overwrite: bool = False
+    progress: bool = True
+
+    def recorded(self) -> dict:
+        return {
+            "inputs": [os.path.abspath(p) for p in self.inputs], "dataset": self.dataset,
+            "min_count": self.min_count, "seed": self.seed, "chunk_mb": self.chunk_mb,
+            "row_group_rows": self.row_group_rows,
+        }
+
+    def context(self) -> ChunkContext:
+        return ChunkContext(self.output, self.dataset, self.seed, self.strict,
+                            self.chunk_mb << 20, self.row_group_rows)
+
+
+def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Criteo TSV (Kaggle train.txt, Terabyte day_0..day_23, or synthetic; plain "
+        "or .gz) -> parquet shards per chunk and split, a frequency-rank vocabulary, "
+        "rejects.tsv and metadata.json. Resumable; a finished output with equal options is a no-op.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="raw Criteo files (plain or .gz)")
+    p.add_argument("--output", required=True, help="dataset directory to write")
+    p.add_argument("--dataset", choices=DATASETS, default="criteo_kaggle",
+                   help="split rule: criteo_kaggle/synthetic: seeded hash 8:1:1 train/val/test; "
+                   "criteo_1tb: day_0..22 train, day_23 halved into val/test by the hash")
+    p.add_argument("--min-count", type=int, default=1,
+                   help="categorical values seen fewer times on the train split share the OOV id")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split hash")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first bad row (exit 1, message names file, line, field) "
+                   "instead of writing it to rejects.tsv")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: all cores; under torchrun: cores / local ranks)")
+    p.add_argument("--chunk-mb", type=int, default=64,
+                   help="plain inputs are cut into chunks of about this many MiB (one shard "
+                   "per chunk and split; .gz files are one chunk each); also the read block size")
+    p.add_argument("--row-group-rows", type=int, default=1_000_000, help="rows per parquet row group (at most)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output made with other options (else that is an error)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]], default_workers: int, prog: str = "dnis-preprocess") -> Options:
+    a = parser(prog).parse_args(argv)
+    for flag, value in (("--min-count", a.min_count), ("--chunk-mb", a.chunk_mb),
+                        ("--row-group-rows", a.row_group_rows), ("--workers", a.workers or 1)):
+        if value < 1:
+            raise SystemExit(f"{prog}: error: {flag} must be >= 1, got {value}")
+    return Options(tuple(a.inputs), a.output, a.dataset, a.min_count, a.seed, a.strict,
+                   a.workers or default_workers, a.chunk_mb, a.row_group_rows, a.overwrite,
+                   not a.no_progress)
+
+
+def _json(value) -> object:
+    return json.loads(json.dumps(value))
+
+
+def _clear(out: Path) -> None:
+    for entry in OUTPUT_ENTRIES:
+        path = out / entry
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _sources(paths: Sequence[str]) -> list[dict]:
+    return [{"path": os.path.abspath(p), "name": os.path.basename(p), "bytes": os.path.getsize(p),
+             "mtime": os.path.getmtime(p)} for p in paths]
+
+
+def finished(opts: Options) -> bool:
+    """True when ``opts.output`` is a complete dataset made with equal options."""
+    path = Path(opts.output) / METADATA_FILE
+    return path.is_file() and DatasetMeta.load(opts.output).options == _json(opts.recorded())
+
+
+def prepare(opts: Options) -> None:
+    """Rank 0, first: check the output against the options; plan the chunks if new."""
+    out = Path(opts.output)
+    missing = [p for p in opts.inputs if not os.path.isfile(p)]
+    if missing:
+        raise PreprocessError(f"input not found: {', '.join(missing)}")
+    check_sources(opts.dataset, [source_name(p) for p in opts.inputs])
+    recorded = _json(opts.recorded())
+    if (out / METADATA_FILE).is_file():
+        if finished(opts):
+            return
+        if not opts.overwrite:
+            old = DatasetMeta.load(out).options
+            diff = {k: (old.get(k), v) for k, v in recorded.items() if old.get(k) != v}
+            raise PreprocessError(f"{out} holds a finished dataset made with other options "
+                                  f"(old, new): {diff}; pass --overwrite to replace it")
+        _clear(out)
+    plan_path = out / "_work" / "plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        if plan["options"] == recorded and plan["sources"] == _json(_sources(opts.inputs)):
+            return  # resume
+        if not opts.overwrite:
+            raise PreprocessError(f"{out} holds an unfinished run with other options or changed "
+                                  "inputs; pass --overwrite to start over")
+        _clear(out)
+    for sub in ("counts", "rejects", "shards"):
+        (out / "_work" / sub).mkdir(parents=True, exist_ok=True)
+    chunks = plan_chunks(list(opts.inputs), opts.chunk_mb << 20)
+    plan = {"options": recorded, "sources": _sources(opts.inputs), "chunks": [asdict(c) for c in chunks]}
+    atomic_write_bytes(plan_path, json.dumps(plan, indent=1).encode())
+
+
+def load_chunks(opts: Options) -> list[Chunk]:
+    plan = json.loads((Path(opts.output) / "_work" / "plan.json").read_text())
+    return [Chunk(**c) for c in plan["chunks"]]
+
+
+def assign_chunks(chunks: list[Chunk], rank: int, world_size: int) -> list[Chunk]:
+    """This rank's chunks: largest first to the least-loaded rank (deterministic)."""
+    load = [0] * world_size
+    owner = {}
+    for chunk in sorted(chunks, key=lambda c: (-c.nbytes, c.id)):
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        owner[chunk.id] = r
+        load[r] += chunk.nbytes
+    return [c for c in chunks if owner[c.id] == rank]
+
+
+def _run_parallel(fn: Callable, chunks: list[Chunk], opts: Options, desc: str, show: bool) -> None:
+    ctx = opts.context()
+    bar = tqdm(total=sum(c.nbytes for c in chunks), unit="B", unit_scale=True, desc=desc,
+               disable=not show, file=sys.stderr)
+    workers = min(opts.workers, len(chunks))
+    if workers <= 1:
+        for chunk in chunks:
+            fn(chunk, ctx)
+            bar.update(chunk.nbytes)
+    else:  # spawn: safe whatever threads the parent runs (gloo under torchrun)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(fn, chunk, ctx): chunk for chunk in chunks}
+            try:
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update(futures[future].nbytes)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    bar.close()
+
+
+def count_chunks(chunks: list[Chunk], opts: Options, show: bool) -> None:
+    """Pass 1 over the chunks not counted yet."""
+    todo = [c for c in chunks if not counts_path(opts.context(), c).is_file()]
+    _run_parallel(count_chunk, todo, opts, "pass 1 (count)", show)
+
+
+def write_chunks(chunks: list[Chunk], opts: Options, show: bool) -> None:
+    """Pass 2 over the chunks without finished shards."""
+    todo = [c for c in chunks if not shard_marker(opts.context(), c).is_file()]
+    _run_parallel(write_chunk, todo, opts, "pass 2 (write)", show)
+
+
+def merge_counts(chunks: list[Chunk], opts: Options) -> None:
+    """Rank 0: sum the chunks' counts, rank the values, write vocab/ and rejects.tsv."""
+    ctx, out = opts.context(), Path(opts.output)
+    merged_path = ctx.work / "merged.json"
+    if merged_path.is_file():
+        return
+    fields = SPARSE_FIELDS + BUCKET_FIELDS
+    accs = {f: CountAccumulator() for f in fields}
+    missing = np.zeros(len(SPARSE_FIELDS), np.int64)
+    dense_counts = np.zeros(len(DENSE_FIELDS), np.int64)
+    rows = np.zeros((len(SPLITS), 2), np.int64)
+    lines, crcs = {}, {}
+    for chunk in chunks:
+        with np.load(counts_path(ctx, chunk)) as z:
+            for f in fields:
+                accs[f].add(z[f"{f}.keys"], z[f"{f}.counts"])
+            missing += z["missing"]
+            dense_counts += z["dense_counts"]
+            rows += z["rows"]
+            lines[chunk.id] = int(z["lines"])
+            crcs.setdefault(os.path.abspath(chunk.path), []).append(int(z["crc32"]))
+    vocab, id_counts = {}, {}
+    for j, f in enumerate(fields):
+        keys, counts = accs.pop(f).result()
+        oov = int(missing[j]) if j < len(SPARSE_FIELDS) else 0
+        kept, ids, oov_id, by_id = frequency_rank(keys, counts, oov, opts.min_count)
+        vocab[f] = FieldVocab(kept, ids, oov_id)
+        id_counts[f] = encode_counts(by_id)
+    Vocabulary(vocab).save(out / "vocab")
+    _write_rejects(chunks, ctx, lines, out / "rejects.tsv")
+    checksums = {p: hashlib.sha256(b"".join(c.to_bytes(4, "big") for c in v)).hexdigest()
+                 for p, v in crcs.items()}
+    merged = {"id_counts": id_counts, "vocab_sizes": Vocabulary(vocab).sizes,
+              "oov_ids": Vocabulary(vocab).oov_ids, "dense_counts": dict(zip(DENSE_FIELDS, dense_counts.tolist())),
+              "rows": {s: {"read": int(r[0]), "rejected": int(r[1])} for s, r in zip(SPLITS, rows)},
+              "checksums": checksums}
+    atomic_write_bytes(merged_path, json.dumps(merged).encode())
+
+
+def _write_rejects(chunks: list[Chunk], ctx: ChunkContext, lines: dict, path: Path) -> None:
+    """Concatenate the chunks' reject parts, turning chunk-local into file line numbers."""
+    tmp = path.with_name(path.name + ".tmp")
+    before: dict[str, int] = {}
+    with open(tmp, "w") as f:
+        f.write("file\tline\tfield\treason\trow\n")
+        for chunk in chunks:
+            offset = before.get(chunk.path, 0)
+            for rec in rejects_path(ctx, chunk).read_text().splitlines():
+                local, rest = rec.split("\t", 1)
+                f.write(f"{chunk.path}\t{offset + int(local)}\t{rest}\n")
+            before[chunk.path] = offset + lines[chunk.id]
+    os.replace(tmp, path)
+
+
+def finalize(chunks: list[Chunk], opts: Options) -> tuple[DatasetMeta, str]:
+    """Rank 0, last: write ``metadata.json``, drop the work dir; returns the summary too."""
+    ctx, out = opts.context(), Path(opts.output)
+    merged = json.loads((ctx.work / "merged.json").read_text())
+    plan = json.loads((ctx.work / "plan.json").read_text())
+    files: dict[str, list[str]] = {s: [] for s in SPLITS}
+    kept = dict.fromkeys(SPLITS, 0)
+    for chunk in chunks:
+        for split, n in json.loads(shard_marker(ctx, chunk).read_text()).items():
+            if n:
+                files[split].append(shard_file(split, chunk))
+                kept[split] += n
+    read = sum(r["read"] for r in merged["rows"].values())
+    rejected = sum(r["rejected"] for r in merged["rows"].values())
+    sources = [{**s, "checksum": merged["checksums"][s["path"]], "checksum_algo": CHECKSUM}
+               for s in plan["sources"]]
+    meta = DatasetMeta(
+        dataset=opts.dataset, dense_fields=list(DENSE_FIELDS), sparse_fields=list(SPARSE_FIELDS),
+        bucket_fields=list(BUCKET_FIELDS), vocab_sizes=merged["vocab_sizes"], oov_ids=merged["oov_ids"],
+        id_counts=merged["id_counts"], dense_counts=merged["dense_counts"], min_count=opts.min_count,
+        split=split_rule(opts.dataset, opts.seed),
+        rows={"read": read, "kept": read - rejected, "rejected": rejected, **kept},
+        files=files, sources=sources, versions=_versions(), options=_json(opts.recorded()),
+    )
+    if read - rejected != sum(kept.values()):
+        raise PreprocessError(f"pass 2 wrote {sum(kept.values())} rows, pass 1 kept {read - rejected}")
+    meta.save(out)
+    shutil.rmtree(ctx.work, ignore_errors=True)
+    return meta, summary(meta, merged["rows"])
+
+
+def _versions() -> dict[str, str]:
+    return {"pyarrow": pa.__version__, "numpy": np.__version__,
+            "torchrec-dnis": importlib_metadata.version("torchrec-dnis"),
+            "python": sys.version.split()[0]}
+
+
+def summary(meta: DatasetMeta, per_split: Optional[dict] = None) -> str:
+    """One line: rows read / kept / rejected, in all and (from pass 1) per split."""
+    r = meta.rows
+    line = f"rows read {r['read']}, kept {r['kept']}, rejected {r['rejected']}"
+    if per_split is None:
+        return line + "; kept per split: " + ", ".join(f"{s} {r[s]}" for s in SPLITS)
+    parts = [f"{s} {c['read']}/{r[s]}/{c['rejected']}" for s, c in per_split.items()]
+    return line + "; per split (read/kept/rejected): " + ", ".join(parts)
+
+
+def run(opts: Options, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None) -> DatasetMeta:
+    """All stages; with ``world_size > 1`` every rank calls this with the job's barrier."""
+    show = opts.progress and rank == 0
+    if rank == 0:
+        prepare(opts)
+    barrier()
+    if finished(opts):
+        if rank == 0:
+            meta = DatasetMeta.load(opts.output)
+            print(f"dnis-preprocess: {opts.output} is already complete with these options; "
+                  f"nothing to do ({summary(meta)})")
+        return DatasetMeta.load(opts.output)
+    chunks = load_chunks(opts)
+    mine = assign_chunks(chunks, rank, world_size)
+    count_chunks(mine, opts, show)
+    barrier()
+    if rank == 0:
+        merge_counts(chunks, opts)
+    barrier()
+    write_chunks(mine, opts, show)
+    barrier()
+    if rank == 0:
+        _, line = finalize(chunks, opts)
+        print(f"dnis-preprocess: {opts.output}: {line}")
+    barrier()
+    return DatasetMeta.load(opts.output)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opts = parse_args(argv, default_workers=os.cpu_count() or 1)
+    try:
+        run(opts)
+    except (PreprocessError, ValueError) as err:
+        raise SystemExit(f"dnis-preprocess: error: {err}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
