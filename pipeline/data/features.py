@@ -1,0 +1,80 @@
+"""Which KJT keys a dataset feeds to the embedding tables, under each dense mode.
+
+- ``embedding`` (the paper's): keys ``I1..I13`` then ``C1..C26`` in one *weighted* KJT.
+  Each ``I`` key has a one-row table (id 0) whose weight is the transformed value, so
+  α and blocking apply to numeric fields too; its train count is the number of rows
+  where it is present. ``C`` keys carry weight 1.
+- ``mlp`` (DLRM's): keys ``C1..C26``, unweighted; the dense values go to a bottom MLP.
+- ``bucket``: keys ``C1..C26`` then ``B1..B13`` (bucketised integers), unweighted.
+
+In every mode ``Batch.dense`` is the ``[B, 13]`` transformed integer fields.
+
+Example:
+    >>> layout = FeatureLayout.from_meta(DatasetMeta.load("runs/data/synthetic"), "embedding")
+    ... # doctest: +SKIP
+    >>> layout.keys[:2], layout.num_embeddings["I1"], layout.id_columns[:1]  # doctest: +SKIP
+    (('I1', 'I2'), 1, ('C1',))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.data.metadata import DatasetMeta
+
+DENSE_MODES = ("embedding", "mlp", "bucket")
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """The sparse features of a run, in KJT key order.
+
+    Attributes:
+        keys: KJT keys, in order (also the α-EBC field order).
+        weighted: the KJT carries weights (``embedding`` mode).
+        num_embeddings: rows of each key's table.
+        counts: per key, RLE train counts by id (input of ``compute_blocking``).
+        num_dense: width of ``Batch.dense`` (13).
+        dense_mode: ``embedding``, ``mlp`` or ``bucket``.
+        dense_keys: keys whose id is always 0 and whose weight is the dense value
+            (the first ``len(dense_keys)`` keys; empty unless ``embedding``).
+        id_columns: parquet columns holding the ids of the remaining keys, in key order.
+    """
+
+    keys: tuple[str, ...]
+    weighted: bool
+    num_embeddings: dict[str, int]
+    counts: dict[str, list[list[int]]]
+    num_dense: int
+    dense_mode: str
+    dense_keys: tuple[str, ...]
+    id_columns: tuple[str, ...]
+
+    @classmethod
+    def from_meta(cls, meta: DatasetMeta, dense_mode: str) -> "FeatureLayout":
+        """The layout of ``meta``'s dataset under ``dense_mode``."""
+        if dense_mode not in DENSE_MODES:
+            raise ValueError(f"dense_mode {dense_mode!r}: expected one of {DENSE_MODES}")
+        dense_keys = tuple(meta.dense_fields) if dense_mode == "embedding" else ()
+        id_columns = tuple(meta.sparse_fields)
+        if dense_mode == "bucket":
+            if not meta.bucket_fields:
+                raise ValueError("dense_mode bucket: the dataset has no bucket fields")
+            id_columns += tuple(meta.bucket_fields)
+        missing = [c for c in id_columns if c not in meta.vocab_sizes or c not in meta.id_counts]
+        if missing:
+            raise ValueError(f"metadata lacks vocab sizes or counts for {missing}")
+        num_embeddings = {k: 1 for k in dense_keys}
+        num_embeddings.update({c: meta.vocab_sizes[c] for c in id_columns})
+        counts = {k: [[meta.dense_counts[k], 1]] for k in dense_keys}
+        counts.update({c: meta.id_counts[c] for c in id_columns})
+        return cls(
+            keys=dense_keys + id_columns,
+            weighted=bool(dense_keys),
+            num_embeddings=num_embeddings,
+            counts=counts,
+            num_dense=len(meta.dense_fields),
+            dense_mode=dense_mode,
+            dense_keys=dense_keys,
+            id_columns=id_columns,
+        )
