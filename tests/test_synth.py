@@ -1,0 +1,130 @@
+"""The synthetic Criteo generator: determinism, format, distributions, planted signal."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import torch
+
+from pipeline.data.synth import BLOCK_ROWS, CATEGORICALS, SyntheticCriteo, latent_dims, main, write
+
+
+def test_same_seed_same_bytes_and_chunking_does_not_matter(tmp_path):
+    main(["--rows", "3000", "--out", str(tmp_path / "a.tsv"), "--seed", "5"])
+    main(["--rows", "3000", "--out", str(tmp_path / "b.tsv"), "--seed", "5"])
+    main(["--rows", "3000", "--out", str(tmp_path / "c.tsv"), "--seed", "6"])
+    main(["--rows", "3000", "--out", str(tmp_path / "days"), "--seed", "5", "--days", "3", "--gzip"])
+    a = (tmp_path / "a.tsv").read_bytes()
+    assert a == (tmp_path / "b.tsv").read_bytes() != (tmp_path / "c.tsv").read_bytes()
+    days = b"".join(gzip.decompress((tmp_path / "days" / f"day_{d}.gz").read_bytes()) for d in range(3))
+    assert days == a
+    gen = SyntheticCriteo(seed=5)
+    cut = BLOCK_ROWS - 7  # a chunk boundary inside a generation block
+    whole, head, tail = gen.rows(0, BLOCK_ROWS + 10), gen.rows(0, cut), gen.rows(cut, BLOCK_ROWS + 10)
+    assert np.array_equal(whole.ranks, np.concatenate([head.ranks, tail.ranks]))
+    assert np.array_equal(whole.labels, np.concatenate([head.labels, tail.labels]))
+
+
+def test_rows_are_valid_criteo_tsv(tmp_path):
+    write(tmp_path / "x.tsv", 2000, seed=1)
+    lines = (tmp_path / "x.tsv").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 2001
+    negatives = 0
+    for line in lines[:-1]:
+        fields = line.decode().split("\t")
+        assert len(fields) == 40 and fields[0] in ("0", "1")
+        for x in fields[1:14]:
+            assert x == "" or x.lstrip("-").isdigit()
+            negatives += x.startswith("-")
+        for c in fields[14:]:
+            assert c == "" or (len(c) == 8 and int(c, 16) >= 0 and c == c.lower())
+    assert negatives > 0
+    ctr = np.mean([line[:1] == b"1" for line in lines[:-1]])
+    assert 0.2 < ctr < 0.3
+
+
+def test_frequencies_are_zipf_and_missing_rates_as_specified():
+    gen = SyntheticCriteo(seed=0, vocab_scale=0.1)
+    rows = gen.rows(0, 40000)
+    for f, (_, missing, _) in enumerate(CATEGORICALS):
+        assert abs((rows.ranks[:, f] < 0).mean() - missing) < 0.02
+    big = int(np.argmax(gen.vocab))
+    counts = np.bincount(rows.ranks[rows.ranks[:, big] >= 0, big], minlength=gen.vocab[big])
+    assert counts[0] > 3 * counts[10] > 0 and counts[10] > 3 * counts[200]
+    assert counts[: gen.vocab[big] // 100].sum() > 0.5 * counts.sum()  # 1% of values: most mass
+    assert rows.ints_missing[:, 1].mean() == 0 and rows.ints_missing[:, 11].mean() > 0.6
+    assert rows.ints.max() > 10**4  # heavy tail
+
+
+def test_hex_ids_are_a_bijection_unrelated_to_rank():
+    gen = SyntheticCriteo(seed=0, vocab_scale=0.1)
+    ranks = np.repeat(np.arange(5000)[:, None], len(CATEGORICALS), 1)
+    hexes = gen.hex_ids(ranks)
+    assert all(len(np.unique(hexes[:, f])) == 5000 for f in range(len(CATEGORICALS)))
+    assert not np.all(np.diff(hexes[:, 0].astype(np.int64)) > 0)
+    assert not np.array_equal(hexes, SyntheticCriteo(seed=1, vocab_scale=0.1).hex_ids(ranks))
+
+
+def test_truth_file_describes_the_planted_model(tmp_path):
+    write(tmp_path / "x.tsv", 100, seed=2, vocab_scale=0.5)
+    truth = json.loads((tmp_path / "synth_truth.json").read_text())
+    assert truth["seed"] == 2 and truth["rows"] == 100 and len(truth["categoricals"]) == 26
+    tiers = truth["categoricals"]["C3"]["tiers"]
+    assert tiers[0] == [0, 8, 16] and tiers[-1][1] == truth["categoricals"]["C3"]["vocab"]
+    assert [d for *_, d in tiers] == sorted((d for *_, d in tiers), reverse=True)
+    assert set(truth["scales"]) == {"first_order", "pairwise", "ints"}
+
+
+def test_planted_latent_dims_shrink_with_rank():
+    gen = SyntheticCriteo(seed=0, vocab_scale=0.1)
+    head_ranks = np.concatenate([np.arange(n) for n in gen.head_len])
+    assert np.array_equal((gen.v_head[:-1] != 0).sum(1), latent_dims(head_ranks))
+    tail_ranks = np.concatenate([np.arange(512, 512 + n) for n in gen.tail_len])
+    assert np.array_equal((gen.v_tail[:-1] != 0).sum(1), latent_dims(tail_ranks))
+    assert np.array_equal(latent_dims(np.array([0, 8, 64, 512, 4096, 32768])), [16, 8, 4, 2, 1, 0])
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    order = np.argsort(scores)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(len(scores))
+    pos = labels.sum()
+    return float((ranks[labels == 1].sum() - pos * (pos - 1) / 2) / (pos * (len(labels) - pos)))
+
+
+def _fm_auc(rows, dim: int, train: int, epochs: int = 3) -> float:
+    """Held-out AUC of a factorisation machine with ``dim``-dim embeddings (0: logistic)."""
+    torch.manual_seed(0)
+    cap = 2000  # rarer values share one id per field
+    ids = np.where(rows.ranks < 0, cap, np.minimum(rows.ranks, cap)) + np.arange(26) * (cap + 1)
+    ids, y = torch.from_numpy(ids), torch.from_numpy(rows.labels.astype(np.float32))
+    linear = torch.nn.EmbeddingBag(26 * (cap + 1), 1, mode="sum")
+    emb = torch.nn.Embedding(26 * (cap + 1), max(dim, 1))
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.normal_(emb.weight, std=0.01)
+    opt = torch.optim.Adam([*linear.parameters(), *emb.parameters()], lr=5e-3)
+
+    def logits(i):
+        v = emb(i).sum(1) if dim else 0
+        pair = 0.5 * ((v * v).sum(1) - (emb(i) ** 2).sum((1, 2))) if dim else 0
+        return linear(i)[:, 0] + pair
+
+    for _ in range(epochs):
+        for b in torch.randperm(train).split(512):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits(ids[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return _auc(rows.labels[train:], logits(ids[train:]).numpy())
+
+
+def test_planted_signal_needs_more_than_a_few_dimensions():
+    rows = SyntheticCriteo(seed=0, vocab_scale=0.05).rows(0, 60000)
+    oracle = _auc(rows.labels[50000:], rows.logits[50000:])
+    logistic, fm2, fm8 = (_fm_auc(rows, d, 50000) for d in (0, 2, 8))
+    print(f"AUC oracle {oracle:.3f} logistic {logistic:.3f} fm2 {fm2:.3f} fm8 {fm8:.3f}")
+    assert oracle > 0.85
+    assert fm8 > fm2 + 0.02 and fm2 > logistic
