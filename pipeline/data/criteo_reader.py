@@ -138,21 +138,26 @@ def iter_blocks(chunk: Chunk, block_bytes: int) -> Iterator[tuple[int, bytes]]:
     stream raises ``StreamError`` after the complete lines before the break.
     """
     pieces = _gzip_pieces(chunk.path) if chunk.compressed else _file_pieces(chunk)
-    offset, pending = chunk.start, b""
+    offset, parts, size = chunk.start, [], 0  # joined once per block: += would copy quadratically
     try:
         for piece in pieces:
-            pending += piece
-            if len(pending) < block_bytes:
+            parts.append(piece)
+            size += len(piece)
+            if size < block_bytes:
                 continue
+            pending = b"".join(parts)
             cut = pending.rfind(b"\n") + 1
             if cut:
                 yield offset, pending[:cut]
                 offset, pending = offset + cut, pending[cut:]
+            parts, size = [pending], len(pending)
     except StreamError as err:
+        pending = b"".join(parts)
         cut = pending.rfind(b"\n") + 1
         if cut:
             yield offset, pending[:cut]
         raise StreamError(offset + cut, err.reason) from None
+    pending = b"".join(parts)
     if pending:
         yield offset, pending
 
