@@ -174,6 +174,8 @@ class SplitReader:
 
     def _read(self, unit: Unit) -> Rows:
         columns = [LABEL, *self.dense_columns, *self.layout.id_columns]
+        # A slice decodes its whole row group: slices only exist when row groups are
+        # too few to spread over the ranks, i.e. on small splits.
         table = pq.ParquetFile(self.paths[unit.file]).read_row_group(unit.row_group, columns=columns)
         table = table.slice(unit.start, unit.rows)
         dense = np.stack([_column(table, c, np.float32) for c in self.dense_columns], 1)
