@@ -97,7 +97,7 @@ class Rows:
     labels: np.ndarray  # [n] uint8
     ints: np.ndarray  # [n, 13] int64
     ints_missing: np.ndarray  # [n, 13] bool
-    ranks: np.ndarray  # [n, 26] int64
+    ranks: np.ndarray  # [n, 26] int32
     logits: np.ndarray  # [n] float64, the true logit
 
 
@@ -116,7 +116,9 @@ class SyntheticCriteo:
             raise ValueError(f"vocab_scale must be positive, got {vocab_scale}")
         self.seed = seed
         self.vocab_scale = vocab_scale
-        self.vocab = np.array([max(3, round(v * vocab_scale)) for v, _, _ in CATEGORICALS])
+        self.vocab = np.array([max(3, round(v * vocab_scale)) for v, _, _ in CATEGORICALS], np.int32)
+        if self.vocab.astype(np.int64).sum() >= 2**31:
+            raise ValueError(f"vocab_scale {vocab_scale}: more than 2^31 values in all")
         self.cat_missing = np.array([m for _, m, _ in CATEGORICALS])
         self.zipf_s = np.array([s for _, _, s in CATEGORICALS])
         rng = np.random.default_rng([seed, 1 << 40])
@@ -129,12 +131,12 @@ class SyntheticCriteo:
     def _build_tables(self, rng: np.random.Generator) -> None:
         # Flat tables over all fields: a value's row is offset[f] + rank; a last row of
         # zeros serves missing values (and ranks past the table).
-        self.w_offset = np.r_[0, np.cumsum(self.vocab)[:-1]]
+        self.w_offset = np.r_[0, np.cumsum(self.vocab)[:-1]].astype(np.int32)
         self.w = np.r_[rng.standard_normal(int(self.vocab.sum())), 0.0].astype(np.float32)
         head = np.minimum(self.vocab, HEAD_RANKS)
         tail = np.minimum(self.vocab, TIERS[-1][0]) - head
-        self.head_offset = np.r_[0, np.cumsum(head)[:-1]]
-        self.tail_offset = np.r_[0, np.cumsum(tail)[:-1]]
+        self.head_offset = np.r_[0, np.cumsum(head)[:-1]].astype(np.int32)
+        self.tail_offset = np.r_[0, np.cumsum(tail)[:-1]].astype(np.int32)
         self.head_len, self.tail_len = head, tail
         head_ranks = np.concatenate([np.arange(n) for n in head])
         tail_ranks = np.concatenate([np.arange(HEAD_RANKS, HEAD_RANKS + n) for n in tail])
@@ -188,7 +190,7 @@ class SyntheticCriteo:
         one_minus_s = (1.0 - self.zipf_s).astype(np.float32)
         top = ((self.vocab + 1.0) ** one_minus_s - 1.0).astype(np.float32)
         # Inverse CDF of a continuous power law on [1, V+1), floored to a rank.
-        ranks = ((1.0 + u * top) ** (1.0 / one_minus_s)).astype(np.int64) - 1
+        ranks = ((1.0 + u * top) ** (1.0 / one_minus_s)).astype(np.int32) - 1
         ranks = np.minimum(ranks, self.vocab - 1)
         ranks[rng.random((n, f), dtype=np.float32) < self.cat_missing] = -1
         params = np.array(INTEGERS, dtype=np.float32)
