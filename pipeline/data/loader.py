@@ -180,7 +180,8 @@ class SplitReader:
         table = table.slice(unit.start, unit.rows)
         dense = np.stack([_column(table, c, np.float32) for c in self.dense_columns], 1)
         ids = np.stack([_column(table, c, np.int64) for c in self.layout.id_columns], 1)
-        return Rows(_column(table, LABEL, np.float32), dense, ids)
+        labels = _column(table, LABEL, np.float32).copy()  # arrow's buffer is read-only
+        return Rows(labels, dense, ids)
 
     def _batch(self, rows: Rows) -> Batch:
         dense = torch.from_numpy(np.ascontiguousarray(rows.dense))

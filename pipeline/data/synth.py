@@ -24,6 +24,8 @@ The label model (the point of the generator)::
 
 Measured (seed 0, 200k train rows, 2 epochs, Adam 3e-3): the true logit scores AUC 0.90;
 an FM+MLP reaches AUC 0.66 / 0.70 / 0.76 with K = 2 / 4 / 16, logistic regression 0.66.
+Through ``dnis-preprocess`` (200k rows, ``--vocab-scale 0.2``), the project's DeepFM
+(K = 16, paper dense mode, Adam 3e-3, batch 1024) scores test AUC 0.73 after one epoch.
 
 Everything is a function of ``(seed, vocab_scale)`` and the global row index: rows are
 drawn in blocks of ``BLOCK_ROWS`` with a generator seeded by ``(seed, block)``, so the
