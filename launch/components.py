@@ -9,7 +9,6 @@ component runs a ``launch.<stage>`` module under ``torchrun``; the module reads 
 from the environment that ``torchrun`` sets.
 """
 
-from __future__ import annotations
 
 from typing import Dict, List, Optional  # torchx 0.7 accepts typing.List/Dict, not list/dict
 

@@ -79,7 +79,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # per epoch cap; None = the whole split
     dense_lr: float = 1e-3  # Adam, as the paper
     sparse_optimizer: str = "rowwise_adagrad"  # FBGEMM fused; adam exists on GPU only
-    sparse_lr: float = 0.05
+    sparse_lr: float = 0.01
     eval_every: int = 1000  # steps between validation passes (early stopping)
     eval_max_batches: Optional[int] = None  # cap the validation pass; None = whole split
     patience: int = 3  # validation passes without improvement before stopping

@@ -1,0 +1,135 @@
+"""The stage entry points end to end on 2 CPU ranks: synthetic rows -> dnis-preprocess ->
+search (killed with SIGKILL and resumed) -> evaluate on another world size."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data import preprocess, synth
+
+pytestmark = pytest.mark.multirank
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("launch")
+    synth.main(["--rows", "12000", "--seed", "3", "--out", str(root / "raw.txt")])
+    preprocess.main([
+        "--output", str(root / "data"), "--dataset", "synthetic", "--workers", "1", str(root / "raw.txt"),
+    ])
+    return root / "data"
+
+
+def torchrun(module: str, *args: str, nproc: int = 2) -> subprocess.Popen:
+    """``torchrun --nproc_per_node N -m module args`` in its own process group."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", "-m", module, *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant (torchrun's workers run in their own
+    process groups, so killing its group alone leaves them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def search_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", TINY, "--set", f"data.path={data}", "--set", f"run.dir={run_dir}",
+        "--set", f"train.max_steps={STEPS}", "--set", "train.checkpoint_every=4",
+        "--set", "train.eval_every=4", "--set", "train.log_every=4", "--no-progress", *extra,
+    ]
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [e["logloss"] for e in map(json.loads, lines) if e["event"] == "val"]
+
+
+def test_search_killed_and_resumed_equals_uninterrupted_run(dataset, tmp_path):
+    full = tmp_path / "full"
+    out = finish(torchrun("launch.search", *search_args(dataset, full)))
+    assert "α per block" in out and "test auc" in out
+    alpha_full = torch.load(full / "alpha.pt")
+    assert alpha_full.shape == (4, 16)  # tiny.yaml: L=4, K=16
+    assert (alpha_full < 1).any() and (alpha_full >= 0).all()
+    doc = json.loads((full / "alpha.json").read_text())
+    assert len(doc["blocks"]) == 4 and doc["blocking"]["num_blocks"] == 4
+
+    killed = tmp_path / "killed"
+    proc = torchrun("launch.search", *search_args(dataset, killed))
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    kill_tree(proc.pid)
+    proc.communicate()
+    assert latest.exists() and not (killed / "result.json").exists(), "the run ended before the kill"
+    refused = torchrun("launch.search", *search_args(dataset, killed))
+    refused.communicate(timeout=300)
+    assert refused.returncode != 0  # a run directory with checkpoints needs --resume
+    out = finish(torchrun("launch.search", *search_args(dataset, killed, "--resume")))
+    assert "resumed at step" in out
+
+    alpha_resumed = torch.load(killed / "alpha.pt")
+    assert (alpha_resumed - alpha_full).abs().max() < 1e-5
+    assert abs(val_losses(killed)[-1] - val_losses(full)[-1]) < 1e-5
+    full_test = json.loads((full / "result.json").read_text())["test"]
+    resumed_test = json.loads((killed / "result.json").read_text())["test"]
+    assert abs(full_test["logloss"] - resumed_test["logloss"]) < 1e-5
+
+    # The 2-rank checkpoint evaluates on 1 rank to the same test metrics.
+    shutil.rmtree(full / "checkpoints" / "latest", ignore_errors=True)
+    out = finish(torchrun("launch.evaluate", "--run-dir", str(full), "--no-progress", nproc=1))
+    evaluated = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()][-1]
+    assert evaluated["event"] == "evaluate" and evaluated["rows"] == full_test["rows"]
+    assert abs(evaluated["auc"] - full_test["auc"]) < 1e-5
+    assert abs(evaluated["logloss"] - full_test["logloss"]) < 1e-5
+
+
+def test_train_entry_point_reports_test_metrics(dataset, tmp_path):
+    run = tmp_path / "train"
+    finish(torchrun("launch.train", *search_args(dataset, run)))
+    result = json.loads((run / "result.json").read_text())
+    assert result["stage"] == "train" and result["test"]["rows"] > 0
+    assert 0.0 < result["test"]["auc"] < 1.0
