@@ -5,7 +5,7 @@ on 2 CPU ranks (gloo), through the same ``TrainPipelineSparseDist``, on the same
 batches (4096 rows per rank); the search step adds the configured validation rows
 (default 1024, the 1:4 setting of ``configs/base.yaml``; also 1:1) and the α update.
 
-    python benchmarks/search_overhead.py [--steps 20] [--batch 4096]
+    python benchmarks/search_overhead.py [--steps 5 --rounds 6] [--batch 4096]
 
 Prints one line per setting and ``ratio <search / plain>`` for the default setting.
 """
@@ -60,68 +60,76 @@ def make_batches(rank: int, rows: int, count: int, layout: Layout) -> list[Batch
     return out
 
 
-def time_steps(pipeline, batches, steps: int, warmup: int = 3) -> float:
-    """Median seconds per step over ``steps`` steps after ``warmup``."""
-    it = iter(batches * ((steps + warmup) // len(batches) + 2))
-    for _ in range(warmup):
-        pipeline.progress(it)
+def step_times(pipeline, batches, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` steps."""
+    it = iter(batches * (steps // len(batches) + 2))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         pipeline.progress(it)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
-def bench(env, steps: int, batch: int, val_rows: list[int]) -> dict:
+class SearchPipeline:
+    """The search step as the loop runs it: pipeline step, then the α update hook."""
+
+    def __init__(self, pipeline, updater: AlphaUpdater) -> None:
+        self.pipeline, self.updater = pipeline, updater
+
+    def progress(self, it):
+        out = self.pipeline.progress(it)
+        self.updater.after_step(out)
+        return out
+
+
+def bench(env, steps: int, rounds: int, batch: int, val_rows: list[int]) -> dict:
+    """Median step time per setting; settings alternate in rounds so drift hits all alike."""
     cfg = load_config(["configs/base.yaml"], [f"data.batch_size={batch}"])
     layout = Layout(tuple(f"C{i + 1}" for i in range(NUM_TABLES)), False,
                     {f"C{i + 1}": n for i, n in enumerate(VOCAB)}, 13)
     meta = torch.device("meta")
     train = make_batches(env.rank, batch, 4, layout)
-    results = {}
+    counts = {
+        k: encode_counts(np.sort(np.bincount(zipf_ids(np.random.default_rng(9), n, 100_000), minlength=n))[::-1])
+        for k, n in layout.num_embeddings.items()
+    }
+    blocking = compute_blocking(counts, cfg.blocking.num_blocks, cfg.blocking.mode)
 
-    torch.manual_seed(0)
-    task = build_train_task(cfg, layout, meta)
-    dmp = shard_model(task, env, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
-    opt = make_optimizer(dmp, cfg.train.dense_lr, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
-    results["plain"] = time_steps(TrainPipelineSparseDist(dmp, opt, env.device), train, steps)
-
-    counts = {k: encode_counts(np.sort(np.bincount(zipf_ids(np.random.default_rng(9), n, 100_000),
-                                                   minlength=n))[::-1]) for k, n in layout.num_embeddings.items()}
-    blocking = compute_blocking(counts, cfg.blocking.num_blocks)
-    for rows in val_rows:
+    def sharded(task):
         torch.manual_seed(0)
-        task = build_search_task(cfg, layout, blocking, meta)
         dmp = shard_model(task, env, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
         opt = make_optimizer(dmp, cfg.train.dense_lr, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
+        return dmp, TrainPipelineSparseDist(dmp, opt, env.device)
+
+    runs = {"plain": (sharded(build_train_task(cfg, layout, meta))[1], train)}
+    for rows in val_rows:
+        dmp, pipe = sharded(build_search_task(cfg, layout, blocking, meta))
         alpha = next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
         updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
         val = make_batches(env.rank + 100, rows, 4, layout)
         joined = [concat_batches([t, v]) for t, v in zip(train, val)]
-        pipe = TrainPipelineSparseDist(dmp, opt, env.device)
-        progress = pipe.progress
-
-        def step(it, progress=progress):
-            out = progress(it)
-            updater.after_step(out)
-            return out
-
-        pipe.progress = step
-        results[f"search val {rows}"] = time_steps(pipe, joined, steps)
-    return results
+        runs[f"search val {rows}"] = (SearchPipeline(pipe, updater), joined)
+    times = {name: [] for name in runs}
+    for name, (pipe, batches) in runs.items():
+        step_times(pipe, batches, 3)  # warm-up
+    for _ in range(rounds):
+        for name, (pipe, batches) in runs.items():
+            times[name] += step_times(pipe, batches, steps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=5, help="steps per setting and round")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds over all settings")
     parser.add_argument("--batch", type=int, default=4096, help="train rows per rank")
     parser.add_argument("--val", type=int, default=1024, help="validation rows per α step (default setting)")
     args = parser.parse_args()
     settings = [args.val, args.batch]
-    result = run_ranks(bench, 2, args.steps, args.batch, settings)[0]
+    result = run_ranks(bench, 2, args.steps, args.rounds, args.batch, settings)[0]
     plain = result["plain"]
-    print(f"26 tables, K=64, DeepFM, 2 CPU ranks, train batch {args.batch}/rank, median of {args.steps} steps")
+    print(f"26 tables, K=64, DeepFM, 2 CPU ranks, train batch {args.batch}/rank, median of {args.steps * args.rounds} steps")
     print(f"plain step: {plain * 1e3:.1f} ms")
     for rows in settings:
         t = result[f"search val {rows}"]

@@ -57,7 +57,7 @@ class BlockingConfig:
     """Frequency blocking of features (paper section 2.3)."""
 
     num_blocks: int = 6
-    mode: str = "equal_count"  # equal_count | equal_mass
+    mode: str = "equal_mass"  # equal_mass | equal_count
     per_field: bool = False
 
 

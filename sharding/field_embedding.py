@@ -57,8 +57,7 @@ def pooled_by_name(pooled: KeyedTensor, names: Sequence[str]) -> torch.Tensor:
     A sharded EBC orders its output keys by shard, so they are read by name (as DLRM's
     ``SparseArch`` does) rather than trusting the column order of ``.values()``.
     """
-    by_key = pooled.to_dict()
-    return torch.cat([by_key[name] for name in names], dim=1)
+    return KeyedTensor.regroup([pooled], [list(names)])[0]
 
 
 class FieldEmbeddingCollection(nn.Module):

@@ -133,3 +133,21 @@ def test_train_entry_point_reports_test_metrics(dataset, tmp_path):
     result = json.loads((run / "result.json").read_text())
     assert result["stage"] == "train" and result["test"]["rows"] > 0
     assert 0.0 < result["test"]["auc"] < 1.0
+
+
+def test_search_finds_the_planted_signal(tmp_path):
+    """dnis-synth gives frequent values more latent dimensions than rare ones; after one
+    epoch of search the rarest block's α must have shrunk below the most frequent's."""
+    synth.main(["--rows", "60000", "--seed", "5", "--out", str(tmp_path / "raw.txt")])
+    preprocess.main(["--output", str(tmp_path / "data"), "--dataset", "synthetic", str(tmp_path / "raw.txt")])
+    run = tmp_path / "run"
+    args = [
+        "--config", TINY, "--set", f"data.path={tmp_path / 'data'}", "--set", f"run.dir={run}",
+        "--set", "train.max_steps=null", "--set", "data.batch_size=256",
+        "--set", "search.val_batch_size=128", "--set", "train.eval_every=1000", "--no-progress",
+    ]
+    finish(torchrun("launch.search", *args, nproc=1))
+    blocks = json.loads((run / "alpha.json").read_text())["blocks"]
+    means = [b["mean_alpha"] for b in blocks]
+    assert means[0] > means[-1] + 0.05, means
+    assert sum(means[:-1]) / (len(means) - 1) > means[-1] + 0.1, means
