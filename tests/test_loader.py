@@ -94,6 +94,8 @@ def test_train_ranks_are_disjoint_full_and_equal_in_count(data):
     assert all(len(s) == 32 * readers[0].num_batches() for s in seen)
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
     assert set().union(*seen) <= set(range(500))
+    # Only the remainder is left out: each rank's share is 500 // 3 rows.
+    assert readers[0].num_batches() == (500 // 3) // 32
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -130,8 +132,8 @@ def test_start_resumes_at_the_tail_without_reading_skipped_units(data, monkeypat
     monkeypatch.setattr(SplitReader, "_read", lambda self, unit: reads.append(unit) or original(self, unit))
     tail = list(r.batches(epoch=2, start=len(full) - 2))
     assert len(tail) == 2 and all(same(a, b) for a, b in zip(tail, full[-2:]))
-    first_unit = r.units[r.rank_units(2)[0]]
-    assert first_unit not in reads and len(reads) < len(r.rank_units(2))
+    first_unit = r.units[r.rank_pieces(2)[0][0]]
+    assert first_unit not in reads and len(reads) < len(r.rank_pieces(2))
 
 
 def test_prefetch_reraises_producer_errors_and_stops_on_close(data, monkeypatch):

@@ -1,13 +1,14 @@
 """Batches of a preprocessed split, dealt to ranks without communication.
 
 Work units are parquet row groups, cut into equal row slices when there are fewer than
-``UNITS_PER_RANK`` per rank. Units are dealt round-robin to ranks, after a permutation
-seeded by ``(seed, epoch)`` when shuffling; rows are also shuffled inside a unit
-(``(seed, epoch, unit)``). A rank reads its units in order as one row stream cut into
-batches, so every rank decides alone, from parquet metadata, what it reads:
+``UNITS_PER_RANK`` per rank (finer shuffling on small splits). Per epoch the units are
+permuted (seeded by ``(seed, epoch)`` when shuffling) and their rows too (seeded by
+``(seed, epoch, unit)``); the units in that order form one row stream, and rank ``r``
+reads the ``r``-th of ``world_size`` equal shares of it. Every rank decides alone, from
+parquet metadata, what it reads, and no rows are left over but the remainder:
 
 - train (``drop_last``): every batch has ``batch_size`` rows; every rank yields
-  ``num_batches()`` batches, the most the *smallest possible* share of units allows;
+  ``num_batches()`` = ``(rows // world_size) // batch_size`` batches;
 - eval: every row of the split is seen once over all ranks; the last batch is padded,
   and ranks with fewer batches add padding batches, so all ranks yield the same count.
   Padding rows have label ``-1``, id 0 for every key, dense and weights 0.
@@ -116,12 +117,30 @@ class SplitReader:
         """Batches every rank yields per epoch; the same on all ranks, every epoch."""
         return self._num_batches
 
-    def rank_units(self, epoch: int, rank: Optional[int] = None) -> list[int]:
-        """Indices into ``units`` that ``rank`` (default: this rank) reads in ``epoch``."""
+    def rank_pieces(self, epoch: int, rank: Optional[int] = None) -> list[tuple[int, int, int]]:
+        """``(unit index, lo, hi)``: the rows ``[lo, hi)`` of each (row-shuffled) unit that
+        ``rank`` (default: this rank) reads in ``epoch``, in reading order.
+
+        The units, in the epoch's order, form one row stream; rank ``r`` reads its
+        ``r``-th equal share of it (the first ``total % world_size`` ranks one row more).
+        """
         order = np.arange(len(self.units))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        return order[self.rank if rank is None else rank :: self.world_size].tolist()
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(sum(u.rows for u in self.units), self.world_size)
+        begin = rank * base + min(rank, extra)
+        end = begin + base + (rank < extra)
+        pieces, position = [], 0
+        for index in order.tolist():
+            rows = self.units[index].rows
+            lo, hi = max(begin - position, 0), min(end - position, rows)
+            if lo < hi:
+                pieces.append((index, lo, hi))
+            position += rows
+            if position >= end:
+                break
+        return pieces
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         """This rank's batches ``start, start+1, ...`` of ``epoch``; skipped units are not read."""
@@ -131,16 +150,10 @@ class SplitReader:
         return _prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
 
     def _count_batches(self) -> int:
-        sizes = sorted(u.rows for u in self.units)
-        per_rank = len(sizes) // self.world_size
+        base, extra = divmod(sum(u.rows for u in self.units), self.world_size)
         if self.drop_last:
-            # Fewest rows any rank can get: the per_rank smallest units.
-            return sum(sizes[:per_rank]) // self.batch_size
-        if not self.shuffle:
-            rows = [sum(self.units[i].rows for i in self.rank_units(0, r)) for r in range(self.world_size)]
-            return max(math.ceil(n / self.batch_size) for n in rows)
-        most = sum(sizes[::-1][: per_rank + (len(sizes) % self.world_size > 0)])
-        return math.ceil(most / self.batch_size)
+            return base // self.batch_size
+        return math.ceil((base + (extra > 0)) / self.batch_size)
 
     def _produce(self, epoch: int, start: int) -> Iterator[Batch]:
         emitted, pending = start, []
@@ -159,17 +172,16 @@ class SplitReader:
             yield self._batch(_pad(None, self.batch_size, len(self.dense_columns), len(self.layout.id_columns)))
 
     def _rows(self, epoch: int, skip: int) -> Iterator[Rows]:
-        """This rank's row stream from row ``skip`` on, unit by unit."""
-        for index in self.rank_units(epoch):
-            unit = self.units[index]
-            if skip >= unit.rows:
-                skip -= unit.rows
+        """This rank's row stream from row ``skip`` on, piece by piece."""
+        for index, lo, hi in self.rank_pieces(epoch):
+            if skip >= hi - lo:
+                skip -= hi - lo
                 continue
-            rows = self._read(unit)
+            rows = self._read(self.units[index])
             if self.shuffle:
                 perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(rows))
                 rows = Rows(rows.labels[perm], rows.dense[perm], rows.ids[perm])
-            yield rows.slice(skip, len(rows))
+            yield rows.slice(lo + skip, hi)
             skip = 0
 
     def _read(self, unit: Unit) -> Rows:
