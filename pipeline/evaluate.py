@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
-from tqdm import tqdm
 
 from pipeline.data.batch import Batch
+from pipeline.progress import progress_bar
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def evaluate(
     rows = SumMetric().to(device)
     was_training = model.training
     model.eval()
-    for i, batch in enumerate(tqdm(batches, desc=desc, disable=not show_progress, leave=False)):
+    for i, batch in enumerate(progress_bar(batches, desc=desc, disable=not show_progress, leave=False)):
         if max_batches is not None and i >= max_batches:
             break
         _, out = model(batch.to(device))

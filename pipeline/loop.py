@@ -19,11 +19,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequen
 import torch
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
-from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.data.batch import Batch
 from pipeline.evaluate import evaluate
+from pipeline.progress import progress_bar
 from pipeline.run_dir import RunDir
 from sharding.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -152,7 +152,7 @@ class Trainer:
         batches = self.train_batches(state.epoch, state.step_in_epoch, state.global_step)
         pipeline = self._make_pipeline()
         self.model.train()
-        bar = tqdm(
+        bar = progress_bar(
             total=self.steps_per_epoch, initial=state.step_in_epoch,
             desc=f"epoch {state.epoch}", disable=not self.show_progress,
         )

@@ -33,7 +33,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from pipeline.data.chunk_passes import (
     ChunkContext, CountAccumulator, atomic_write_bytes, count_chunk, counts_path,
@@ -43,6 +42,7 @@ from pipeline.data.criteo_reader import DATASETS, Chunk, check_sources, plan_chu
 from pipeline.data.metadata import METADATA_FILE, DatasetMeta, encode_counts
 from pipeline.data.schema import BUCKET_FIELDS, DENSE_FIELDS, SPARSE_FIELDS, SPLITS
 from pipeline.data.vocab import FieldVocab, Vocabulary, frequency_rank
+from pipeline.progress import progress_bar
 
 OUTPUT_ENTRIES = ("train", "val", "test", "vocab", "_work", "rejects.tsv", METADATA_FILE)
 CHECKSUM = "sha256 over the crc32 of each chunk's uncompressed bytes (chunks of --chunk-mb)"
@@ -193,7 +193,7 @@ def assign_chunks(chunks: list[Chunk], rank: int, world_size: int) -> list[Chunk
 
 def _run_parallel(fn: Callable, chunks: list[Chunk], opts: Options, desc: str, show: bool) -> None:
     ctx = opts.context()
-    bar = tqdm(total=sum(c.nbytes for c in chunks), unit="B", unit_scale=True, desc=desc,
+    bar = progress_bar(total=sum(c.nbytes for c in chunks), unit="B", unit_scale=True, desc=desc,
                disable=not show, file=sys.stderr)
     workers = min(opts.workers, len(chunks))
     if workers <= 1:
