@@ -3,7 +3,8 @@
 Both run the same DeepFM (K=64, MLP 400x3, the paper's settings) over 26 sharded tables
 on 2 CPU ranks (gloo), through the same ``TrainPipelineSparseDist``, on the same train
 batches (4096 rows per rank); the search step adds the configured validation rows
-(default 1024, the 1:4 setting of ``configs/base.yaml``; also 1:1) and the α update.
+(default 1024, the 1:4 setting of ``configs/base.yaml``; also 1:1, and 1:4 on every
+second step only) and the α update.
 
     python benchmarks/search_overhead.py [--steps 5 --rounds 6] [--batch 4096]
 
@@ -13,9 +14,10 @@ Prints one line per setting and ``ratio <search / plain>`` for the default setti
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -60,9 +62,9 @@ def make_batches(rank: int, rows: int, count: int, layout: Layout) -> list[Batch
     return out
 
 
-def step_times(pipeline, batches, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` steps."""
-    it = iter(batches * (steps // len(batches) + 2))
+def step_times(pipeline, it, steps: int) -> list[float]:
+    """Seconds of each of the next ``steps`` steps over the endless iterator ``it`` (one
+    per setting, so the pipeline's prefetched batches stay in step with the task)."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -83,8 +85,9 @@ class SearchPipeline:
         return out
 
 
-def bench(env, steps: int, rounds: int, batch: int, val_rows: list[int]) -> dict:
-    """Median step time per setting; settings alternate in rounds so drift hits all alike."""
+def bench(env, steps: int, rounds: int, batch: int, settings: list[tuple[int, int]]) -> dict:
+    """Mean step time per setting (α and plain steps alike when α skips steps); settings
+    alternate in rounds so drift hits all alike."""
     cfg = load_config(["configs/base.yaml"], [f"data.batch_size={batch}"])
     layout = Layout(tuple(f"C{i + 1}" for i in range(NUM_TABLES)), False,
                     {f"C{i + 1}": n for i, n in enumerate(VOCAB)}, 13)
@@ -102,21 +105,27 @@ def bench(env, steps: int, rounds: int, batch: int, val_rows: list[int]) -> dict
         opt = make_optimizer(dmp, cfg.train.dense_lr, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
         return dmp, TrainPipelineSparseDist(dmp, opt, env.device)
 
-    runs = {"plain": (sharded(build_train_task(cfg, layout, meta))[1], train)}
-    for rows in val_rows:
-        dmp, pipe = sharded(build_search_task(cfg, layout, blocking, meta))
+    runs = {"plain": (sharded(build_train_task(cfg, layout, meta))[1], itertools.cycle(train))}
+    for rows, interval in settings:
+        cfg_i = replace(cfg, search=replace(cfg.search, alpha_interval=interval))
+        dmp, pipe = sharded(build_search_task(cfg_i, layout, blocking, meta))
         alpha = next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
         updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
         val = make_batches(env.rank + 100, rows, 4, layout)
-        joined = [concat_batches([t, v]) for t, v in zip(train, val)]
-        runs[f"search val {rows}"] = (SearchPipeline(pipe, updater), joined)
+        # Validation rows ride along on α steps only (every ``interval``-th step).
+        joined = [concat_batches([t, v]) if i % interval == 0 else t for i, (t, v) in enumerate(zip(train, val))]
+        runs[setting_name(rows, interval)] = (SearchPipeline(pipe, updater), itertools.cycle(joined))
     times = {name: [] for name in runs}
     for name, (pipe, batches) in runs.items():
         step_times(pipe, batches, 3)  # warm-up
     for _ in range(rounds):
         for name, (pipe, batches) in runs.items():
             times[name] += step_times(pipe, batches, steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.mean(t) for name, t in times.items()}
+
+
+def setting_name(val_rows: int, interval: int) -> str:
+    return f"search val {val_rows}" + (f" every {interval} steps" if interval > 1 else "")
 
 
 def main() -> None:
@@ -126,15 +135,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096, help="train rows per rank")
     parser.add_argument("--val", type=int, default=1024, help="validation rows per α step (default setting)")
     args = parser.parse_args()
-    settings = [args.val, args.batch]
+    settings = [(args.val, 1), (args.batch, 1), (args.val, 2)]
     result = run_ranks(bench, 2, args.steps, args.rounds, args.batch, settings)[0]
     plain = result["plain"]
-    print(f"26 tables, K=64, DeepFM, 2 CPU ranks, train batch {args.batch}/rank, median of {args.steps * args.rounds} steps")
+    print(f"26 tables, K=64, DeepFM, 2 CPU ranks, train batch {args.batch}/rank, mean of {args.steps * args.rounds} steps")
     print(f"plain step: {plain * 1e3:.1f} ms")
-    for rows in settings:
-        t = result[f"search val {rows}"]
-        print(f"search step (val {rows}/train {args.batch}): {t * 1e3:.1f} ms  ratio {t / plain:.3f}")
-    print(f"ratio {result[f'search val {args.val}'] / plain:.3f}")
+    for rows, interval in settings:
+        name = setting_name(rows, interval)
+        print(f"{name} / train {args.batch}: {result[name] * 1e3:.1f} ms  ratio {result[name] / plain:.3f}")
+    print(f"ratio {result[setting_name(args.val, 1)] / plain:.3f}")
 
 
 if __name__ == "__main__":
