@@ -1,0 +1,77 @@
+"""Serving bytes of pruned embeddings, the denominator of the compression ratio (CR).
+
+CR = unpruned embedding bytes ÷ pruned embedding bytes, counting everything needed at
+serving (DESIGN.md, "Prune, repack, compression ratio"); MLP bytes are never included.
+
+- Unpruned: every row at full width ``K`` in fp32: ``rows × K × 4``.
+- Structured group of ``rows`` ids at ``width`` columns: the values ``rows × width × 4``,
+  the first id of its range (int64, the key rewrite needs it; dropped groups too), and the
+  projection back to ``K``: ``"selection"`` stores the column index of each stored column
+  (uint8, ``K ≤ 256``), ``"learned"`` (NIS-ME) a ``width × K`` fp32 matrix.
+- Fine-grained (paper eq. 9, COO as the paper reports it): per non-zero entry an fp32
+  value, an int32 row index (local to its table: < 2^31 rows per field) and an int8
+  column index (``K ≤ 128``): 9 bytes. scipy's default COO (int32 row and column) would
+  be 12 bytes; the narrower column index is the honest minimum for ``K ≤ 128``.
+
+Example:
+    >>> group_bytes(rows=10, width=4, embedding_dim=64, projection="selection")
+    172
+    >>> fine_grained_bytes(1000), nnz_for_cr(unpruned_bytes=90_000, target_cr=10.0)
+    (9000, 1000)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PROJECTIONS = ("selection", "learned")
+VALUE_BYTES = 4  # fp32
+RANGE_START_BYTES = 8  # int64 first id of a group's range
+SELECTION_INDEX_BYTES = 1  # uint8 column index per stored column
+COO_ENTRY_BYTES = 4 + 4 + 1  # fp32 value, int32 row, int8 column
+
+
+def group_bytes(rows, width, embedding_dim: int, projection: str):
+    """Serving bytes of groups (scalars or numpy arrays of ``rows`` and ``width``)."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection {projection!r}; known: {PROJECTIONS}")
+    rows, width = np.asarray(rows, dtype=np.int64), np.asarray(width, dtype=np.int64)
+    per_column = SELECTION_INDEX_BYTES if projection == "selection" else embedding_dim * VALUE_BYTES
+    total = RANGE_START_BYTES + width * (rows * VALUE_BYTES + per_column)
+    return int(total) if total.ndim == 0 else total
+
+
+def unpruned_bytes(rows: int, embedding_dim: int) -> int:
+    """Bytes of ``rows`` full-width fp32 rows."""
+    return int(rows) * embedding_dim * VALUE_BYTES
+
+
+def fine_grained_bytes(nnz: int) -> int:
+    """COO bytes of ``nnz`` kept entries of Ẽ (eq. 9)."""
+    return int(nnz) * COO_ENTRY_BYTES
+
+
+def nnz_for_cr(unpruned_bytes: int, target_cr: float) -> int:
+    """Most entries of Ẽ to keep so that their COO bytes stay within ``unpruned / target_cr``.
+
+    Never more than the table has (``unpruned_bytes / 4``); ε is then the
+    ``1 - nnz / entries`` quantile of ``|Ẽ|`` (see ``epsilon_quantile``).
+    """
+    if target_cr <= 0:
+        raise ValueError(f"target CR must be > 0, got {target_cr}")
+    budget = int(unpruned_bytes // target_cr)
+    return min(budget // COO_ENTRY_BYTES, int(unpruned_bytes) // VALUE_BYTES)
+
+
+def epsilon_quantile(unpruned_bytes: int, target_cr: float) -> float:
+    """The quantile ``q`` of ``|Ẽ|`` whose value is ε for ``target_cr`` (entries ≥ ε are kept).
+
+    Ties at ε keep a few more entries than ``nnz_for_cr``; the caller counts the actual
+    non-zeros and reports the CR achieved.
+
+    Example:
+        >>> epsilon_quantile(unpruned_bytes=90_000, target_cr=10.0)  # keep 1000 of 22500
+        0.9555555555555556
+    """
+    entries = int(unpruned_bytes) // VALUE_BYTES
+    return 1.0 - nnz_for_cr(unpruned_bytes, target_cr) / entries

@@ -1,0 +1,218 @@
+"""Structured pruning plan: which columns of each (feature, block, id range) group ship.
+
+A group is an id range of one feature inside one frequency block (ids are frequency
+ranks, so a block's ids of a feature are one range). Column ``j`` of group ``g`` scores
+``α[g.block, j] × RMS_j(g)`` (the column's root mean square over the group's rows): the
+scale of what the α-model feeds forward through that column. Columns scoring ≥ τ are
+kept; the group's width is their count rounded up to a multiple of 4 (FBGEMM tables
+need it), and the slots the rounding pays for hold the next-best columns rather than
+zeros. A group with nothing kept has width 0: it is dropped and its ids embed to zeros.
+
+τ is chosen for a byte budget (``plan_for_cr``); byte accounting is in ``bytes.py``.
+
+Example:
+    >>> g = [Group("a", 0, 0, 2), Group("a", 1, 2, 100)]
+    >>> sum_sq = torch.tensor([[8.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    ...                        [10.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    >>> alpha = torch.ones(2, 8)
+    >>> p = plan_for_tau(g, sum_sq, alpha, tau=1.0)  # scores: [2, 1, 0...] and [0.32, 0.1, 0...]
+    >>> [(gp.columns, gp.width) for gp in p.groups]
+    [((0, 1, 2, 3), 4), ((), 0)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.prune.bytes import group_bytes, unpruned_bytes
+from pipeline.search.blocking import Blocking
+
+WIDTH_MULTIPLE = 4
+
+
+@dataclass(frozen=True)
+class Group:
+    """Ids ``[start, stop)`` of feature ``key``, all in α row ``block``."""
+
+    key: str
+    block: int  # α row: blocking.row_offset(key) + local block
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """The stored columns of one group (sorted); ``()`` drops the group."""
+
+    group: Group
+    columns: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        """Stored columns: ``len(columns)`` rounded up to a multiple of 4."""
+        return -(-len(self.columns) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
+@dataclass(frozen=True)
+class StructuredPlan:
+    """Per group, its stored columns; ``tau`` is the score threshold that gave them."""
+
+    groups: tuple[GroupPlan, ...]
+    embedding_dim: int
+    tau: float
+
+    def embedding_bytes(self, projection: str) -> int:
+        """Serving bytes of all groups: values, range starts and projections."""
+        rows = [g.group.rows for g in self.groups]
+        widths = [g.width for g in self.groups]
+        return int(group_bytes(rows, widths, self.embedding_dim, projection).sum())
+
+    def unpruned_bytes(self) -> int:
+        return unpruned_bytes(sum(g.group.rows for g in self.groups), self.embedding_dim)
+
+    def compression_ratio(self, projection: str) -> float:
+        """Unpruned ÷ pruned embedding bytes."""
+        return self.unpruned_bytes() / self.embedding_bytes(projection)
+
+    def to_json(self) -> dict:
+        return {
+            "embedding_dim": self.embedding_dim,
+            "tau": self.tau,
+            "groups": [
+                {"key": g.group.key, "block": g.group.block, "start": g.group.start,
+                 "stop": g.group.stop, "columns": list(g.columns)}
+                for g in self.groups
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "StructuredPlan":
+        groups = tuple(
+            GroupPlan(Group(g["key"], g["block"], g["start"], g["stop"]), tuple(g["columns"]))
+            for g in doc["groups"]
+        )
+        return cls(groups, doc["embedding_dim"], float(doc["tau"]))
+
+
+def group_ranges(
+    blocking: Blocking, num_embeddings: dict[str, int], ranges_per_block: int = 1
+) -> list[Group]:
+    """Every feature's blocks, each cut into up to ``ranges_per_block`` id ranges.
+
+    Range edges are geometric in the id (``start · (stop/start)^(r/R)``, ``start`` taken
+    as 1 for the first block), so frequent ids (small ranks) get narrower ranges. A block
+    of ``n`` ids gets ``min(n, R)`` non-empty ranges; empty blocks give no group. Groups
+    come in ``blocking.keys`` order, then by id.
+
+    Example:
+        >>> from pipeline.search.blocking import compute_blocking
+        >>> b = compute_blocking({"a": [[5, 10], [1, 90]]}, num_blocks=2, mode="equal_mass")
+        >>> [(g.block, g.start, g.stop) for g in group_ranges(b, {"a": 100}, 2)]
+        [(0, 0, 5), (0, 5, 30), (1, 30, 55), (1, 55, 100)]
+    """
+    if ranges_per_block < 1:
+        raise ValueError(f"ranges_per_block must be >= 1, got {ranges_per_block}")
+    groups = []
+    for key in blocking.keys:
+        edges = [0, *blocking.cuts[key], num_embeddings[key]]
+        for local, (start, stop) in enumerate(zip(edges[:-1], edges[1:])):
+            for lo, hi in _range_edges(start, stop, ranges_per_block):
+                groups.append(Group(key, blocking.row_offset(key) + local, lo, hi))
+    return groups
+
+
+def _range_edges(start: int, stop: int, ranges: int) -> list[tuple[int, int]]:
+    """``min(stop - start, ranges)`` non-empty geometric ranges covering ``[start, stop)``."""
+    n = min(stop - start, ranges)
+    if n <= 0:
+        return []
+    base = max(start, 1)
+    edges = [start]
+    for r in range(1, n):
+        edge = int(round(base * (stop / base) ** (r / n)))
+        edges.append(min(max(edge, edges[-1] + 1), stop - (n - r)))
+    edges.append(stop)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def column_scores(groups: list[Group], sum_sq, alpha) -> np.ndarray:
+    """``[G, K]`` scores: ``α[g.block, j] · sqrt(sum_sq[g, j] / rows_g)``."""
+    sum_sq = torch.as_tensor(sum_sq, dtype=torch.float64).cpu().numpy()
+    alpha = torch.as_tensor(alpha, dtype=torch.float64).detach().cpu().numpy()
+    if sum_sq.shape != (len(groups), alpha.shape[1]):
+        raise ValueError(f"sum_sq is {sum_sq.shape}, expected ({len(groups)}, {alpha.shape[1]})")
+    rows = np.array([g.rows for g in groups], dtype=np.float64)
+    blocks = np.array([g.block for g in groups], dtype=np.int64)
+    return alpha[blocks] * np.sqrt(sum_sq / rows[:, None])
+
+
+def plan_for_tau(groups: list[Group], sum_sq, alpha, tau: float) -> StructuredPlan:
+    """The plan keeping every column that scores ≥ ``tau``."""
+    return _plan(groups, column_scores(groups, sum_sq, alpha), tau)
+
+
+def plan_for_cr(
+    groups: list[Group], sum_sq, alpha, target_cr: float, projection: str = "selection"
+) -> StructuredPlan:
+    """The plan with the smallest τ whose bytes fit ``unpruned / target_cr``.
+
+    Bytes never increase with τ, so a bisection over the distinct scores finds it; the
+    result is the largest threshold plan within the budget (widths move in steps of 4
+    columns of a group, so it lands below the budget by at most one such step).
+
+    Raises:
+        ValueError: when even the plan at the highest score (one group, width 4) is over
+            the budget; the message gives the highest CR reachable.
+    """
+    if target_cr <= 0:
+        raise ValueError(f"target CR must be > 0, got {target_cr}")
+    scores = column_scores(groups, sum_sq, alpha)
+    dim = scores.shape[1]
+    rows = np.array([g.rows for g in groups], dtype=np.int64)
+    budget = unpruned_bytes(rows.sum(), dim) / target_cr
+    taus = np.unique(scores)
+
+    def fits(i: int) -> bool:
+        return group_bytes(rows, _widths(scores, taus[i]), dim, projection).sum() <= budget
+
+    if not fits(len(taus) - 1):
+        smallest = group_bytes(rows, _widths(scores, taus[-1]), dim, projection).sum()
+        raise ValueError(
+            f"compression ratio {target_cr:g} is unreachable with {len(groups)} groups and "
+            f"the {projection!r} projection: the smallest non-empty plan reaches CR "
+            f"{unpruned_bytes(rows.sum(), dim) / smallest:.4g} (more ranges_per_block gives "
+            f"smaller groups and higher reachable CRs)"
+        )
+    lo, hi = 0, len(taus) - 1  # invariant: fits(hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return _plan(groups, scores, float(taus[lo]))
+
+
+def _widths(scores: np.ndarray, tau: float) -> np.ndarray:
+    kept = (scores >= tau).sum(axis=1)
+    return -(-kept // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
+def _plan(groups: list[Group], scores: np.ndarray, tau: float) -> StructuredPlan:
+    dim = scores.shape[1]
+    if dim % WIDTH_MULTIPLE:
+        raise ValueError(f"embedding_dim {dim} is not a multiple of {WIDTH_MULTIPLE}")
+    # Best first (ties by column): the first `kept` are exactly the columns ≥ τ.
+    order = np.argsort(-scores, axis=1, kind="stable")
+    plans = tuple(
+        GroupPlan(g, tuple(sorted(int(j) for j in order[i, :w])))
+        for i, (g, w) in enumerate(zip(groups, _widths(scores, tau)))
+    )
+    return StructuredPlan(plans, dim, float(tau))
