@@ -1,0 +1,142 @@
+"""The repacked tables with the fixed-selection projection give exactly the outputs of
+the structurally pruned α-model: unsharded, and sharded by TorchRec on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from pipeline.data.batch import single_hot_kjt
+from pipeline.prune.plan import GroupPlan, StructuredPlan, group_ranges
+from pipeline.search.blocking import compute_blocking
+from sharding.alpha_ebc import AlphaEmbeddingBagCollection
+from sharding.field_embedding import table_configs
+from sharding.local_ranks import run_ranks
+from sharding.repack import (
+    RepackedEmbedding, load_repacked_weights, repacked_weights, rewrite_keys,
+)
+
+K, L = 8, 3
+NUMS = {"a": 60, "b": 17, "c": 5}
+
+
+def searched(seed: int = 0):
+    """A small α-EBC with random tables and α, and a plan keeping random columns."""
+    torch.manual_seed(seed)
+    counts = {k: [[100 // (i + 1) + 1, 1] for i in range(n)] for k, n in NUMS.items()}
+    blocking = compute_blocking(counts, L, mode="equal_count")
+    ebc = EmbeddingBagCollection(table_configs(NUMS, K, 0.5))
+    alpha_ebc = AlphaEmbeddingBagCollection(ebc, blocking)
+    alpha_ebc.alpha.data = torch.rand(L, K)
+    g = torch.Generator().manual_seed(seed)
+    plan = StructuredPlan(
+        tuple(
+            GroupPlan(group, tuple(sorted(torch.randperm(K, generator=g)[: int(torch.randint(0, K + 1, (1,), generator=g))].tolist())))
+            for group in group_ranges(blocking, NUMS, ranges_per_block=2)
+        ),
+        embedding_dim=K, tau=0.0,
+    )
+    return alpha_ebc, plan
+
+
+def structured_reference(alpha_ebc, plan, ids: torch.Tensor) -> torch.Tensor:
+    """The α-model's output with every column outside its group's kept set zeroed."""
+    out = alpha_ebc(single_hot_kjt(list(NUMS), ids))
+    mask = torch.zeros_like(out)
+    for f, key in enumerate(NUMS):
+        for g in plan.groups:
+            if g.group.key != key:
+                continue
+            rows = (ids[f] >= g.group.start) & (ids[f] < g.group.stop)
+            for col in g.columns:
+                mask[rows, f, col] = 1.0
+    return out * mask
+
+
+def build_repacked(alpha_ebc, plan, projection="selection"):
+    tables = {k: alpha_ebc.ebc.embedding_bags[f"t_{k}"].weight.detach() for k in NUMS}
+    module = RepackedEmbedding(plan, list(NUMS), projection)
+    load_repacked_weights(module, repacked_weights(plan, list(NUMS), tables, alpha_ebc.alpha.detach()))
+    return module
+
+
+def random_ids(seed: int, rows: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(0, n, (rows,), generator=g) for n in NUMS.values()])
+
+
+def test_selection_projection_equals_the_structured_alpha_model():
+    alpha_ebc, plan = searched()
+    assert any(g.width == 0 for g in plan.groups) and any(g.width == K for g in plan.groups)
+    module = build_repacked(alpha_ebc, plan)
+    assert all(c.embedding_dim % 4 == 0 for c in module.ebc.embedding_bag_configs())
+    for seed in range(3):
+        ids = random_ids(seed)
+        expected = structured_reference(alpha_ebc, plan, ids)
+        got = module(rewrite_keys(single_hot_kjt(list(NUMS), ids), plan, list(NUMS)))
+        assert (got - expected).abs().max() < 1e-6
+
+
+def test_learned_projection_starts_at_the_selection_and_trains():
+    alpha_ebc, plan = searched(seed=1)
+    fixed, learned = build_repacked(alpha_ebc, plan), build_repacked(alpha_ebc, plan, "learned")
+    kjt = rewrite_keys(single_hot_kjt(list(NUMS), random_ids(7)), plan, list(NUMS))
+    assert torch.equal(fixed(kjt), learned(kjt))
+    assert all(p.requires_grad for p in learned.projections.values())
+    assert not any(p.requires_grad for p in fixed.projections.values())
+
+
+class Probe(torch.nn.Module):
+    """The embedding module and one dense parameter (DDP refuses a model without any)."""
+
+    def __init__(self, embedding: torch.nn.Module) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, features):
+        return self.embedding(features) * self.scale
+
+
+def sharded_outputs(env, seed: int) -> dict[str, float]:
+    """Max |sharded - unsharded| per sharding type TorchRec offers on CPU."""
+    alpha_ebc, plan = searched(seed)
+    full = build_repacked(alpha_ebc, plan)
+    ids = random_ids(100 + env.rank)
+    kjt = rewrite_keys(single_hot_kjt(list(NUMS), ids), plan, list(NUMS))
+    expected = full(kjt)
+    return {
+        kind: (sharded_forward(env, full, plan, kind, kjt) - expected).abs().max().item()
+        for kind in ("table_wise", "column_wise", "table_column_wise", "data_parallel")
+    }
+
+
+def sharded_forward(env, full, plan, sharding_type: str, kjt):
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    from sharding.dmp import shard_model
+
+    model = Probe(RepackedEmbedding(plan, list(NUMS), device=torch.device("meta")))
+    constraints = {
+        c.name: ParameterConstraints(sharding_types=[sharding_type], min_partition=4)
+        for c in model.embedding.ebc.embedding_bag_configs()
+    }
+    dmp = shard_model(model, env, "rowwise_adagrad", 0.01, constraints=constraints)
+    # Fill every local shard from the full tables (offsets from the shard metadata).
+    full_state = Probe(full).state_dict()
+    for name, tensor in dmp.state_dict().items():
+        source = full_state[name]
+        if hasattr(tensor, "local_shards"):
+            for shard in tensor.local_shards():
+                (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(source[r : r + h, c : c + w])
+        else:
+            tensor.copy_(source)
+    return dmp(kjt)
+
+
+@pytest.mark.multirank
+def test_sharded_repacked_model_equals_unsharded():
+    for diffs in run_ranks(sharded_outputs, 2, 0):
+        assert max(diffs.values()) < 1e-6, diffs
