@@ -1,5 +1,6 @@
 """The repacked tables with the fixed-selection projection give exactly the outputs of
-the structurally pruned α-model: unsharded, and sharded by TorchRec on 2 CPU ranks."""
+the structurally pruned α-model: unsharded, and sharded by TorchRec on 2 CPU ranks; the
+column statistics the plan needs are the same read from any sharding."""
 
 from __future__ import annotations
 
@@ -16,16 +17,23 @@ from sharding.local_ranks import run_ranks
 from sharding.repack import (
     RepackedEmbedding, load_repacked_weights, repacked_weights, rewrite_keys,
 )
+from sharding.table_stats import group_sum_sq
 
 K, L = 8, 3
+META = torch.device("meta")
+SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
 NUMS = {"a": 60, "b": 17, "c": 5}
+
+
+def skewed_blocking():
+    counts = {k: [[100 // (i + 1) + 1, 1] for i in range(n)] for k, n in NUMS.items()}
+    return compute_blocking(counts, L, mode="equal_count")
 
 
 def searched(seed: int = 0):
     """A small α-EBC with random tables and α, and a plan keeping random columns."""
     torch.manual_seed(seed)
-    counts = {k: [[100 // (i + 1) + 1, 1] for i in range(n)] for k, n in NUMS.items()}
-    blocking = compute_blocking(counts, L, mode="equal_count")
+    blocking = skewed_blocking()
     ebc = EmbeddingBagCollection(table_configs(NUMS, K, 0.5))
     alpha_ebc = AlphaEmbeddingBagCollection(ebc, blocking)
     alpha_ebc.alpha.data = torch.rand(L, K)
@@ -106,25 +114,33 @@ def sharded_outputs(env, seed: int) -> dict[str, float]:
     ids = random_ids(100 + env.rank)
     kjt = rewrite_keys(single_hot_kjt(list(NUMS), ids), plan, list(NUMS))
     expected = full(kjt)
-    return {
-        kind: (sharded_forward(env, full, plan, kind, kjt) - expected).abs().max().item()
-        for kind in ("table_wise", "column_wise", "table_column_wise", "data_parallel")
-    }
+    groups = [g.group for g in plan.groups]
+    expected_sum_sq = group_sum_sq(alpha_ebc, groups, K)
+    diffs = {}
+    for kind in SHARDING_TYPES:
+        sharded = shard_like(env, Probe(RepackedEmbedding(plan, list(NUMS), device=META)), Probe(full), kind)
+        diffs[f"repacked {kind}"] = (sharded(kjt) - expected).abs().max().item()
+        alpha_meta = AlphaEmbeddingBagCollection(
+            EmbeddingBagCollection(table_configs(NUMS, K, 0.5), device=META), skewed_blocking())
+        sharded = shard_like(env, Probe(alpha_meta), Probe(alpha_ebc), kind)
+        diffs[f"sum_sq {kind}"] = (group_sum_sq(sharded, groups, K) - expected_sum_sq).abs().max().item()
+    return diffs
 
 
-def sharded_forward(env, full, plan, sharding_type: str, kjt):
+def shard_like(env, model, full, sharding_type: str):
+    """``model`` (on meta) sharded with ``sharding_type``, holding ``full``'s values."""
     from torchrec.distributed.planner.types import ParameterConstraints
 
     from sharding.dmp import shard_model
 
-    model = Probe(RepackedEmbedding(plan, list(NUMS), device=torch.device("meta")))
     constraints = {
         c.name: ParameterConstraints(sharding_types=[sharding_type], min_partition=4)
-        for c in model.embedding.ebc.embedding_bag_configs()
+        for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+        for c in m.embedding_bag_configs()
     }
     dmp = shard_model(model, env, "rowwise_adagrad", 0.01, constraints=constraints)
     # Fill every local shard from the full tables (offsets from the shard metadata).
-    full_state = Probe(full).state_dict()
+    full_state = full.state_dict()
     for name, tensor in dmp.state_dict().items():
         source = full_state[name]
         if hasattr(tensor, "local_shards"):
@@ -133,10 +149,10 @@ def sharded_forward(env, full, plan, sharding_type: str, kjt):
                 shard.tensor.copy_(source[r : r + h, c : c + w])
         else:
             tensor.copy_(source)
-    return dmp(kjt)
+    return dmp
 
 
 @pytest.mark.multirank
-def test_sharded_repacked_model_equals_unsharded():
+def test_sharded_repacked_model_and_table_stats_equal_unsharded():
     for diffs in run_ranks(sharded_outputs, 2, 0):
         assert max(diffs.values()) < 1e-6, diffs
