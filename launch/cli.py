@@ -20,6 +20,7 @@ STAGES = {
     "train": "launch.train",
     "search": "launch.search",
     "evaluate": "launch.evaluate",
+    "prune": "launch.prune",
 }
 
 

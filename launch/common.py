@@ -24,7 +24,9 @@ from pipeline.data.metadata import DatasetMeta
 from pipeline.evaluate import evaluate
 from pipeline.loop import StepHook, Trainer
 from pipeline.run_dir import RunDir
-from sharding.checkpoint import latest_checkpoint
+from pipeline.search.blocking import Blocking
+from pipeline.tasks import build_search_task, build_train_task
+from sharding.checkpoint import latest_checkpoint, load_checkpoint
 from sharding.dmp import DistEnv, init_distributed, make_optimizer, shard_model
 
 
@@ -94,6 +96,33 @@ def open_job(env: DistEnv, cfg: Config, run: RunDir, show_progress: bool = True)
     meta = DatasetMeta.load(cfg.data.path)
     layout = FeatureLayout.from_meta(meta, cfg.data.dense_mode)
     return Job(env, cfg, run, meta, layout, env.is_main and show_progress)
+
+
+def load_run(
+    env: DistEnv, run_dir: str, checkpoint: str, overrides: Sequence[str] = (), show_progress: bool = True,
+) -> tuple[Job, nn.Module, Optional[Blocking]]:
+    """A finished train or search run, rebuilt (sharded) from its config and checkpoint.
+
+    Returns the job, the DMP-wrapped task holding the checkpoint's weights, and the
+    run's blocking (``None`` for a plain training run). ``checkpoint`` is a name under
+    ``checkpoints/`` or ``latest``.
+    """
+    run = RunDir(run_dir, is_main=env.is_main)
+    cfg = load_config([run.path / "config.yaml"], list(overrides))
+    job = open_job(env, cfg, run, show_progress)
+    meta_device = torch.device("meta")
+    blocking = None
+    if (run.path / "blocking.json").is_file():
+        blocking = Blocking.from_json(run.read_json("blocking.json"))
+        task = build_search_task(cfg, job.layout, blocking, meta_device)
+    else:
+        task = build_train_task(cfg, job.layout, meta_device)
+    dmp, _ = shard(job, task)
+    path = latest_checkpoint(run.checkpoints) if checkpoint == "latest" else run.checkpoints / checkpoint
+    if path is None:
+        raise SystemExit(f"{run.checkpoints}: no periodic checkpoint to load")
+    load_checkpoint(path, dmp)
+    return job, dmp, blocking
 
 
 def _seed(seed: int) -> None:

@@ -170,3 +170,32 @@ def evaluate(
     """
     args = ["--run-dir", run_dir, "--split", split, "--checkpoint", checkpoint]
     return _ddp("launch.evaluate", args, nproc, nnodes, gpu, memMB, image, "dnis-evaluate")
+
+
+def prune(
+    run_dir: str,
+    cr: float,
+    ranges_per_block: int = 8,
+    projection: str = "selection",
+    nproc: int = 2,
+    nnodes: int = 1,
+    gpu: int = 0,
+    memMB: int = 16384,
+    image: str = DEFAULT_IMAGE,
+) -> specs.AppDef:
+    """Structured prune of a finished search for a target compression ratio.
+
+    Args:
+        run_dir: the search's run directory (``prune.json`` is written there).
+        cr: target compression ratio (the pruned bytes never exceed unpruned / cr).
+        ranges_per_block: id ranges per (feature, block), each with its own width.
+        projection: ``selection`` (fixed) or ``learned`` (NIS-ME).
+        nproc: processes (ranks) per node; the ranks that held the search's shards.
+        nnodes: nodes.
+        gpu: GPUs per node (0 = CPU with gloo).
+        memMB: memory per node.
+        image: container image (remote schedulers only).
+    """
+    args = ["--run-dir", run_dir, "--cr", str(cr), "--ranges-per-block", str(ranges_per_block)]
+    args += ["--projection", projection]
+    return _ddp("launch.prune", args, nproc, nnodes, gpu, memMB, image, "dnis-prune")

@@ -8,16 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-import torch
-
-from launch.common import open_job, shard
-from pipeline.config import load_config
+from launch.common import load_run
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
-from pipeline.run_dir import RunDir
-from pipeline.search.blocking import Blocking
-from pipeline.tasks import build_search_task, build_train_task
-from sharding.checkpoint import latest_checkpoint, load_checkpoint
 from sharding.dmp import init_distributed
 
 
@@ -40,25 +33,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     env = init_distributed()
-    run = RunDir(args.run_dir, is_main=env.is_main)
-    cfg = load_config([run.path / "config.yaml"], args.set)
-    job = open_job(env, cfg, run, show_progress=not args.no_progress)
-    meta_device = torch.device("meta")
-    if (run.path / "blocking.json").is_file():
-        blocking = Blocking.from_json(run.read_json("blocking.json"))
-        task = build_search_task(cfg, job.layout, blocking, meta_device)
-    else:
-        task = build_train_task(cfg, job.layout, meta_device)
-    dmp, _ = shard(job, task)
-    path = latest_checkpoint(run.checkpoints) if args.checkpoint == "latest" else run.checkpoints / args.checkpoint
-    if path is None:
-        raise SystemExit(f"{run.checkpoints}: no periodic checkpoint to evaluate")
-    load_checkpoint(path, dmp)
+    job, dmp, _ = load_run(env, args.run_dir, args.checkpoint, args.set, not args.no_progress)
     metrics = evaluate(
         dmp, job.reader(args.split, train=False).batches(), env.device,
         show_progress=job.show_progress, desc=args.split,
     )
-    run.log("evaluate", split=args.split, checkpoint=path.name, **metrics)
+    job.run.log("evaluate", split=args.split, checkpoint=args.checkpoint, **metrics)
     job.log(f"{args.split}: auc {metrics['auc']:.5f} logloss {metrics['logloss']:.5f} rows {metrics['rows']}")
     return metrics
 

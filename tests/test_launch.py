@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -86,10 +85,17 @@ def val_losses(run_dir: Path) -> list[float]:
     return [e["logloss"] for e in map(json.loads, lines) if e["event"] == "val"]
 
 
-def test_search_killed_and_resumed_equals_uninterrupted_run(dataset, tmp_path):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def search_run(dataset, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank search on the tiny dataset."""
+    full = tmp_path_factory.mktemp("search") / "full"
     out = finish(torchrun("launch.search", *search_args(dataset, full)))
     assert "α per block" in out and "test auc" in out
+    return full
+
+
+def test_search_killed_and_resumed_equals_uninterrupted_run(dataset, search_run, tmp_path):
+    full = search_run
     alpha_full = torch.load(full / "alpha.pt")
     assert alpha_full.shape == (4, 16)  # tiny.yaml: L=4, K=16
     assert (alpha_full < 1).any() and (alpha_full >= 0).all()
@@ -119,12 +125,30 @@ def test_search_killed_and_resumed_equals_uninterrupted_run(dataset, tmp_path):
     assert abs(full_test["logloss"] - resumed_test["logloss"]) < 1e-5
 
     # The 2-rank checkpoint evaluates on 1 rank to the same test metrics.
-    shutil.rmtree(full / "checkpoints" / "latest", ignore_errors=True)
     out = finish(torchrun("launch.evaluate", "--run-dir", str(full), "--no-progress", nproc=1))
     evaluated = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()][-1]
     assert evaluated["event"] == "evaluate" and evaluated["rows"] == full_test["rows"]
     assert abs(evaluated["auc"] - full_test["auc"]) < 1e-5
     assert abs(evaluated["logloss"] - full_test["logloss"]) < 1e-5
+
+
+def test_structured_prune_on_two_ranks_meets_the_budget_and_equals_one_rank(search_run):
+    plans = {}
+    for nproc in (2, 1):
+        out = finish(torchrun("launch.prune", "--run-dir", str(search_run), "--cr", "8", nproc=nproc))
+        assert "structured prune" in out and "mean width" in out
+        plans[nproc] = json.loads((search_run / "prune.json").read_text())
+    assert plans[1]["plan"] == plans[2]["plan"]  # statistics read from shards == whole tables
+    result = plans[2]
+    budget = result["unpruned_bytes"] / 8
+    assert result["embedding_bytes"]["selection"] <= budget
+    assert result["embedding_bytes"]["selection"] >= 0.9 * budget
+    widths = [g["columns"] for g in result["plan"]["groups"]]
+    assert any(len(w) == 0 for w in widths) or any(len(w) < 16 for w in widths)
+
+    unreachable = torchrun("launch.prune", "--run-dir", str(search_run), "--cr", "1e9", nproc=1)
+    out, _ = unreachable.communicate(timeout=300)
+    assert unreachable.returncode != 0 and "unreachable" in out
 
 
 def test_train_entry_point_reports_test_metrics(dataset, tmp_path):
