@@ -21,6 +21,7 @@ STAGES = {
     "search": "launch.search",
     "evaluate": "launch.evaluate",
     "prune": "launch.prune",
+    "retrain": "launch.retrain",
 }
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import Config, load_config
 from pipeline.data.batch import Batch
@@ -59,6 +60,7 @@ class Job:
     meta: DatasetMeta
     layout: FeatureLayout
     show_progress: bool
+    transform: Optional[Callable[[KeyedJaggedTensor], KeyedJaggedTensor]] = None
 
     def reader(self, split: str, train: bool, batch_size: Optional[int] = None) -> SplitReader:
         """This rank's reader of ``split``: full shuffled train batches, or padded eval
@@ -69,6 +71,7 @@ class Job:
             data.path, split, self.layout, batch_size=batch_size or default,
             rank=self.env.rank, world_size=self.env.world_size, seed=self.cfg.run.seed,
             shuffle=data.shuffle and train, drop_last=train, prefetch=data.prefetch,
+            transform=self.transform,
         )
 
     def log(self, message: str) -> None:
@@ -80,14 +83,20 @@ def start(args: argparse.Namespace) -> Job:
     """Join the job, resolve the config, open the run directory, read the dataset."""
     env = init_distributed()
     cfg = load_config(args.config, args.set)
+    return open_job(env, cfg, new_run(env, cfg, args.resume), show_progress=not args.no_progress)
+
+
+def new_run(env: DistEnv, cfg: Config, resume: bool) -> RunDir:
+    """The run directory of ``cfg`` with its resolved config; one that already holds
+    checkpoints is only continued (``--resume``), never overwritten."""
     run = RunDir(cfg.run.dir, is_main=env.is_main)
-    if not args.resume and latest_checkpoint(run.checkpoints) is not None:
+    if not resume and latest_checkpoint(run.checkpoints) is not None:
         raise SystemExit(
             f"{run.path} already holds checkpoints; pass --resume to continue it "
             "or set run.dir to a new directory"
         )
     run.save_config(cfg)
-    return open_job(env, cfg, run, show_progress=not args.no_progress)
+    return run
 
 
 def open_job(env: DistEnv, cfg: Config, run: RunDir, show_progress: bool = True) -> Job:

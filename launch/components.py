@@ -199,3 +199,34 @@ def prune(
     args = ["--run-dir", run_dir, "--cr", str(cr), "--ranges-per-block", str(ranges_per_block)]
     args += ["--projection", projection]
     return _ddp("launch.prune", args, nproc, nnodes, gpu, memMB, image, "dnis-prune")
+
+
+def retrain(
+    run_dir: str,
+    out: str,
+    overrides: Optional[List[str]] = None,
+    resume: bool = False,
+    nproc: int = 2,
+    nnodes: int = 1,
+    gpu: int = 0,
+    memMB: int = 16384,
+    image: str = DEFAULT_IMAGE,
+) -> specs.AppDef:
+    """Retrain the repacked model of a pruned search (``prune`` first).
+
+    Args:
+        run_dir: the search's run directory holding ``prune.json``.
+        out: the retrain run directory.
+        overrides: ``section.key=value`` overrides of the search's config.
+        resume: continue a killed retrain.
+        nproc: processes (ranks) per node.
+        nnodes: nodes.
+        gpu: GPUs per node (0 = CPU with gloo).
+        memMB: memory per node.
+        image: container image (remote schedulers only).
+    """
+    args = ["--run-dir", run_dir, "--out", out]
+    for override in overrides or []:
+        args += ["--set", override]
+    args += ["--resume"] if resume else []
+    return _ddp("launch.retrain", args, nproc, nnodes, gpu, memMB, image, "dnis-retrain")

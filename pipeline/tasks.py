@@ -18,10 +18,12 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from pipeline.config import Config
 from pipeline.data.batch import Batch
 from pipeline.models import build_model
+from pipeline.prune.plan import StructuredPlan
 from pipeline.search.blocking import Blocking
 from pipeline.search.dnis import DNISTask
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.field_embedding import FieldEmbeddingCollection, table_configs
+from sharding.repack import RepackedEmbedding
 
 
 class Layout(Protocol):
@@ -71,3 +73,11 @@ def build_search_task(
     """The configured model on an α-EBC, wrapped in the DNIS step."""
     embedding = AlphaEmbeddingBagCollection(_ebc(cfg, layout, device), blocking)
     return DNISTask(_model(cfg, layout, embedding), cfg.data.batch_size, cfg.search.alpha_interval)
+
+
+def build_retrain_task(
+    cfg: Config, layout: Layout, plan: StructuredPlan, projection: str, device: torch.device
+) -> TrainTask:
+    """The configured model on the repacked mixed-width tables of a structured prune."""
+    embedding = RepackedEmbedding(plan, layout.keys, projection, layout.weighted, device)
+    return TrainTask(_model(cfg, layout, embedding))

@@ -74,11 +74,13 @@ def load_checkpoint(
     directory: str | Path,
     model: nn.Module,
     optimizer: Optional[Any] = None,
+    local: bool = False,
 ) -> dict[str, Any]:
     """Load ``directory`` into ``model`` (any world size, sharded or not); returns ``extra``.
 
     The optimizer state is loaded only when ``optimizer`` is given (resuming the same
-    job); across world sizes or into a new model, load the model alone.
+    job); across world sizes or into a new model, load the model alone. ``local``
+    loads into this process alone (an unsharded model) while other ranks do other work.
     """
     directory = Path(directory)
     if not (directory / ".metadata").is_file():
@@ -88,7 +90,7 @@ def load_checkpoint(
         if hasattr(optimizer, "init_state"):
             optimizer.init_state()  # lazily created states (Adam) must exist to be filled
         state["optim"] = optimizer.state_dict()
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp.load(state, checkpoint_id=str(directory), no_dist=local)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
@@ -102,3 +104,19 @@ def latest_checkpoint(checkpoints: str | Path) -> Optional[Path]:
         return None
     path = pointer.parent / pointer.read_text().strip()
     return path if (path / ".metadata").is_file() else None
+
+
+def load_full_state(model: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+    """Copy whole (unsharded) tensors into ``model``, sharded or not: each local shard
+    of a sharded table takes its rectangle, everything else is copied as is."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name not in full_state:
+                continue
+            source = full_state[name]
+            if hasattr(tensor, "local_shards"):
+                for shard in tensor.local_shards():
+                    (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    shard.tensor.copy_(source[row : row + rows, col : col + cols])
+            else:
+                tensor.copy_(source)

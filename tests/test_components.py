@@ -9,7 +9,7 @@ import launch.components as components
 
 class ComponentsTest(ComponentTestCase):
     def test_validate(self) -> None:
-        for name in ("preprocess", "train", "search", "evaluate", "prune"):
+        for name in ("preprocess", "train", "search", "evaluate", "prune", "retrain"):
             self.validate(components, name)
 
     def test_search_runs_the_search_module_on_nproc_ranks(self) -> None:

@@ -151,6 +151,23 @@ def test_structured_prune_on_two_ranks_meets_the_budget_and_equals_one_rank(sear
     assert unreachable.returncode != 0 and "unreachable" in out
 
 
+def test_retrain_starts_from_the_searched_model_exactly(search_run, tmp_path):
+    """τ = 0 keeps every column: the repacked model before retraining is the α-model, so
+    its test metrics equal the search's (weights, α folding, key rewrite, sharding)."""
+    finish(torchrun("launch.prune", "--run-dir", str(search_run), "--tau", "0", nproc=1))
+    out = tmp_path / "retrain"
+    finish(torchrun(
+        "launch.retrain", "--run-dir", str(search_run), "--out", str(out),
+        "--set", "train.max_steps=4", "--no-progress",
+    ))
+    result = json.loads((out / "result.json").read_text())
+    searched = json.loads((search_run / "result.json").read_text())["test"]
+    assert result["stage"] == "retrain" and result["compression_ratio"] <= 1.0
+    assert abs(result["before_retrain"]["logloss"] - searched["logloss"]) < 1e-5
+    assert abs(result["before_retrain"]["auc"] - searched["auc"]) < 1e-5
+    assert result["test"]["rows"] == searched["rows"]
+
+
 def test_train_entry_point_reports_test_metrics(dataset, tmp_path):
     run = tmp_path / "train"
     finish(torchrun("launch.train", *search_args(dataset, run)))

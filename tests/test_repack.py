@@ -12,6 +12,7 @@ from pipeline.data.batch import single_hot_kjt
 from pipeline.prune.plan import GroupPlan, StructuredPlan, group_ranges
 from pipeline.search.blocking import compute_blocking
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
+from sharding.checkpoint import load_full_state
 from sharding.field_embedding import table_configs
 from sharding.local_ranks import run_ranks
 from sharding.repack import (
@@ -139,16 +140,7 @@ def shard_like(env, model, full, sharding_type: str):
         for c in m.embedding_bag_configs()
     }
     dmp = shard_model(model, env, "rowwise_adagrad", 0.01, constraints=constraints)
-    # Fill every local shard from the full tables (offsets from the shard metadata).
-    full_state = full.state_dict()
-    for name, tensor in dmp.state_dict().items():
-        source = full_state[name]
-        if hasattr(tensor, "local_shards"):
-            for shard in tensor.local_shards():
-                (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(source[r : r + h, c : c + w])
-        else:
-            tensor.copy_(source)
+    load_full_state(dmp, full.state_dict())
     return dmp
 
 

@@ -28,11 +28,12 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.data.batch import Batch, concat_batches, single_hot_kjt
 from pipeline.data.features import FeatureLayout
@@ -85,12 +86,15 @@ class SplitReader:
         drop_last: full batches only, equal counts on all ranks (train); else every
             row once, padded (evaluation).
         prefetch: batches built ahead by a background thread (0: build inline).
+        transform: rewrites each batch's KJT in the background thread, e.g. the
+            repacked model's ``sharding.repack.rewrite_keys``.
     """
 
     def __init__(
         self, data_dir: str | Path, split: str, layout: FeatureLayout, batch_size: int,
         rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
         drop_last: bool = True, prefetch: int = 2,
+        transform: Optional[Callable[[KeyedJaggedTensor], KeyedJaggedTensor]] = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
@@ -103,6 +107,7 @@ class SplitReader:
         self.split, self.layout, self.batch_size = split, layout, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last, self.prefetch = shuffle, drop_last, prefetch
+        self.transform = transform
         self.dense_columns = tuple(meta.dense_fields)
         self.paths = [self.data_dir / f for f in meta.files[split]]
         self.units = _units([pq.ParquetFile(p).metadata for p in self.paths], world_size)
@@ -204,6 +209,8 @@ class SplitReader:
             ids = torch.cat([torch.zeros(len(self.layout.dense_keys), len(rows), dtype=torch.int64), ids])
             weights = torch.cat([dense.T, torch.ones(len(self.layout.id_columns), len(rows))])
         sparse = single_hot_kjt(self.layout.keys, ids, weights)
+        if self.transform is not None:
+            sparse = self.transform(sparse)
         return Batch(dense=dense, sparse=sparse, labels=torch.from_numpy(rows.labels))
 
 

@@ -1,0 +1,116 @@
+"""Retrain (fine-tune) the shipped model: the searched model's weights, repacked into the
+mixed-width tables of its structured prune, trained again with early stopping.
+
+    python -m launch.prune --run-dir runs/synthetic/search --cr 10
+    python -m launch.retrain --run-dir runs/synthetic/search --out runs/synthetic/retrain
+
+The new run directory gets the usual config, metrics, checkpoints and ``result.json``
+with the test metrics before retraining (the pruned model as repacked: equal to the
+structurally pruned α-model) and after. Rank 0 reads the search's tables whole to
+repack them (memory: one copy of the unpruned tables on that host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from launch.common import Job, evaluate_test_split, fit, new_run, open_job, shard
+from pipeline.config import load_config
+from pipeline.evaluate import evaluate
+from pipeline.loop import BEST
+from pipeline.prune.plan import StructuredPlan
+from pipeline.run_dir import RunDir
+from pipeline.search.blocking import Blocking
+from pipeline.tasks import build_retrain_task, build_search_task
+from sharding.checkpoint import load_checkpoint, load_full_state
+from sharding.dmp import barrier, init_distributed
+from sharding.field_embedding import table_name
+from sharding.repack import PROJECTIONS, repacked_weights, rewrite_keys
+
+INIT_FILE = "init.pt"
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, help="a search run with prune.json (dnis prune)")
+    parser.add_argument("--out", help="the retrain run directory (default: <run-dir>/retrain)")
+    parser.add_argument(
+        "--projection", choices=PROJECTIONS,
+        help="fixed selection or learned ME projection (default: the one prune.json was sized for)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a value of the search's config, e.g. --set train.epochs=2",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue a killed retrain")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def initial_state(job: Job, search: RunDir, plan: StructuredPlan) -> dict[str, torch.Tensor]:
+    """The searched model's dense weights and its tables repacked by ``plan`` (α folded
+    into the values), keyed like the retrain task's state dict."""
+    blocking = Blocking.from_json(search.read_json("blocking.json"))
+    task = build_search_task(job.cfg, job.layout, blocking, torch.device("cpu"))
+    load_checkpoint(search.checkpoints / BEST, task, local=True)
+    embedding = task.model.embedding
+    tables = {k: embedding.ebc.embedding_bags[table_name(k)].weight.detach() for k in job.layout.keys}
+    state = {
+        f"model.{name}": value for name, value in task.model.state_dict().items()
+        if not name.startswith("embedding.")
+    }
+    for name, values in repacked_weights(plan, job.layout.keys, tables, embedding.alpha.detach()).items():
+        state[f"model.embedding.ebc.embedding_bags.{name}.weight"] = values
+    return state
+
+
+def initialise(job: Job, dmp, search: RunDir, plan: StructuredPlan) -> None:
+    """Rank 0 repacks the search's weights into ``init.pt``; every rank loads its shards."""
+    path = job.run.path / INIT_FILE
+    if job.env.is_main:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(initial_state(job, search, plan), tmp)
+        os.replace(tmp, path)
+    barrier()
+    load_full_state(dmp, torch.load(path, weights_only=True))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    env = init_distributed()
+    search = RunDir(args.run_dir, is_main=False)
+    if not (search.path / "prune.json").is_file():
+        raise SystemExit(f"{search.path}: no prune.json; run `dnis prune --run-dir {search.path} --cr N` first")
+    pruned = search.read_json("prune.json")
+    plan = StructuredPlan.from_json(pruned["plan"])
+    projection = args.projection or pruned["projection"]
+    out = args.out or str(Path(args.run_dir) / "retrain")
+    cfg = load_config([search.path / "config.yaml"], [*args.set, f"run.dir={out}"])
+    job = open_job(env, cfg, new_run(env, cfg, args.resume), show_progress=not args.no_progress)
+    job.transform = partial(rewrite_keys, plan=plan, keys=job.layout.keys)
+    task = build_retrain_task(cfg, job.layout, plan, projection, torch.device("meta"))
+    dmp, optimizer = shard(job, task)
+    initialise(job, dmp, search, plan)
+    before = evaluate(dmp, job.reader("test", train=False).batches(), env.device, desc="test")
+    job.log(f"before retraining: test auc {before['auc']:.5f} logloss {before['logloss']:.5f}")
+    train = job.reader("train", train=True)
+    fit(
+        job, dmp, optimizer, lambda epoch, start, _: train.batches(epoch, start),
+        train.num_batches(), resume=args.resume,
+    )
+    extra = {
+        "before_retrain": before, "projection": projection,
+        "compression_ratio": plan.compression_ratio(projection),
+        "embedding_bytes": plan.embedding_bytes(projection), "unpruned_bytes": plan.unpruned_bytes(),
+    }
+    return evaluate_test_split(job, dmp, "retrain", extra)
+
+
+if __name__ == "__main__":
+    main()
