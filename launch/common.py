@@ -31,22 +31,28 @@ from sharding.checkpoint import latest_checkpoint, load_checkpoint
 from sharding.dmp import DistEnv, init_distributed, make_optimizer, shard_model
 
 
+def add_run_options(parser: argparse.ArgumentParser, resume: bool = True) -> None:
+    """``--set`` (config overrides), ``--resume`` and ``--no-progress``."""
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    if resume:
+        parser.add_argument(
+            "--resume", action="store_true",
+            help="continue the run directory's latest checkpoint (a killed run)",
+        )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def stage_parser(description: str) -> argparse.ArgumentParser:
-    """Options shared by every stage; ``--set`` overrides any config key."""
+    """Options of the stages that start from configs (train, search)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--config", action="append", required=True,
         help="YAML config (repeatable; later files override earlier ones)",
     )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. --set train.max_steps=100 (repeatable)",
-    )
-    parser.add_argument(
-        "--resume", action="store_true",
-        help="continue the run directory's latest checkpoint (a killed run)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(parser)
     return parser
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from launch.common import load_run
+from launch.common import add_run_options, load_run
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
 from sharding.dmp import init_distributed
@@ -22,11 +22,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--checkpoint", default=BEST,
         help="checkpoint name under <run-dir>/checkpoints ('latest' = the last periodic one)",
     )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override a value of the run's config, e.g. --set data.eval_batch_size=4096",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(parser, resume=False)
     return parser.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from launch.common import Job, evaluate_test_split, fit, new_run, open_job, shard
+from launch.common import Job, add_run_options, evaluate_test_split, fit, new_run, open_job, shard
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
@@ -44,12 +44,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--projection", choices=PROJECTIONS,
         help="fixed selection or learned ME projection (default: the one prune.json was sized for)",
     )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override a value of the search's config, e.g. --set train.epochs=2",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue a killed retrain")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(parser)
     return parser.parse_args(argv)
 
 
