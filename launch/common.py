@@ -161,8 +161,10 @@ def fit(
     steps_per_epoch: int,
     hooks: Sequence[StepHook] = (),
     resume: bool = False,
+    validate_first: bool = False,
 ) -> Trainer:
-    """Run the loop (resuming if asked), then load the best validation weights."""
+    """Run the loop (resuming if asked), then load the best validation weights;
+    ``validate_first`` lets the starting weights be the best (fine-tuning)."""
     val = job.reader("val", train=False)
     trainer = Trainer(
         model, optimizer, job.cfg.train, job.env.device, train_batches, steps_per_epoch,
@@ -170,7 +172,7 @@ def fit(
     )
     if resume and trainer.resume():
         job.log(f"resumed at step {trainer.state.global_step}")
-    state = trainer.fit()
+    state = trainer.fit(validate_first)
     trainer.restore_best()
     job.log(
         f"stopped at step {state.global_step} (best step {state.best_step}, "

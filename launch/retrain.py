@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     train = job.reader("train", train=True)
     fit(
         job, dmp, optimizer, lambda epoch, start, _: train.batches(epoch, start),
-        train.num_batches(), resume=args.resume,
+        train.num_batches(), resume=args.resume, validate_first=True,
     )
     extra = {
         "before_retrain": before, "projection": projection,

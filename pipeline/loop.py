@@ -132,7 +132,11 @@ class Trainer:
         return True
 
     # -- the loop ------------------------------------------------------------------
-    def fit(self) -> LoopState:
+    def fit(self, validate_first: bool = False) -> LoopState:
+        """Train to the end of the schedule or early stop. ``validate_first`` scores the
+        starting weights too (a fine-tune then never ends worse on validation than it began)."""
+        if validate_first and self.state.global_step == 0 and self.state.best_step < 0:
+            self._validate()
         while self.state.epoch < self.cfg.epochs and not self.state.stopped_early:
             self._run_epoch()
             if not self.state.stopped_early:
