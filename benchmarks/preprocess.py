@@ -19,6 +19,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -94,7 +95,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--min-count", type=int, default=3, help="our --min-count = TorchRec's frequency_threshold")
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--dir", default="/tmp/dnis-preprocess-bench", help="scratch directory")
+    p.add_argument(
+        "--dir", default=str(Path(tempfile.gettempdir()) / "dnis-preprocess-bench"),
+        help="scratch directory (the input file is reused between runs)",
+    )
     args = p.parse_args()
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)

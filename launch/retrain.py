@@ -28,7 +28,7 @@ from pipeline.prune.plan import StructuredPlan
 from pipeline.run_dir import RunDir
 from pipeline.search.blocking import Blocking
 from pipeline.tasks import build_retrain_task, build_search_task
-from sharding.checkpoint import load_checkpoint, load_full_state
+from sharding.checkpoint import latest_checkpoint, load_checkpoint, load_full_state
 from sharding.dmp import barrier, init_distributed
 from sharding.field_embedding import table_name
 from sharding.repack import PROJECTIONS, repacked_weights, rewrite_keys
@@ -91,7 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     job.transform = partial(rewrite_keys, plan=plan, keys=job.layout.keys)
     task = build_retrain_task(cfg, job.layout, plan, projection, torch.device("meta"))
     dmp, optimizer = shard(job, task)
-    initialise(job, dmp, search, plan)
+    if not (args.resume and latest_checkpoint(job.run.checkpoints)):
+        initialise(job, dmp, search, plan)  # a resumed run takes its weights from the checkpoint
     before = evaluate(dmp, job.reader("test", train=False).batches(), env.device, desc="test")
     job.log(f"before retraining: test auc {before['auc']:.5f} logloss {before['logloss']:.5f}")
     train = job.reader("train", train=True)

@@ -14,6 +14,7 @@ that puts kept column ``i`` back at index ``columns[i]`` (outputs equal the prun
 α-model's), with ``"learned"`` it is a trainable matrix initialised from it (NIS-ME).
 
 Example:
+    >>> from pipeline.data.batch import single_hot_kjt
     >>> from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
     >>> plan = StructuredPlan((GroupPlan(Group("a", 0, 0, 3), (0, 2)),
     ...                        GroupPlan(Group("a", 1, 3, 5), ())), embedding_dim=4, tau=0.1)
@@ -32,7 +33,6 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.data.batch import single_hot_kjt  # noqa: F401  (doctest)
 from pipeline.prune.plan import GroupPlan, StructuredPlan
 from sharding.field_embedding import pooled_by_name
 
