@@ -146,10 +146,11 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def shard(job: Job, task: nn.Module):
-    """``DistributedModelParallel`` around ``task`` and its combined optimizer."""
+def shard(job: Job, task: nn.Module, constraints: Optional[dict] = None):
+    """``DistributedModelParallel`` around ``task`` (planner ``constraints`` per table
+    name, optional) and its combined optimizer."""
     train = job.cfg.train
-    dmp = shard_model(task, job.env, train.sparse_optimizer, train.sparse_lr)
+    dmp = shard_model(task, job.env, train.sparse_optimizer, train.sparse_lr, constraints)
     return dmp, make_optimizer(dmp, train.dense_lr, train.sparse_optimizer, train.sparse_lr)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,7 +30,7 @@ from pipeline.tasks import build_retrain_task, build_search_task
 from sharding.checkpoint import latest_checkpoint, load_checkpoint, load_full_state
 from sharding.dmp import barrier, init_distributed
 from sharding.field_embedding import table_name
-from sharding.repack import PROJECTIONS, repacked_weights, rewrite_keys
+from sharding.repack import PROJECTIONS, KeyRewriter, repacked_constraints, repacked_weights
 
 INIT_FILE = "init.pt"
 
@@ -88,9 +87,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = args.out or str(Path(args.run_dir) / "retrain")
     cfg = load_config([search.path / "config.yaml"], [*args.set, f"run.dir={out}"])
     job = open_job(env, cfg, new_run(env, cfg, args.resume), show_progress=not args.no_progress)
-    job.transform = partial(rewrite_keys, plan=plan, keys=job.layout.keys)
+    job.transform = KeyRewriter(plan, job.layout.keys)
     task = build_retrain_task(cfg, job.layout, plan, projection, torch.device("meta"))
-    dmp, optimizer = shard(job, task)
+    dmp, optimizer = shard(job, task, repacked_constraints(task.model.embedding))
     if not (args.resume and latest_checkpoint(job.run.checkpoints)):
         initialise(job, dmp, search, plan)  # a resumed run takes its weights from the checkpoint
     before = evaluate(dmp, job.reader("test", train=False).batches(), env.device, desc="test")

@@ -2,7 +2,7 @@
 group as one dense table of its own width, all in one ``EmbeddingBagCollection``, and
 a multi-size embedding (ME) projection back to the model's dimension ``K``.
 
-``rewrite_keys`` (a batch transform, run by the loader before the pipeline) moves each
+``KeyRewriter`` (a batch transform, run by the loader before the pipeline) moves each
 id of feature ``f`` into the key of its group, ``f#i``, as a local row
 ``id - group.start``; ids of dropped groups (width 0) leave the batch, so they embed to
 zeros exactly as the structurally pruned α-model gives them. No per-id lookup table is
@@ -19,7 +19,7 @@ Example:
     >>> plan = StructuredPlan((GroupPlan(Group("a", 0, 0, 3), (0, 2)),
     ...                        GroupPlan(Group("a", 1, 3, 5), ())), embedding_dim=4, tau=0.1)
     >>> kjt = single_hot_kjt(["a"], torch.tensor([[1, 4]]))
-    >>> rewrite_keys(kjt, plan, ["a"]).lengths().tolist()   # row 1's id 4 is dropped
+    >>> KeyRewriter(plan, ["a"])(kjt).lengths().tolist()   # row 1's id 4 is dropped
     [1, 0]
 """
 
@@ -29,12 +29,12 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from pipeline.prune.plan import GroupPlan, StructuredPlan
-from sharding.field_embedding import pooled_by_name
 
 PROJECTIONS = ("selection", "learned")
 
@@ -69,28 +69,76 @@ def repacked_table_configs(plan: StructuredPlan, keys: Sequence[str]) -> list[Em
     ]
 
 
-def rewrite_keys(features: KeyedJaggedTensor, plan: StructuredPlan, keys: Sequence[str]) -> KeyedJaggedTensor:
-    """Batch transform: each id of ``keys`` into its kept group's key as a local row."""
-    per_key = features.to_dict()
-    weighted = features.weights_or_none() is not None
-    out_keys, values, lengths, weights = [], [], [], []
-    for key, groups in kept_groups(plan, keys).items():
-        jt = per_key[key]
-        ids, batch = jt.values(), jt.lengths().numel()
-        row = torch.repeat_interleave(torch.arange(batch), jt.lengths().long())
-        for i, g in enumerate(groups):
-            hit = (ids >= g.group.start) & (ids < g.group.stop)
-            out_keys.append(group_key(key, i))
-            lengths.append(torch.bincount(row[hit], minlength=batch).to(jt.lengths().dtype))
-            values.append(ids[hit] - g.group.start)
-            if weighted:
-                weights.append(jt.weights()[hit])
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=out_keys,
-        values=torch.cat(values) if values else torch.zeros(0, dtype=torch.int64),
-        lengths=torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.int32),
-        weights=(torch.cat(weights) if weights else torch.zeros(0)) if weighted else None,
-    )
+class KeyRewriter:
+    """Batch transform: each id of ``keys`` into its kept group's key as a local row.
+
+    Vectorised over the whole batch: one ``searchsorted`` of every id (offset by its
+    feature) against all group starts, then one stable sort by (output key, row). Ids
+    of dropped groups leave the batch; an id past a feature's last group is an error.
+    """
+
+    def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
+        self.keys = list(keys)
+        kept = kept_groups(plan, keys)
+        self.out_keys = [group_key(key, i) for key in self.keys for i in range(len(kept[key]))]
+        out_index = {id(g): i for i, g in enumerate(g for key in self.keys for g in kept[key])}
+        starts, outs, local_starts, offsets, offset = [], [], [], [], 0
+        for key in self.keys:
+            groups = sorted((g for g in plan.groups if g.group.key == key), key=lambda g: g.group.start)
+            offsets.append(offset)
+            for g in groups:
+                starts.append(offset + g.group.start)
+                outs.append(out_index.get(id(g), -1))
+                local_starts.append(g.group.start)
+            offset += groups[-1].group.stop if groups else 0
+            starts.append(offset)  # past the last group: an id out of range
+            outs.append(-2)
+            local_starts.append(0)
+        self._offsets = torch.tensor(offsets, dtype=torch.int64)
+        self._starts = torch.tensor(starts, dtype=torch.int64)
+        self._outs = torch.tensor(outs, dtype=torch.int64)
+        self._local_starts = torch.tensor(local_starts, dtype=torch.int64)
+
+    def __call__(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        position = {key: i for i, key in enumerate(self.keys)}
+        if sorted(features.keys()) != sorted(self.keys):
+            raise ValueError(f"batch keys {features.keys()} are not the plan's keys {self.keys}")
+        batch = features.stride()
+        ids = features.values().long()
+        segment = torch.repeat_interleave(
+            torch.arange(features.lengths().numel()), features.lengths().long(), output_size=ids.numel()
+        )
+        feature = torch.tensor([position[k] for k in features.keys()], dtype=torch.int64)[segment // batch]
+        group = torch.searchsorted(self._starts, self._offsets[feature] + ids, right=True) - 1
+        out = self._outs[group.clamp(min=0)]
+        if ids.numel() and (bool((out == -2).any()) or bool((ids < 0).any())):
+            bad = int(ids[(out == -2) | (ids < 0)][0])
+            raise ValueError(f"id {bad} is outside the ranges of the prune plan's groups")
+        keep = out >= 0
+        order_key = out[keep] * batch + segment[keep] % batch
+        order = torch.sort(order_key, stable=True).indices
+        weights = features.weights_or_none()
+        return KeyedJaggedTensor(
+            keys=self.out_keys,
+            values=(ids[keep] - self._local_starts[group[keep]])[order],
+            lengths=torch.bincount(order_key, minlength=len(self.out_keys) * batch).to(features.lengths().dtype),
+            weights=None if weights is None else weights[keep][order],
+            stride=batch,
+        )
+
+
+# The planner would replicate the many small tables (data parallel): their dense
+# gradients then cost a copy and an all-reduce of every table each step (5x slower
+# retraining on 521 tables). Sharded kinds train them sparsely in the fused kernel.
+SHARDED_KINDS = ("table_wise", "column_wise", "table_column_wise")
+
+
+def repacked_constraints(module: "RepackedEmbedding") -> dict[str, ParameterConstraints]:
+    """Planner constraints for the repacked tables: any sharded kind, never replicated."""
+    return {
+        c.name: ParameterConstraints(sharding_types=list(SHARDED_KINDS))
+        for c in module.ebc.embedding_bag_configs()
+    }
 
 
 def selection_matrix(group: GroupPlan, embedding_dim: int) -> torch.Tensor:
@@ -125,7 +173,7 @@ class RepackedEmbedding(nn.Module):
             repacked_table_configs(plan, keys), is_weighted=weighted, device=device
         )
         self._names = {key: [group_key(key, i) for i in range(len(g))] for key, g in groups.items()}
-        self._all_names = [name for names in self._names.values() for name in names]
+        self._first = next(n for names in self._names.values() for n in names)
         self.projections = nn.ParameterDict()
         for key, key_groups in groups.items():
             if key_groups:
@@ -137,15 +185,17 @@ class RepackedEmbedding(nn.Module):
         return len(self.keys)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = pooled_by_name(self.ebc(features), self._all_names)
-        out, offset = [], 0
+        # Per group by name (views of one split: its backward is one cat). Slicing one
+        # wide tensor instead made every slice's backward zero-fill the whole width
+        # (10x slower steps); KeyedTensor.regroup costs a full permute on CPU.
+        pooled = self.ebc(features).to_dict()
+        out = []
         for key in self.keys:
-            if key not in self.projections:
-                out.append(pooled.new_zeros(pooled.shape[0], self.embedding_dim))
+            names = self._names.get(key)
+            if not names:
+                out.append(pooled[self._first].new_zeros(pooled[self._first].shape[0], self.embedding_dim))
                 continue
-            p = self.projections[key]
-            out.append(pooled[:, offset : offset + p.shape[0]] @ p)
-            offset += p.shape[0]
+            out.append(torch.cat([pooled[name] for name in names], dim=1) @ self.projections[key])
         return torch.stack(out, dim=1)
 
 

@@ -16,7 +16,7 @@ from sharding.checkpoint import load_full_state
 from sharding.field_embedding import table_configs
 from sharding.local_ranks import run_ranks
 from sharding.repack import (
-    RepackedEmbedding, load_repacked_weights, repacked_weights, rewrite_keys,
+    RepackedEmbedding, KeyRewriter, load_repacked_weights, repacked_weights,
 )
 from sharding.table_stats import group_sum_sq
 
@@ -83,17 +83,53 @@ def test_selection_projection_equals_the_structured_alpha_model():
     for seed in range(3):
         ids = random_ids(seed)
         expected = structured_reference(alpha_ebc, plan, ids)
-        got = module(rewrite_keys(single_hot_kjt(list(NUMS), ids), plan, list(NUMS)))
+        got = module(KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), ids)))
         assert (got - expected).abs().max() < 1e-6
 
 
 def test_learned_projection_starts_at_the_selection_and_trains():
     alpha_ebc, plan = searched(seed=1)
     fixed, learned = build_repacked(alpha_ebc, plan), build_repacked(alpha_ebc, plan, "learned")
-    kjt = rewrite_keys(single_hot_kjt(list(NUMS), random_ids(7)), plan, list(NUMS))
+    kjt = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), random_ids(7)))
     assert torch.equal(fixed(kjt), learned(kjt))
     assert all(p.requires_grad for p in learned.projections.values())
     assert not any(p.requires_grad for p in fixed.projections.values())
+
+
+def naive_rewrite(features, plan, keys):
+    """Per group, the ids inside its range, one key per kept group (the slow reference)."""
+    per_key = features.to_dict()
+    out = {}
+    for key in keys:
+        kept = sorted((g for g in plan.groups if g.group.key == key and g.width), key=lambda g: g.group.start)
+        jt = per_key[key]
+        for i, g in enumerate(kept):
+            rows = []
+            for ids, weights in zip(jt.to_dense(), jt.to_dense_weights()):
+                hit = (ids >= g.group.start) & (ids < g.group.stop)
+                rows.append((ids[hit] - g.group.start, weights[hit]))
+            out[f"{key}#{i}"] = rows
+    return out
+
+
+def test_key_rewriter_matches_a_per_group_rewrite_on_weighted_multi_hot_batches():
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    _, plan = searched(seed=2)
+    g = torch.Generator().manual_seed(0)
+    keys = ["c", "a", "b"]  # not the plan's key order
+    lengths = torch.randint(0, 4, (len(keys) * 5,), generator=g)
+    values = torch.cat([torch.randint(0, NUMS[keys[i // 5]], (int(n),), generator=g) for i, n in enumerate(lengths)])
+    kjt = KeyedJaggedTensor(keys, values, weights=torch.rand(values.numel(), generator=g), lengths=lengths)
+    got = KeyRewriter(plan, list(NUMS))(kjt)
+    expected = naive_rewrite(kjt, plan, list(NUMS))
+    assert got.keys() == list(expected)
+    for key, jt in got.to_dict().items():
+        for (ids, weights), row_ids, row_weights in zip(expected[key], jt.to_dense(), jt.to_dense_weights()):
+            assert torch.equal(ids, row_ids) and torch.equal(weights, row_weights)
+    too_big = KeyedJaggedTensor(keys, values.clone().fill_(NUMS["c"]), lengths=lengths)
+    with pytest.raises(ValueError, match="id 5 is outside"):
+        KeyRewriter(plan, list(NUMS))(too_big)
 
 
 class Probe(torch.nn.Module):
@@ -113,7 +149,7 @@ def sharded_outputs(env, seed: int) -> dict[str, float]:
     alpha_ebc, plan = searched(seed)
     full = build_repacked(alpha_ebc, plan)
     ids = random_ids(100 + env.rank)
-    kjt = rewrite_keys(single_hot_kjt(list(NUMS), ids), plan, list(NUMS))
+    kjt = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), ids))
     expected = full(kjt)
     groups = [g.group for g in plan.groups]
     expected_sum_sq = group_sum_sq(alpha_ebc, groups, K)

@@ -87,7 +87,7 @@ class SplitReader:
             row once, padded (evaluation).
         prefetch: batches built ahead by a background thread (0: build inline).
         transform: rewrites each batch's KJT in the background thread, e.g. the
-            repacked model's ``sharding.repack.rewrite_keys``.
+            repacked model's ``sharding.repack.KeyRewriter``.
     """
 
     def __init__(
