@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -67,6 +68,12 @@ class Job:
     layout: FeatureLayout
     show_progress: bool
     transform: Optional[Callable[[KeyedJaggedTensor], KeyedJaggedTensor]] = None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds since this stage's job opened."""
+        return round(time.time() - self.started, 1)
 
     def reader(self, split: str, train: bool, batch_size: Optional[int] = None) -> SplitReader:
         """This rank's reader of ``split``: full shuffled train batches, or padded eval
@@ -183,12 +190,13 @@ def fit(
 
 
 def evaluate_test_split(job: Job, model: nn.Module, stage: str, extra: Optional[dict] = None) -> dict:
-    """AUC/logloss on the test split (all ranks), logged and written to ``result.json``."""
+    """AUC/logloss on the test split (all ranks), logged and written to ``result.json``
+    with the stage's wall time."""
     metrics = evaluate(
         model, job.reader("test", train=False).batches(), job.env.device,
         show_progress=job.show_progress, desc="test",
     )
     job.run.log("test", **metrics)
-    job.run.write_json("result.json", {"stage": stage, "test": metrics, **(extra or {})})
+    job.run.write_json("result.json", {"stage": stage, "test": metrics, "wall_s": job.wall_s, **(extra or {})})
     job.log(f"test auc {metrics['auc']:.5f} logloss {metrics['logloss']:.5f} rows {metrics['rows']}")
     return metrics

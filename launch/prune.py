@@ -80,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan:
         "ranges_per_block": args.ranges_per_block, "tau": plan.tau,
         "compression_ratio": {p: plan.compression_ratio(p) for p in PROJECTIONS},
         "embedding_bytes": {p: plan.embedding_bytes(p) for p in PROJECTIONS},
-        "unpruned_bytes": plan.unpruned_bytes(), "plan": plan.to_json(),
+        "unpruned_bytes": plan.unpruned_bytes(), "wall_s": job.wall_s, "plan": plan.to_json(),
     }
     job.run.write_json("prune.json", summary)
     job.run.log("prune", **{k: v for k, v in summary.items() if k != "plan"})

@@ -87,6 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = args.out or str(Path(args.run_dir) / "retrain")
     cfg = load_config([search.path / "config.yaml"], [*args.set, f"run.dir={out}"])
     job = open_job(env, cfg, new_run(env, cfg, args.resume), show_progress=not args.no_progress)
+    # The retrain run directory stands alone (evaluate, inference): its plan and its origin.
+    job.run.write_json("prune.json", {**pruned, "search_run": str(search.path)})
     job.transform = KeyRewriter(plan, job.layout.keys)
     task = build_retrain_task(cfg, job.layout, plan, projection, torch.device("meta"))
     dmp, optimizer = shard(job, task, repacked_constraints(task.model.embedding))
