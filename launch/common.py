@@ -27,9 +27,10 @@ from pipeline.evaluate import evaluate
 from pipeline.loop import StepHook, Trainer
 from pipeline.run_dir import RunDir
 from pipeline.search.blocking import Blocking
-from pipeline.tasks import build_search_task, build_train_task
+from pipeline.tasks import RunTask, build_run_task
 from sharding.checkpoint import latest_checkpoint, load_checkpoint
 from sharding.dmp import DistEnv, init_distributed, make_optimizer, shard_model
+from sharding.repack import KeyRewriter, repacked_constraints
 
 
 def add_run_options(parser: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -123,7 +124,7 @@ def open_job(env: DistEnv, cfg: Config, run: RunDir, show_progress: bool = True)
 def load_run(
     env: DistEnv, run_dir: str, checkpoint: str, overrides: Sequence[str] = (), show_progress: bool = True,
 ) -> tuple[Job, nn.Module, Optional[Blocking]]:
-    """A finished train or search run, rebuilt (sharded) from its config and checkpoint.
+    """A finished train, search or retrain run, rebuilt (sharded) from its config and checkpoint.
 
     Returns the job, the DMP-wrapped task holding the checkpoint's weights, and the
     run's blocking (``None`` for a plain training run). ``checkpoint`` is a name under
@@ -132,19 +133,13 @@ def load_run(
     run = RunDir(run_dir, is_main=env.is_main)
     cfg = load_config([run.path / "config.yaml"], list(overrides))
     job = open_job(env, cfg, run, show_progress)
-    meta_device = torch.device("meta")
-    blocking = None
-    if (run.path / "blocking.json").is_file():
-        blocking = Blocking.from_json(run.read_json("blocking.json"))
-        task = build_search_task(cfg, job.layout, blocking, meta_device)
-    else:
-        task = build_train_task(cfg, job.layout, meta_device)
-    dmp, _ = shard(job, task)
+    built = build_run_task(run.path, cfg, job.layout, torch.device("meta"))
+    dmp, _ = shard_run_task(job, built)
     path = latest_checkpoint(run.checkpoints) if checkpoint == "latest" else run.checkpoints / checkpoint
     if path is None:
         raise SystemExit(f"{run.checkpoints}: no periodic checkpoint to load")
     load_checkpoint(path, dmp)
-    return job, dmp, blocking
+    return job, dmp, built.blocking
 
 
 def _seed(seed: int) -> None:
@@ -159,6 +154,16 @@ def shard(job: Job, task: nn.Module, constraints: Optional[dict] = None):
     train = job.cfg.train
     dmp = shard_model(task, job.env, train.sparse_optimizer, train.sparse_lr, constraints)
     return dmp, make_optimizer(dmp, train.dense_lr, train.sparse_optimizer, train.sparse_lr)
+
+
+def shard_run_task(job: Job, built: RunTask):
+    """``shard`` for any run's task; a repacked one also gets the key rewrite on its
+    batches and planner constraints for its tables."""
+    constraints = None
+    if built.plan is not None:
+        job.transform = KeyRewriter(built.plan, job.layout.keys)
+        constraints = repacked_constraints(built.task.model.embedding)
+    return shard(job, built.task, constraints)
 
 
 def fit(

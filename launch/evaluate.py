@@ -1,4 +1,4 @@
-"""Evaluate a finished run (train or search) on a split: AUC and logloss over all ranks.
+"""Evaluate a finished run (train, search or retrain) on a split: AUC and logloss over all ranks.
 
     python -m launch.evaluate --run-dir runs/synthetic/search --split test
 """
@@ -16,7 +16,7 @@ from sharding.dmp import init_distributed
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, help="a run directory of train or search")
+    parser.add_argument("--run-dir", required=True, help="a run directory of train, search or retrain")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument(
         "--checkpoint", default=BEST,

@@ -19,18 +19,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from launch.common import Job, add_run_options, evaluate_test_split, fit, new_run, open_job, shard
+from launch.common import Job, add_run_options, evaluate_test_split, fit, new_run, open_job, shard_run_task
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
 from pipeline.prune.plan import StructuredPlan
 from pipeline.run_dir import RunDir
 from pipeline.search.blocking import Blocking
-from pipeline.tasks import build_retrain_task, build_search_task
+from pipeline.tasks import RunTask, build_retrain_task, build_search_task
 from sharding.checkpoint import latest_checkpoint, load_checkpoint, load_full_state
 from sharding.dmp import barrier, init_distributed
 from sharding.field_embedding import table_name
-from sharding.repack import PROJECTIONS, KeyRewriter, repacked_constraints, repacked_weights
+from sharding.repack import PROJECTIONS, repacked_weights
 
 INIT_FILE = "init.pt"
 
@@ -88,10 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = load_config([search.path / "config.yaml"], [*args.set, f"run.dir={out}"])
     job = open_job(env, cfg, new_run(env, cfg, args.resume), show_progress=not args.no_progress)
     # The retrain run directory stands alone (evaluate, inference): its plan and its origin.
-    job.run.write_json("prune.json", {**pruned, "search_run": str(search.path)})
-    job.transform = KeyRewriter(plan, job.layout.keys)
+    job.run.write_json("prune.json", {**pruned, "projection": projection, "search_run": str(search.path)})
     task = build_retrain_task(cfg, job.layout, plan, projection, torch.device("meta"))
-    dmp, optimizer = shard(job, task, repacked_constraints(task.model.embedding))
+    dmp, optimizer = shard_run_task(job, RunTask(task, plan=plan, projection=projection))
     if not (args.resume and latest_checkpoint(job.run.checkpoints)):
         initialise(job, dmp, search, plan)  # a resumed run takes its weights from the checkpoint
     before = evaluate(dmp, job.reader("test", train=False).batches(), env.device, desc="test")

@@ -49,3 +49,12 @@ def evaluate(
         "logloss": float(logloss.compute()),
         "rows": int(rows.compute()),
     }
+
+
+def binary_metrics(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """AUC and logloss of scored rows in one process (``dnis predict``)."""
+    p = probabilities.double().clamp(1e-7, 1 - 1e-7)
+    return {
+        "auc": float(BinaryAUROC()(probabilities, labels.long())),
+        "logloss": float(nn.functional.binary_cross_entropy(p, labels.double())),
+    }

@@ -8,7 +8,10 @@ knowing which model or task it holds.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -81,3 +84,28 @@ def build_retrain_task(
     """The configured model on the repacked mixed-width tables of a structured prune."""
     embedding = RepackedEmbedding(plan, layout.keys, projection, layout.weighted, device)
     return TrainTask(_model(cfg, layout, embedding))
+
+
+@dataclass
+class RunTask:
+    """The task whose weights a run directory's checkpoints hold, and what shaped it."""
+
+    task: nn.Module
+    blocking: Optional[Blocking] = None  # search runs: the α blocks
+    plan: Optional[StructuredPlan] = None  # retrain runs: the repacked tables
+    projection: Optional[str] = None
+
+
+def build_run_task(run_dir: str | Path, cfg: Config, layout: Layout, device: torch.device) -> RunTask:
+    """The task of a run directory, by what it holds: ``blocking.json`` a search,
+    ``prune.json`` alone a retrain (its plan and projection), neither a plain train run."""
+    run_dir = Path(run_dir)
+    if (run_dir / "blocking.json").is_file():
+        blocking = Blocking.from_json(json.loads((run_dir / "blocking.json").read_text()))
+        return RunTask(build_search_task(cfg, layout, blocking, device), blocking=blocking)
+    if (run_dir / "prune.json").is_file():
+        pruned = json.loads((run_dir / "prune.json").read_text())
+        plan = StructuredPlan.from_json(pruned["plan"])
+        task = build_retrain_task(cfg, layout, plan, pruned["projection"], device)
+        return RunTask(task, plan=plan, projection=pruned["projection"])
+    return RunTask(build_train_task(cfg, layout, device))

@@ -28,7 +28,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -194,24 +194,36 @@ class SplitReader:
         # A slice decodes its whole row group: slices only exist when row groups are
         # too few to spread over the ranks, i.e. on small splits.
         table = pq.ParquetFile(self.paths[unit.file]).read_row_group(unit.row_group, columns=columns)
-        table = table.slice(unit.start, unit.rows)
-        dense = np.stack([_column(table, c, np.float32) for c in self.dense_columns], 1)
-        ids = np.stack([_column(table, c, np.int64) for c in self.layout.id_columns], 1)
-        labels = _column(table, LABEL, np.float32).copy()  # arrow's buffer is read-only
-        return Rows(labels, dense, ids)
+        return table_rows(table.slice(unit.start, unit.rows), self.dense_columns, self.layout.id_columns)
 
     def _batch(self, rows: Rows) -> Batch:
-        dense = torch.from_numpy(np.ascontiguousarray(rows.dense))
-        ids = torch.from_numpy(np.ascontiguousarray(rows.ids.T))
-        weights = None
-        if self.layout.dense_keys:
-            # Dense keys: one-row tables (id 0) scaled by the value; padding rows weigh 0.
-            ids = torch.cat([torch.zeros(len(self.layout.dense_keys), len(rows), dtype=torch.int64), ids])
-            weights = torch.cat([dense.T, torch.ones(len(self.layout.id_columns), len(rows))])
-        sparse = single_hot_kjt(self.layout.keys, ids, weights)
-        if self.transform is not None:
-            sparse = self.transform(sparse)
-        return Batch(dense=dense, sparse=sparse, labels=torch.from_numpy(rows.labels))
+        return rows_batch(rows, self.layout, self.transform)
+
+
+def table_rows(table, dense_columns: Sequence[str], id_columns: Sequence[str]) -> Rows:
+    """The ``Rows`` of a table with the shard columns (``pipeline.data.schema``)."""
+    dense = np.stack([_column(table, c, np.float32) for c in dense_columns], 1)
+    ids = np.stack([_column(table, c, np.int64) for c in id_columns], 1)
+    labels = _column(table, LABEL, np.float32).copy()  # arrow's buffer is read-only
+    return Rows(labels, dense, ids)
+
+
+def rows_batch(
+    rows: Rows, layout: FeatureLayout,
+    transform: Optional[Callable[[KeyedJaggedTensor], KeyedJaggedTensor]] = None,
+) -> Batch:
+    """The model's ``Batch`` of ``rows`` under ``layout`` (training and serving alike)."""
+    dense = torch.from_numpy(np.ascontiguousarray(rows.dense))
+    ids = torch.from_numpy(np.ascontiguousarray(rows.ids.T))
+    weights = None
+    if layout.dense_keys:
+        # Dense keys: one-row tables (id 0) scaled by the value; padding rows weigh 0.
+        ids = torch.cat([torch.zeros(len(layout.dense_keys), len(rows), dtype=torch.int64), ids])
+        weights = torch.cat([dense.T, torch.ones(len(layout.id_columns), len(rows))])
+    sparse = single_hot_kjt(layout.keys, ids, weights)
+    if transform is not None:
+        sparse = transform(sparse)
+    return Batch(dense=dense, sparse=sparse, labels=torch.from_numpy(rows.labels))
 
 
 def _column(table, name: str, dtype) -> np.ndarray:

@@ -1,0 +1,84 @@
+"""Score raw Criteo rows (TSV, gzip or parquet) with a finished run, in one process.
+
+    python -m launch.predict --run-dir runs/synthetic/search/retrain --input day_23.gz --out scores.tsv
+    dnis predict --run-dir runs/synthetic/search/retrain --input rows.parquet --out scores.parquet --int8
+
+Writes one probability per input row, in input order (``.parquet``: columns ``score``
+and, when the input has labels, ``label``; otherwise one number per line), atomically:
+a file at ``--out`` is always complete. With labels it also prints AUC and logloss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.evaluate import binary_metrics
+from pipeline.inference import load_model, read_raw
+from pipeline.inference.raw import has_label
+from pipeline.loop import BEST
+from pipeline.progress import progress_bar
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, help="a finished retrain, train or search run")
+    parser.add_argument("--input", required=True, help="raw rows: TSV (40 or 39 fields, .gz ok) or .parquet")
+    parser.add_argument("--out", required=True, help="scores: .parquet, or text (one per line)")
+    parser.add_argument("--checkpoint", default=BEST, help="checkpoint name under <run-dir>/checkpoints")
+    parser.add_argument("--int8", action="store_true", help="row-wise int8 tables (quantize_inference_model)")
+    parser.add_argument("--data-path", help="dataset directory with the vocabulary (default: the run's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def score(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, labels)`` of every input row, in order."""
+    model = load_model(args.run_dir, args.checkpoint, args.int8, args.data_path)
+    scores, labels = [], []
+    with progress_bar(desc="predict", unit="row", disable=args.no_progress) as bar:
+        for _, block in read_raw(args.input):
+            scores.append(model.predict(block).numpy())
+            labels.append(block.label)
+            bar.update(len(block.label))
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def write_scores(path: Path, scores: np.ndarray, labels: Optional[np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".parquet":
+        columns = {"score": scores} if labels is None else {"score": scores, "label": labels}
+        pq.write_table(pa.table(columns), tmp)
+    else:
+        np.savetxt(tmp, scores, fmt="%.7g")
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    scores, labels = score(args)
+    labelled = _labelled(args.input)
+    write_scores(Path(args.out), scores, labels if labelled else None)
+    result = {"rows": int(scores.size)}
+    if labelled:
+        result.update(binary_metrics(torch.from_numpy(scores), torch.from_numpy(labels)))
+        print(f"auc {result['auc']:.5f} logloss {result['logloss']:.5f} rows {result['rows']}")
+    print(f"wrote {scores.size} scores to {args.out}")
+    return result
+
+
+def _labelled(path: str) -> bool:
+    if path.endswith(".parquet"):
+        return "label" in pq.ParquetFile(path).schema_arrow.names
+    return has_label(path)
+
+
+if __name__ == "__main__":
+    main()

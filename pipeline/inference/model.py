@@ -1,0 +1,106 @@
+"""The shipped model as one ``nn.Module``, from raw Criteo rows to click probabilities.
+
+``load_model(run_dir)`` rebuilds a finished run (retrain: the repacked mixed-width
+tables; train or search: full tables) from its config, prune plan and checkpoint in this
+process alone: no process group, no sharding. The module owns every step the training
+data went through: vocabulary lookup (hex -> frequency rank, OOV), the dense transform
+(``log(1 + max(x, 0))``), the key rewrite into the repacked tables, the tables and their
+projections, and the model. The code is the preprocessing's and the loader's own
+(``encode_block``, ``rows_batch``), so serving cannot drift from training.
+
+``int8=True`` quantizes every table row-wise with TorchRec's
+``quantize_inference_model`` (one fused FBGEMM kernel for all widths; an entry's error
+is at most half its row's ``(max - min) / 255`` plus fp16 rounding of the row's scale
+and bias).
+
+Example:
+    >>> model = load_model("runs/synthetic/search/retrain")          # doctest: +SKIP
+    >>> for _, block in read_tsv("new_rows.tsv"):                     # doctest: +SKIP
+    ...     probabilities = model.predict(block)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.inference.modules import quantize_inference_model
+
+from pipeline.config import load_config
+from pipeline.data.batch import Batch
+from pipeline.data.chunk_passes import encode_block
+from pipeline.data.criteo_reader import ParsedBlock
+from pipeline.data.features import FeatureLayout
+from pipeline.data.loader import rows_batch, table_rows
+from pipeline.data.metadata import DatasetMeta
+from pipeline.data.vocab import Vocabulary
+from pipeline.loop import BEST
+from pipeline.tasks import build_run_task
+from sharding.checkpoint import load_checkpoint
+from sharding.repack import KeyRewriter
+
+
+class ServingModel(nn.Module):
+    """Raw rows -> logits: encoding (numpy, the preprocessing's code) then the model.
+
+    Args:
+        model: the trained model, ``model(dense, sparse) -> logits``.
+        layout: the run's feature layout (keys, dense mode).
+        vocab: the dataset's vocabulary.
+        dense_fields: the integer fields, in ``Batch.dense`` column order.
+        rewrite: the repacked model's key rewrite (``None`` for full tables).
+    """
+
+    def __init__(
+        self, model: nn.Module, layout: FeatureLayout, vocab: Vocabulary,
+        dense_fields: Sequence[str], rewrite: Optional[KeyRewriter] = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.layout, self.vocab, self.rewrite = layout, vocab, rewrite
+        self.dense_fields = tuple(dense_fields)
+
+    def encode(self, block: ParsedBlock) -> Batch:
+        """The model's batch of raw rows, exactly as preprocessing + loader build it."""
+        rows = table_rows(encode_block(block, self.vocab), self.dense_fields, self.layout.id_columns)
+        return rows_batch(rows, self.layout, self.rewrite)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits of an encoded batch."""
+        return self.model(batch.dense, batch.sparse)
+
+    @torch.no_grad()
+    def predict(self, block: ParsedBlock) -> torch.Tensor:
+        """Click probabilities of raw rows."""
+        self.eval()
+        return torch.sigmoid(self(self.encode(block)))
+
+    def embedding_bytes(self) -> int:
+        """Bytes held by the embedding module (tables, quantization scales, projections)."""
+        embedding = self.model.embedding
+        tensors = [*embedding.parameters(), *embedding.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def load_model(
+    run_dir: str | Path, checkpoint: str = BEST, int8: bool = False, data_path: Optional[str] = None,
+) -> ServingModel:
+    """The run's model on CPU in this process, ready to score raw rows.
+
+    ``data_path`` overrides the dataset directory in the run's config (its metadata and
+    vocabulary are read, never its shards).
+    """
+    run_dir = Path(run_dir)
+    cfg = load_config([run_dir / "config.yaml"], [f"data.path={data_path}"] if data_path else [])
+    meta = DatasetMeta.load(cfg.data.path)
+    layout = FeatureLayout.from_meta(meta, cfg.data.dense_mode)
+    built = build_run_task(run_dir, cfg, layout, torch.device("cpu"))
+    load_checkpoint(run_dir / "checkpoints" / checkpoint, built.task, local=True)
+    model = built.task.model.eval()
+    if int8:
+        model = quantize_inference_model(model, output_dtype=torch.float)
+    rewrite = KeyRewriter(built.plan, layout.keys) if built.plan is not None else None
+    vocab = Vocabulary.load(Path(cfg.data.path) / "vocab")
+    return ServingModel(model, layout, vocab, meta.dense_fields, rewrite)
