@@ -174,11 +174,18 @@ class RepackedEmbedding(nn.Module):
         )
         self._names = {key: [group_key(key, i) for i in range(len(g))] for key, g in groups.items()}
         self._first = next(n for names in self._names.values() for n in names)
+        self.learned = projection == "learned"
         self.projections = nn.ParameterDict()
         for key, key_groups in groups.items():
-            if key_groups:
+            if not key_groups:
+                continue
+            if self.learned:
                 p = torch.cat([selection_matrix(g, self.embedding_dim) for g in key_groups])
-                self.projections[key] = nn.Parameter(p, requires_grad=projection == "learned")
+                self.projections[key] = nn.Parameter(p)
+            else:  # where each stored column goes; padding slots go to a spare column K
+                where = [list(g.columns) + [self.embedding_dim] * (g.width - len(g.columns)) for g in key_groups]
+                index = torch.tensor([j for w in where for j in w], dtype=torch.int64)
+                self.register_buffer(_column_buffer(key), index, persistent=False)
 
     @property
     def num_fields(self) -> int:
@@ -195,8 +202,22 @@ class RepackedEmbedding(nn.Module):
             if not names:
                 out.append(pooled[self._first].new_zeros(pooled[self._first].shape[0], self.embedding_dim))
                 continue
-            out.append(torch.cat([pooled[name] for name in names], dim=1) @ self.projections[key])
+            stored = torch.cat([pooled[name] for name in names], dim=1)
+            out.append(self._project(key, stored))
         return torch.stack(out, dim=1)
+
+    def _project(self, key: str, stored: torch.Tensor) -> torch.Tensor:
+        """``[B, stored width] -> [B, K]``: the learned matrix, or the selection as an
+        index add (exact, and no ``width × K`` matrix to store or multiply)."""
+        if self.learned:
+            return stored @ self.projections[key]
+        index = getattr(self, _column_buffer(key))
+        spare = stored.new_zeros(stored.shape[0], self.embedding_dim + 1)
+        return spare.index_add(1, index, stored)[:, : self.embedding_dim]
+
+
+def _column_buffer(key: str) -> str:
+    return f"_columns_{key}"
 
 
 def repacked_weights(

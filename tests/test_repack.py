@@ -93,7 +93,7 @@ def test_learned_projection_starts_at_the_selection_and_trains():
     kjt = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), random_ids(7)))
     assert torch.equal(fixed(kjt), learned(kjt))
     assert all(p.requires_grad for p in learned.projections.values())
-    assert not any(p.requires_grad for p in fixed.projections.values())
+    assert len(fixed.projections) == 0  # the selection is an index, nothing to train
 
 
 def naive_rewrite(features, plan, keys):

@@ -1,0 +1,161 @@
+"""The shipped model: a retrain run's checkpoint (written by 2 ranks) loads on 1 and 3
+ranks and into one plain process with identical predictions; ``load_model`` scores raw
+TSV and parquet rows without any process group; int8 stays within the bound its row
+ranges allow; bad raw rows fail naming file, line and field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from launch import predict
+from pipeline.config import load_config
+from pipeline.data import synth
+from pipeline.data.loader import SplitReader
+from pipeline.inference import RawInputError, load_model, read_tsv
+from test_launch import ROOT, dataset, finish, search_run, torchrun  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.multirank
+
+
+@pytest.fixture(scope="module")
+def retrain_run(search_run, tmp_path_factory) -> Path:
+    """A structured prune at CR 4, retrained for a few steps on 2 ranks."""
+    finish(torchrun("launch.prune", "--run-dir", str(search_run), "--cr", "4", nproc=1))
+    out = tmp_path_factory.mktemp("retrain") / "run"
+    finish(torchrun(
+        "launch.retrain", "--run-dir", str(search_run), "--out", str(out),
+        "--set", "train.max_steps=8", "--set", "train.eval_every=4", "--no-progress",
+    ))
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_rows(tmp_path_factory) -> Path:
+    """Fresh raw rows from the generator that made the dataset (labelled TSV)."""
+    path = tmp_path_factory.mktemp("raw") / "rows.tsv"
+    synth.main(["--rows", "300", "--seed", "11", "--out", str(path)])
+    return path
+
+
+def test_retrain_checkpoint_loads_on_any_world_size_and_in_one_plain_process(retrain_run, tmp_path):
+    logits = {}
+    for nproc in (1, 3):
+        out = tmp_path / f"logits{nproc}.pt"
+        finish(torchrun("tests.rank_logits", "--run-dir", str(retrain_run), "--out", str(out), nproc=nproc))
+        logits[nproc] = torch.load(out)["logits"]
+    model = load_model(retrain_run)
+    data_path = load_config([retrain_run / "config.yaml"]).data.path
+    reader = SplitReader(data_path, "test", model.layout, 128, shuffle=False,
+                         drop_last=False, prefetch=0, transform=model.rewrite)
+    with torch.no_grad():
+        logits["plain"] = model(next(iter(reader.batches())))
+    assert not torch.distributed.is_initialized()
+    for name in (3, "plain"):
+        assert (logits[name] - logits[1]).abs().max() < 1e-5, name
+    result = json.loads((retrain_run / "result.json").read_text())
+    assert result["stage"] == "retrain" and result["compression_ratio"] >= 4 * 0.9
+
+
+def test_predict_in_a_fresh_process_scores_tsv_parquet_and_unlabelled_rows_alike(retrain_run, raw_rows, tmp_path):
+    expected = torch.cat([load_model(retrain_run).predict(block) for _, block in read_tsv(raw_rows)])
+    assert expected.numel() == 300
+
+    unlabelled = tmp_path / "unlabelled.tsv"
+    unlabelled.write_text("".join(line.split("\t", 1)[1] for line in raw_rows.read_text().splitlines(True)))
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(raw_table(raw_rows), parquet)
+    for source, out in ((raw_rows, "a.parquet"), (unlabelled, "b.txt"), (parquet, "c.parquet")):
+        args = ["--run-dir", str(retrain_run), "--input", str(source), "--out", str(tmp_path / out), "--no-progress"]
+        if source == raw_rows:  # one run in a fresh process: no process group anywhere
+            script = f"import torch.distributed as d; from launch.predict import main; main({args!r}); assert not d.is_initialized()"
+            subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True)
+        else:
+            predict.main(args)
+    scores = {
+        "tsv": pq.read_table(tmp_path / "a.parquet").column("score").to_numpy(),
+        "unlabelled": np.loadtxt(tmp_path / "b.txt"),
+        "parquet": pq.read_table(tmp_path / "c.parquet").column("score").to_numpy(),
+    }
+    for name, got in scores.items():
+        assert np.abs(got - expected.numpy()).max() < 1e-6, name
+
+
+def raw_table(tsv: Path) -> pa.Table:
+    """The raw rows as parquet columns: integers with nulls, hex strings with nulls."""
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+    columns = {"label": pa.array([int(r[0]) for r in rows])}
+    for j in range(13):
+        columns[f"I{j + 1}"] = pa.array([int(r[1 + j]) if r[1 + j] else None for r in rows], pa.int64())
+    for j in range(26):
+        columns[f"C{j + 1}"] = pa.array([r[14 + j] or None for r in rows], pa.string())
+    return pa.table(columns)
+
+
+def test_bad_raw_rows_name_file_line_and_field_and_leave_no_output(retrain_run, raw_rows, tmp_path):
+    lines = raw_rows.read_text().splitlines(True)
+    fields = lines[2].split("\t")
+    fields[14 + 4] = "xyz"  # C5 of line 3
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("".join(lines[:2] + ["\t".join(fields)] + lines[3:]))
+    with pytest.raises(RawInputError, match=rf"{bad}:3: field C5: not 8 hex chars"):
+        list(read_tsv(bad))
+    out = tmp_path / "scores.txt"
+    with pytest.raises(RawInputError, match="bad.tsv:3: field C5"):
+        predict.main(["--run-dir", str(retrain_run), "--input", str(bad), "--out", str(out), "--no-progress"])
+    assert not out.exists() and not list(tmp_path.glob("scores.txt*"))
+
+
+def test_int8_predictions_stay_within_the_bound_of_each_rows_range(retrain_run, raw_rows):
+    fp32, int8 = load_model(retrain_run), load_model(retrain_run, int8=True)
+    _, block = next(read_tsv(raw_rows))
+    batch = fp32.encode(block)
+    bound = embedding_error_bound(fp32, batch.sparse)  # [B, F]
+    with torch.no_grad():
+        diff = (fp32.model.embedding(batch.sparse) - int8.model.embedding(batch.sparse)).abs().amax(-1)
+    assert (diff <= bound).all() and diff.max() > 0
+
+    # First order through the model: |Δlogit| ≤ Σ |∂logit/∂e| · bound; σ' ≤ 1/4.
+    jacobian = embedding_jacobian(fp32, batch)
+    logit_bound = (jacobian.abs() * bound[..., None]).sum((1, 2))
+    with torch.no_grad():
+        p_fp32, p_int8 = torch.sigmoid(fp32(batch)), torch.sigmoid(int8(batch))
+    assert ((p_fp32 - p_int8).abs() <= 1.5 * logit_bound / 4 + 1e-6).all()
+
+
+def embedding_error_bound(model, sparse) -> torch.Tensor:
+    """Per (row, field): Σ over its ids of |weight| × (half a quantization step of the
+    id's table row + fp16 rounding of the row's scale and bias)."""
+    keys = list(model.layout.keys)
+    tables = {n: bag.weight.detach() for n, bag in model.model.embedding.ebc.embedding_bags.items()}
+    bound = torch.zeros(sparse.stride(), len(keys))
+    for name, jt in sparse.to_dict().items():
+        table = tables[f"t_{name}"]
+        low, high = table.min(1).values, table.max(1).values
+        step = (high - low) / 255
+        per_row = step / 2 + 255 * step * 2**-10 + low.abs() * 2**-10 + 1e-7
+        rows = torch.repeat_interleave(torch.arange(jt.lengths().numel()), jt.lengths())
+        weights = jt.weights() if jt.weights_or_none() is not None else torch.ones_like(rows, dtype=torch.float)
+        bound[:, keys.index(name.split("#")[0])].index_add_(0, rows, per_row[jt.values()] * weights.abs())
+    return bound
+
+
+def embedding_jacobian(model, batch) -> torch.Tensor:
+    """∂ logit_b / ∂ embedding output [b, f, k] (rows are independent)."""
+    with torch.no_grad():
+        emb = model.model.embedding(batch.sparse)
+    emb.requires_grad_(True)
+    hook = model.model.embedding.register_forward_hook(lambda module, inputs, output: emb)
+    try:
+        model(batch).sum().backward()
+    finally:
+        hook.remove()
+    return emb.grad
