@@ -22,6 +22,7 @@ STAGES = {
     "evaluate": "launch.evaluate",
     "prune": "launch.prune",
     "retrain": "launch.retrain",
+    "report": "launch.report",
     "predict": "launch.predict",
 }
 
