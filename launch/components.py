@@ -177,19 +177,21 @@ def prune(
     cr: float,
     ranges_per_block: int = 8,
     projection: str = "selection",
+    mode: str = "structured",
     nproc: int = 2,
     nnodes: int = 1,
     gpu: int = 0,
     memMB: int = 16384,
     image: str = DEFAULT_IMAGE,
 ) -> specs.AppDef:
-    """Structured prune of a finished search for a target compression ratio.
+    """Prune a finished search for a target compression ratio.
 
     Args:
-        run_dir: the search's run directory (``prune.json`` is written there).
+        run_dir: the search's run directory (``prune.json`` or ``fine_prune.json`` is written there).
         cr: target compression ratio (the pruned bytes never exceed unpruned / cr).
-        ranges_per_block: id ranges per (feature, block), each with its own width.
-        projection: ``selection`` (fixed) or ``learned`` (NIS-ME).
+        ranges_per_block: id ranges per (feature, block), each with its own width (structured).
+        projection: ``selection`` (fixed) or ``learned`` (NIS-ME) (structured).
+        mode: ``structured`` (what ships) or ``fine`` (paper eq. 9, COO bytes, evaluated).
         nproc: processes (ranks) per node; the ranks that held the search's shards.
         nnodes: nodes.
         gpu: GPUs per node (0 = CPU with gloo).
@@ -197,7 +199,7 @@ def prune(
         image: container image (remote schedulers only).
     """
     args = ["--run-dir", run_dir, "--cr", str(cr), "--ranges-per-block", str(ranges_per_block)]
-    args += ["--projection", projection]
+    args += ["--projection", projection, "--mode", mode]
     return _ddp("launch.prune", args, nproc, nnodes, gpu, memMB, image, "dnis-prune")
 
 

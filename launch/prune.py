@@ -1,13 +1,22 @@
-"""Structured prune of a finished search: the kept columns of every (feature, block,
-id range) group, for a byte budget (``--cr``) or a threshold (``--tau``).
+"""Prune a finished search: structured (what ships) or fine-grained (paper eq. 9).
+
+Structured keeps columns of every (feature, block, id range) group, for a byte budget
+``--cr`` or a threshold ``--tau``; fine-grained zeroes the entries of Ẽ = E ⊙ α below
+ε, for ``--cr`` or ``--epsilon``.
 
     python -m launch.prune --run-dir runs/synthetic/search --cr 10
+    python -m launch.prune --run-dir runs/synthetic/search --mode fine --cr 10
     torchx run -s local_cwd launch/components.py:prune --run_dir runs/synthetic/search --cr 10
 
-Column j of a group is kept when ``α[block, j] × RMS_j(E[group rows])`` clears τ; the
-RMS comes from the tables' shards on every rank (no table is gathered). Writes
-``prune.json`` (the plan, its compression ratio for both projections, bytes) to the
-run directory and prints the kept width per block.
+Structured: column j of a group is kept when ``α[block, j] × RMS_j(E[group rows])``
+clears τ; the RMS comes from the tables' shards on every rank (no table is gathered).
+Writes ``prune.json`` (the plan, its compression ratio for both projections, bytes) to
+the run directory and prints the kept width per block.
+
+Fine: ε comes from a distributed quantile of |Ẽ| over the shards (``pipeline.prune.fine``);
+the pruned α-model is evaluated on the test split and the result (COO bytes, CR, AUC,
+logloss) replaces the entry of the same target in ``fine_prune.json``, so a sweep of
+``--cr`` values accumulates there.
 """
 
 from __future__ import annotations
@@ -15,13 +24,20 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+import torch
+
 from launch.common import Job, load_run
+from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
+from pipeline.prune.fine import FinePrune, apply_epsilon, epsilon_for_cr, table_bytes
 from pipeline.prune.plan import StructuredPlan, group_ranges, plan_for_cr, plan_for_tau
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import init_distributed
 from sharding.repack import PROJECTIONS
 from sharding.table_stats import group_sum_sq
+
+MODES = ("structured", "fine")
+FINE_RESULTS = "fine_prune.json"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -29,7 +45,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, help="the run directory of a finished search")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--cr", type=float, help="target compression ratio (the bytes never exceed unpruned / cr)")
-    target.add_argument("--tau", type=float, help="keep columns whose α × column RMS is at least this")
+    target.add_argument("--tau", type=float, help="keep columns whose α × column RMS is at least this (structured)")
+    target.add_argument("--epsilon", type=float, help="keep entries whose |E × α| is at least this (fine)")
+    parser.add_argument(
+        "--mode", choices=MODES, default="structured",
+        help="structured: drop columns of groups (what ships); fine: zero single entries (eq. 9, COO bytes)",
+    )
     parser.add_argument(
         "--ranges-per-block", type=int, default=8,
         help="cut each (feature, block) into this many id ranges with their own widths (higher CRs need more)",
@@ -39,7 +60,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="how the shipped model maps widths back to K: fixed selection, or learned (NIS-ME; its bytes count)",
     )
     parser.add_argument("--checkpoint", default=BEST, help="checkpoint of the search to prune")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.tau is not None and args.mode == "fine") or (args.epsilon is not None and args.mode == "structured"):
+        parser.error(f"--{'tau' if args.tau is not None else 'epsilon'} does not apply to --mode {args.mode}")
+    return args
 
 
 def width_table(plan: StructuredPlan) -> str:
@@ -55,9 +79,13 @@ def width_table(plan: StructuredPlan) -> str:
     return "\n".join(lines)
 
 
+def searched_alpha(dmp) -> torch.Tensor:
+    """α of the search task (on the CPU)."""
+    return next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha.detach().cpu()
+
+
 def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
-    alpha = next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
-    alpha = alpha.detach().cpu()
+    alpha = searched_alpha(dmp)
     groups = group_ranges(blocking, job.layout.num_embeddings, args.ranges_per_block)
     sum_sq = group_sum_sq(dmp, groups, job.cfg.model.embedding_dim)
     if args.cr is not None:
@@ -65,12 +93,14 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
     return plan_for_tau(groups, sum_sq, alpha, args.tau)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan:
+def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
     args = parse_args(argv)
     env = init_distributed()
     job, dmp, blocking = load_run(env, args.run_dir, args.checkpoint, show_progress=False)
     if blocking is None:
         raise SystemExit(f"{args.run_dir}: not a search run (no blocking.json); prune needs α")
+    if args.mode == "fine":
+        return fine_prune(job, dmp, blocking, args)
     try:
         plan = prune(job, dmp, blocking, args)
     except ValueError as error:  # an unreachable compression ratio
@@ -90,6 +120,51 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan:
         f"{plan.unpruned_bytes():,} embedding bytes\n" + width_table(plan)
     )
     return plan
+
+
+def fine_threshold(dmp, blocking, alpha: torch.Tensor, args: argparse.Namespace) -> FinePrune:
+    """The target's ε, applied to ``dmp``'s tables (in memory only)."""
+    if args.cr is not None:
+        try:
+            epsilon = epsilon_for_cr(dmp, blocking, alpha, args.cr).epsilon
+        except ValueError as error:  # an unreachable compression ratio
+            raise SystemExit(f"dnis prune: {error}") from None
+    else:
+        epsilon = args.epsilon
+    nnz = apply_epsilon(dmp, blocking, alpha, epsilon)
+    if nnz == 0:
+        raise SystemExit(f"dnis prune: ε {epsilon:.6g} keeps no entry; ask for a lower CR or ε")
+    return FinePrune(epsilon, nnz, table_bytes(dmp, blocking))
+
+
+def with_result(results: list[dict], entry: dict) -> list[dict]:
+    """``results`` with ``entry`` replacing the one of the same target (CR, or ε when
+    no CR was asked for), or appended."""
+    def target(e: dict) -> tuple:
+        return (e["target_cr"], None if e["target_cr"] is not None else e["epsilon"])
+
+    replaced = [entry if target(e) == target(entry) else e for e in results]
+    return replaced if any(e is entry for e in replaced) else replaced + [entry]
+
+
+def fine_prune(job: Job, dmp, blocking, args: argparse.Namespace) -> dict:
+    """Fine-grained prune (eq. 9) for ``--cr`` or ``--epsilon``, evaluated on the test
+    split; its entry in ``fine_prune.json``."""
+    pruned = fine_threshold(dmp, blocking, searched_alpha(dmp), args)
+    test = evaluate(dmp, job.reader("test", train=False).batches(), job.env.device, desc="test")
+    entry = {"target_cr": args.cr, **pruned.to_json(), "test": test, "wall_s": job.wall_s}
+    if job.env.is_main:
+        exists = (job.run.path / FINE_RESULTS).is_file()
+        results = job.run.read_json(FINE_RESULTS)["results"] if exists else []
+        job.run.write_json(FINE_RESULTS, {"results": with_result(results, entry)})
+    job.run.log("prune_fine", **entry)
+    target = f"target {args.cr:g}" if args.cr is not None else "ε given"
+    job.log(
+        f"fine-grained prune: ε {pruned.epsilon:.6g}, CR {pruned.compression_ratio:.3f} ({target}), "
+        f"{pruned.nnz:,} entries kept, {pruned.coo_bytes:,} COO of {pruned.unpruned_bytes:,} embedding "
+        f"bytes; test auc {test['auc']:.5f} logloss {test['logloss']:.5f} rows {test['rows']}; {entry['wall_s']} s"
+    )
+    return entry
 
 
 if __name__ == "__main__":

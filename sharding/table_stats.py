@@ -3,7 +3,8 @@
 Every sharding type TorchRec offers leaves each rank with rectangular pieces of some
 tables (whole tables, column slices, row slices) and their global offsets; data-parallel
 tables are whole on every rank. The statistics here add up what the pieces hold and sum
-over ranks, so no table is ever gathered on one rank.
+over ranks, so no table is ever gathered on one rank. The pieces alias the tables, so
+``pipeline.prune.fine`` also edits them in place.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from pipeline.prune.plan import Group
 from sharding.field_embedding import table_name
 
 
-def _pieces(tensor, counted_once: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(row offset, column offset, values)`` of the parts of ``tensor`` on this rank."""
+def local_pieces(tensor, counted_once: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(row offset, column offset, values)`` of the parts of ``tensor`` on this rank.
+
+    ``values`` alias the table (in-place edits reach the model). A tensor that is not
+    sharded (unsharded model, data-parallel table) is yielded only if ``counted_once``.
+    """
     if hasattr(tensor, "local_shards"):
         for shard in tensor.local_shards():
             row, col = shard.metadata.shard_offsets
@@ -29,7 +34,8 @@ def _pieces(tensor, counted_once: bool) -> Iterator[tuple[int, int, torch.Tensor
         yield 0, 0, tensor
 
 
-def _tables(model: nn.Module, keys: Sequence[str]) -> dict[str, object]:
+def feature_tables(model: nn.Module, keys: Sequence[str]) -> dict[str, object]:
+    """Per feature key, its table ``t_<key>`` in ``model``'s state: a tensor or ShardedTensor."""
     state = model.state_dict()
     out = {}
     for key in keys:
@@ -41,27 +47,42 @@ def _tables(model: nn.Module, keys: Sequence[str]) -> dict[str, object]:
     return out
 
 
+def group_rows(group: Group, row: int, rows: int) -> tuple[int, int]:
+    """Local ``[lo, hi)`` of ``group``'s ids in a piece of ``rows`` rows starting at id ``row``."""
+    return min(max(group.start - row, 0), rows), min(max(group.stop - row, 0), rows)
+
+
 def group_sum_sq(model: nn.Module, groups: Sequence[Group], embedding_dim: int) -> torch.Tensor:
     """``[len(groups), K]``: per group, ``Σ_{id in [start, stop)} E[id, j]²`` (float64).
 
     ``model`` holds one table ``t_<key>`` per feature (an α-EBC or plain EBC, sharded
     by ``DistributedModelParallel`` or not). Replicated tables are counted on rank 0.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
     by_key: dict[str, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         by_key[group.key].append(index)
     out = torch.zeros(len(groups), embedding_dim, dtype=torch.float64)
-    for key, tensor in _tables(model, list(by_key)).items():
-        for row, col, values in _pieces(tensor, counted_once=rank == 0):
+    for key, tensor in feature_tables(model, list(by_key)).items():
+        for row, col, values in local_pieces(tensor, counted_once=is_rank0()):
             # Prefix sums over rows: a group's sum is the difference of two of them.
             prefix = torch.cat([values.new_zeros(1, values.shape[1], dtype=torch.float64),
                                 (values.detach().double() ** 2).cumsum(0)])
             for index in by_key[key]:
-                g = groups[index]
-                lo = min(max(g.start - row, 0), values.shape[0])
-                hi = min(max(g.stop - row, 0), values.shape[0])
+                lo, hi = group_rows(groups[index], row, values.shape[0])
                 out[index, col : col + values.shape[1]] += prefix[hi] - prefix[lo]
+    return all_reduce_sum(out)
+
+
+def is_rank0() -> bool:
+    """Whether this process counts replicated tables (rank 0, or no process group)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (NCCL gets a CUDA copy) and return it."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out)
-    return out
+        on_nccl = dist.get_backend() == "nccl"
+        reduced = tensor.to(torch.device("cuda", torch.cuda.current_device())) if on_nccl else tensor
+        dist.all_reduce(reduced)
+        tensor.copy_(reduced)
+    return tensor

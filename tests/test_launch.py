@@ -151,6 +151,20 @@ def test_structured_prune_on_two_ranks_meets_the_budget_and_equals_one_rank(sear
     assert unreachable.returncode != 0 and "unreachable" in out
 
 
+def test_fine_prune_meets_the_budget_and_accumulates_targets(search_run):
+    """Eq. 9 for CR 10 on 2 ranks, then CR 4 on 1 rank: two entries, each within budget."""
+    for cr, nproc in (("10", 2), ("4", 1)):
+        args = ("--run-dir", str(search_run), "--mode", "fine", "--cr", cr)
+        out = finish(torchrun("launch.prune", *args, nproc=nproc))
+        assert "fine-grained prune" in out and "test auc" in out
+    results = json.loads((search_run / "fine_prune.json").read_text())["results"]
+    assert [r["target_cr"] for r in results] == [10.0, 4.0]
+    for r in results:
+        assert r["coo_bytes"] <= r["unpruned_bytes"] / r["target_cr"]
+        assert r["target_cr"] <= r["compression_ratio"] <= 1.01 * r["target_cr"]
+        assert r["test"]["rows"] > 0 and 0.0 < r["test"]["auc"] < 1.0
+
+
 def test_retrain_starts_from_the_searched_model_exactly(search_run, tmp_path):
     """τ = 0 keeps every column: the repacked model before retraining is the α-model, so
     its test metrics equal the search's (weights, α folding, key rewrite, sharding)."""
