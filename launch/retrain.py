@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from launch.common import Job, add_run_options, evaluate_test_split, fit, new_run, open_job, shard_run_task
 from pipeline.config import load_config
@@ -48,18 +49,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def initial_state(job: Job, search: RunDir, plan: StructuredPlan) -> dict[str, torch.Tensor]:
-    """The searched model's dense weights and its tables repacked by ``plan`` (α folded
-    into the values), keyed like the retrain task's state dict."""
+    """The searched model's best checkpoint, repacked by ``plan`` (see ``repacked_state``)."""
     blocking = Blocking.from_json(search.read_json("blocking.json"))
     task = build_search_task(job.cfg, job.layout, blocking, torch.device("cpu"))
     load_checkpoint(search.checkpoints / BEST, task, local=True)
-    embedding = task.model.embedding
-    tables = {k: embedding.ebc.embedding_bags[table_name(k)].weight.detach() for k in job.layout.keys}
+    return repacked_state(task, plan, job.layout.keys)
+
+
+def repacked_state(search_task: nn.Module, plan: StructuredPlan, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A search task's dense weights and its tables repacked by ``plan`` (α folded into
+    the values), keyed like the retrain task's state dict."""
+    embedding = search_task.model.embedding
+    tables = {k: embedding.ebc.embedding_bags[table_name(k)].weight.detach() for k in keys}
     state = {
-        f"model.{name}": value for name, value in task.model.state_dict().items()
+        f"model.{name}": value for name, value in search_task.model.state_dict().items()
         if not name.startswith("embedding.")
     }
-    for name, values in repacked_weights(plan, job.layout.keys, tables, embedding.alpha.detach()).items():
+    for name, values in repacked_weights(plan, keys, tables, embedding.alpha.detach()).items():
         state[f"model.embedding.ebc.embedding_bags.{name}.weight"] = values
     return state
 

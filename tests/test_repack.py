@@ -63,9 +63,9 @@ def structured_reference(alpha_ebc, plan, ids: torch.Tensor) -> torch.Tensor:
     return out * mask
 
 
-def build_repacked(alpha_ebc, plan, projection="selection"):
+def build_repacked(alpha_ebc, plan, projection="selection", weighted=False):
     tables = {k: alpha_ebc.ebc.embedding_bags[f"t_{k}"].weight.detach() for k in NUMS}
-    module = RepackedEmbedding(plan, list(NUMS), projection)
+    module = RepackedEmbedding(plan, list(NUMS), projection, weighted)
     load_repacked_weights(module, repacked_weights(plan, list(NUMS), tables, alpha_ebc.alpha.detach()))
     return module
 
@@ -184,3 +184,24 @@ def shard_like(env, model, full, sharding_type: str):
 def test_sharded_repacked_model_and_table_stats_equal_unsharded():
     for diffs in run_ranks(sharded_outputs, 2, 0):
         assert max(diffs.values()) < 1e-6, diffs
+
+
+def test_fused_lookup_equals_the_repacked_module_on_weighted_multi_hot_batches():
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from sharding.fused_lookup import FusedLookup
+
+    alpha_ebc, plan = searched(seed=3)
+    module = build_repacked(alpha_ebc, plan, weighted=True)
+    fused = FusedLookup.from_repacked(module, plan)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(0, 4, (len(NUMS) * 6,), generator=g)
+    keys = list(NUMS)
+    values = torch.cat([torch.randint(0, NUMS[keys[i // 6]], (int(n),), generator=g) for i, n in enumerate(lengths)])
+    kjt = KeyedJaggedTensor(keys, values, weights=torch.rand(values.numel(), generator=g), lengths=lengths)
+    with torch.no_grad():
+        expected = module(KeyRewriter(plan, keys)(kjt))
+        assert (fused(kjt) - expected).abs().max() < 1e-6
+        ids = random_ids(4)
+        fused = FusedLookup.from_repacked(build_repacked(alpha_ebc, plan), plan)
+        assert (fused(single_hot_kjt(keys, ids)) - structured_reference(alpha_ebc, plan, ids)).abs().max() < 1e-6

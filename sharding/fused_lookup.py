@@ -1,0 +1,109 @@
+"""Serving form of the repacked embeddings: every kept group's rows in one table per
+width, looked up straight from the original feature ids, with no per-group keys.
+
+A ``RepackedEmbedding`` pools each of its hundreds of group keys over the whole batch:
+the output is as wide as all groups together (7,076 columns for 521 groups where the
+unpruned model has 1,248), which makes the repacked model slower to serve than the one
+it compresses. ``FusedLookup`` finds each id's group with one ``searchsorted``, reads
+its row from the table of the group's width, and adds the row's values at their
+columns of ``[B, F, K]`` with one ``index_add`` per width: work in proportion to the
+values read. Outputs equal the repacked module's with the selection projection, for
+single- and multi-hot, weighted or not (sum pooling).
+
+Example:
+    >>> fused = FusedLookup.from_repacked(repacked_embedding, plan)   # doctest: +SKIP
+    >>> fused(original_kjt)   # the un-rewritten batch, [B, F, K]       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pipeline.prune.plan import StructuredPlan
+from sharding.repack import RepackedEmbedding, group_key, kept_groups
+
+
+class FusedLookup(nn.Module):
+    """``[B, F, K]`` embeddings of un-rewritten features from per-width tables.
+
+    Args:
+        plan: the structured plan the tables follow.
+        keys: feature keys in field order.
+        tables: per kept group key (``f#i``), its ``[rows, width]`` weights.
+    """
+
+    def __init__(self, plan: StructuredPlan, keys: Sequence[str], tables: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.keys = list(keys)
+        self.embedding_dim = k = plan.embedding_dim
+        kept = kept_groups(plan, keys)
+        self.widths = sorted({g.width for groups in kept.values() for g in groups})
+        slot = {w: 0 for w in self.widths}  # next free row of each width's table
+        pieces: dict[int, list[torch.Tensor]] = {w: [] for w in self.widths}
+        columns: dict[int, list[list[int]]] = {w: [] for w in self.widths}
+        starts, width_of, first_row, index_in_width, offsets, offset = [], [], [], [], [], 0
+        for key in self.keys:
+            offsets.append(offset)
+            kept_ids = {id(g): i for i, g in enumerate(kept[key])}
+            for g in sorted((g for g in plan.groups if g.group.key == key), key=lambda g: g.group.start):
+                starts.append(offset + g.group.start)
+                width_of.append(g.width)
+                first_row.append(slot.get(g.width, 0) - g.group.start)
+                index_in_width.append(len(columns.get(g.width, [])))
+                if g.width:
+                    pieces[g.width].append(tables[group_key(key, kept_ids[id(g)])])
+                    columns[g.width].append(list(g.columns) + [k] * (g.width - len(g.columns)))
+                    slot[g.width] += g.group.rows
+            offset += max((g.group.stop for g in plan.groups if g.group.key == key), default=0)
+        starts.append(offset)  # ids past the last group are errors
+        self.register_buffer("starts", torch.tensor(starts, dtype=torch.int64))
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
+        self.register_buffer("width_of", torch.tensor(width_of + [-1], dtype=torch.int64))
+        self.register_buffer("first_row", torch.tensor(first_row + [0], dtype=torch.int64))
+        self.register_buffer("index_in_width", torch.tensor(index_in_width + [0], dtype=torch.int64))
+        self.tables = nn.ParameterDict({
+            str(w): nn.Parameter(torch.cat(pieces[w]), requires_grad=False) for w in self.widths
+        })
+        for w in self.widths:
+            self.register_buffer(f"columns_{w}", torch.tensor(columns[w], dtype=torch.int64))
+
+    @classmethod
+    def from_repacked(cls, module: RepackedEmbedding, plan: StructuredPlan) -> "FusedLookup":
+        """The same tables as ``module`` (selection projection), fused by width."""
+        if module.learned:
+            raise ValueError("FusedLookup reproduces the selection projection only")
+        bags = module.ebc.embedding_bags
+        tables = {name[2:]: bag.weight.detach() for name, bag in bags.items()}  # "t_f#i" -> "f#i"
+        return cls(plan, module.keys, tables)
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.keys)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        batch, fields, k = features.stride(), len(self.keys), self.embedding_dim
+        position = {key: i for i, key in enumerate(self.keys)}
+        ids = features.values().long()
+        segment = torch.repeat_interleave(
+            torch.arange(features.lengths().numel()), features.lengths().long(), output_size=ids.numel()
+        )
+        field = torch.tensor([position[key] for key in features.keys()], dtype=torch.int64)[segment // batch]
+        group = torch.searchsorted(self.starts, self.offsets[field] + ids, right=True) - 1
+        if ids.numel() and bool((self.width_of[group] < 0).any() | (ids < 0).any()):
+            raise ValueError("ids outside the ranges of the prune plan's groups")
+        weights = features.weights_or_none()
+        cell = (segment % batch) * fields + field  # output row of each id
+        out = torch.zeros(batch * fields * (k + 1), dtype=self.tables[str(self.widths[0])].dtype)
+        for w in self.widths:
+            hit = self.width_of[group] == w
+            g = group[hit]
+            values = self.tables[str(w)][self.first_row[g] + ids[hit]]
+            if weights is not None:
+                values = values * weights[hit, None]
+            where = cell[hit, None] * (k + 1) + getattr(self, f"columns_{w}")[self.index_in_width[g]]
+            out.index_add_(0, where.flatten(), values.flatten())
+        return out.view(batch, fields, k + 1)[..., :k]
