@@ -5,9 +5,9 @@ A ``RepackedEmbedding`` pools each of its hundreds of group keys over the whole 
 the output is as wide as all groups together (7,076 columns for 521 groups where the
 unpruned model has 1,248), which makes the repacked model slower to serve than the one
 it compresses. ``FusedLookup`` finds each id's group with one ``searchsorted``, reads
-its row from the table of the group's width, and adds the row's values at their
-columns of ``[B, F, K]`` with one ``index_add`` per width: work in proportion to the
-values read. Outputs equal the repacked module's with the selection projection, for
+its row from the table of the group's width, spreads it to its columns and adds it
+to its (row, field) cell of ``[B, F, K]``: work in proportion to the ids, a few
+vectorised passes per width. Outputs equal the repacked module's with the selection projection, for
 single- and multi-hot, weighted or not (sum pooling).
 
 Example:
@@ -55,8 +55,10 @@ class FusedLookup(nn.Module):
                 first_row.append(slot.get(g.width, 0) - g.group.start)
                 index_in_width.append(len(columns.get(g.width, [])))
                 if g.width:
-                    pieces[g.width].append(tables[group_key(key, kept_ids[id(g)])])
-                    columns[g.width].append(list(g.columns) + [k] * (g.width - len(g.columns)))
+                    values = tables[group_key(key, kept_ids[id(g)])].clone()
+                    values[:, len(g.columns):] = 0  # padding slots: read as zeros into column 0
+                    pieces[g.width].append(values)
+                    columns[g.width].append(list(g.columns) + [0] * (g.width - len(g.columns)))
                     slot[g.width] += g.group.rows
             offset += max((g.group.stop for g in plan.groups if g.group.key == key), default=0)
         starts.append(offset)  # ids past the last group are errors
@@ -95,15 +97,19 @@ class FusedLookup(nn.Module):
         group = torch.searchsorted(self.starts, self.offsets[field] + ids, right=True) - 1
         if ids.numel() and bool((self.width_of[group] < 0).any() | (ids < 0).any()):
             raise ValueError("ids outside the ranges of the prune plan's groups")
+        # Per width: each id's row spread to its K columns, added to its (row, field)
+        # cell. Padding slots hold zeros (zeroed at construction) and add to column 0.
+        width = self.width_of[group]
         weights = features.weights_or_none()
-        cell = (segment % batch) * fields + field  # output row of each id
-        out = torch.zeros(batch * fields * (k + 1), dtype=self.tables[str(self.widths[0])].dtype)
+        cell = (segment % batch) * fields + field
+        out = torch.zeros(batch * fields, k, dtype=self.tables[str(self.widths[0])].dtype)
         for w in self.widths:
-            hit = self.width_of[group] == w
+            hit = (width == w).nonzero().squeeze(1)  # width 0: dropped groups
             g = group[hit]
             values = self.tables[str(w)][self.first_row[g] + ids[hit]]
+            columns = getattr(self, f"columns_{w}")[self.index_in_width[g]]
+            spread = values.new_zeros(hit.numel(), k).scatter_add_(1, columns, values)
             if weights is not None:
-                values = values * weights[hit, None]
-            where = cell[hit, None] * (k + 1) + getattr(self, f"columns_{w}")[self.index_in_width[g]]
-            out.index_add_(0, where.flatten(), values.flatten())
-        return out.view(batch, fields, k + 1)[..., :k]
+                spread *= weights[hit, None]
+            out.index_add_(0, cell[hit], spread)
+        return out.view(batch, fields, k)

@@ -205,3 +205,20 @@ def test_fused_lookup_equals_the_repacked_module_on_weighted_multi_hot_batches()
         ids = random_ids(4)
         fused = FusedLookup.from_repacked(build_repacked(alpha_ebc, plan), plan)
         assert (fused(single_hot_kjt(keys, ids)) - structured_reference(alpha_ebc, plan, ids)).abs().max() < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="shard_quant_model asserts CUDA")
+def test_int8_repacked_tables_shard_over_emulated_ranks_on_one_gpu():
+    """TorchRec's serving path: the int8 repacked EBC sharded table-wise over 2 emulated
+    ranks of one GPU gives the unsharded int8 outputs."""
+    from torchrec.inference.modules import quantize_inference_model, shard_quant_model
+
+    alpha_ebc, plan = searched(seed=4)
+    quant = quantize_inference_model(Probe(build_repacked(alpha_ebc, plan)).cuda(), output_dtype=torch.float)
+    kjt = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), random_ids(5))).to("cuda")
+    with torch.no_grad():
+        expected = quant(kjt)
+        sharded, sharding_plan = shard_quant_model(quant, world_size=2, compute_device="cuda", sharding_device="cuda")
+        assert len(sharding_plan.plan) > 0
+        assert (sharded(kjt) - expected).abs().max() < 1e-5

@@ -21,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.data import synth
 from pipeline.data.loader import SplitReader
 from pipeline.inference import RawInputError, load_model, read_tsv
-from test_launch import ROOT, dataset, finish, search_run, torchrun  # noqa: F401 (fixtures)
+from launch_helpers import ROOT, finish, torchrun
 
 pytestmark = pytest.mark.multirank
 
@@ -59,7 +59,11 @@ def test_retrain_checkpoint_loads_on_any_world_size_and_in_one_plain_process(ret
     with torch.no_grad():
         logits["plain"] = model(next(iter(reader.batches())))
     assert not torch.distributed.is_initialized()
-    for name in (3, "plain"):
+    unfused = load_model(retrain_run, fuse=False)
+    reader.transform = unfused.rewrite
+    with torch.no_grad():
+        logits["plain unfused"] = unfused(next(iter(reader.batches())))
+    for name in (3, "plain", "plain unfused"):
         assert (logits[name] - logits[1]).abs().max() < 1e-5, name
     result = json.loads((retrain_run / "result.json").read_text())
     assert result["stage"] == "retrain" and result["compression_ratio"] >= 4 * 0.9
@@ -115,7 +119,7 @@ def test_bad_raw_rows_name_file_line_and_field_and_leave_no_output(retrain_run, 
 
 
 def test_int8_predictions_stay_within_the_bound_of_each_rows_range(retrain_run, raw_rows):
-    fp32, int8 = load_model(retrain_run), load_model(retrain_run, int8=True)
+    fp32, int8 = load_model(retrain_run, fuse=False), load_model(retrain_run, int8=True)
     _, block = next(read_tsv(raw_rows))
     batch = fp32.encode(block)
     bound = embedding_error_bound(fp32, batch.sparse)  # [B, F]

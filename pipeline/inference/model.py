@@ -8,7 +8,8 @@ data went through: vocabulary lookup (hex -> frequency rank, OOV), the dense tra
 projections, and the model. The code is the preprocessing's and the loader's own
 (``encode_block``, ``rows_batch``), so serving cannot drift from training.
 
-``int8=True`` quantizes every table row-wise with TorchRec's
+Repacked tables are served fused by width (``sharding.fused_lookup``), which reads only
+the values each id needs. ``int8=True`` quantizes every table row-wise with TorchRec's
 ``quantize_inference_model`` (one fused FBGEMM kernel for all widths; an entry's error
 is at most half its row's ``(max - min) / 255`` plus fp16 rounding of the row's scale
 and bias).
@@ -37,8 +38,10 @@ from pipeline.data.loader import rows_batch, table_rows
 from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
 from pipeline.loop import BEST
+from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_run_task
 from sharding.checkpoint import load_checkpoint
+from sharding.fused_lookup import FusedLookup
 from sharding.repack import KeyRewriter
 
 
@@ -86,11 +89,13 @@ class ServingModel(nn.Module):
 
 def load_model(
     run_dir: str | Path, checkpoint: str = BEST, int8: bool = False, data_path: Optional[str] = None,
+    fuse: bool = True,
 ) -> ServingModel:
     """The run's model on CPU in this process, ready to score raw rows.
 
     ``data_path`` overrides the dataset directory in the run's config (its metadata and
-    vocabulary are read, never its shards).
+    vocabulary are read, never its shards); ``fuse=False`` keeps repacked tables in their
+    training form (an EBC behind the key rewrite).
     """
     run_dir = Path(run_dir)
     cfg = load_config([run_dir / "config.yaml"], [f"data.path={data_path}"] if data_path else [])
@@ -98,9 +103,26 @@ def load_model(
     layout = FeatureLayout.from_meta(meta, cfg.data.dense_mode)
     built = build_run_task(run_dir, cfg, layout, torch.device("cpu"))
     load_checkpoint(run_dir / "checkpoints" / checkpoint, built.task, local=True)
-    model = built.task.model.eval()
-    if int8:
-        model = quantize_inference_model(model, output_dtype=torch.float)
-    rewrite = KeyRewriter(built.plan, layout.keys) if built.plan is not None else None
     vocab = Vocabulary.load(Path(cfg.data.path) / "vocab")
-    return ServingModel(model, layout, vocab, meta.dense_fields, rewrite)
+    return serving_model(built.task.model, layout, vocab, meta.dense_fields, built.plan, int8, fuse)
+
+
+def serving_model(
+    model: nn.Module, layout: FeatureLayout, vocab: Vocabulary, dense_fields: Sequence[str],
+    plan: Optional[StructuredPlan] = None, int8: bool = False, fuse: bool = True,
+) -> ServingModel:
+    """A trained model (on CPU) ready to serve.
+
+    Repacked tables (``plan``) with the selection projection are fused by width
+    (``FusedLookup``: ids looked up directly, no key rewrite); ``int8`` keeps them as an
+    EBC, which TorchRec quantizes, behind the key rewrite. A learned projection keeps
+    the EBC too.
+    """
+    model = model.eval()
+    if plan is None or int8 or not fuse or getattr(model.embedding, "learned", False):
+        if int8:
+            model = quantize_inference_model(model, output_dtype=torch.float)
+        rewrite = KeyRewriter(plan, layout.keys) if plan is not None else None
+        return ServingModel(model, layout, vocab, dense_fields, rewrite)
+    model.embedding = FusedLookup.from_repacked(model.embedding, plan)
+    return ServingModel(model, layout, vocab, dense_fields)
