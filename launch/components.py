@@ -156,7 +156,7 @@ def evaluate(
     memMB: int = 16384,
     image: str = DEFAULT_IMAGE,
 ) -> specs.AppDef:
-    """AUC and logloss of a finished train or search run on a split.
+    """AUC and logloss of a finished train, search or retrain run on a split (any world size).
 
     Args:
         run_dir: the run directory.

@@ -2,7 +2,9 @@
 # The end-to-end demo on the embedded default: synthetic Criteo-like data with a planted
 # dimension signal -> preprocessing on 2 ranks -> plain training (the reference) and the
 # DNIS search on 2 CPU ranks (gloo), both launched by TorchX -> test-split evaluation ->
-# structured prune to CR $CR -> retrain of the repacked mixed-width model.
+# structured prune to CR $CR -> retrain of the repacked mixed-width model -> its 2-rank
+# checkpoint evaluated on 1 rank -> fine-grained (eq. 9) prune for comparison -> fresh
+# raw rows scored by the shipped model in one process -> report (JSON + PNG plots).
 # Usage: scripts/demo.sh [DEMO_DIR] (ROWS=... to change the data size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,36 +18,43 @@ TORCHX=(torchx run -s local_cwd)
 
 step() { echo; echo "== $*"; }
 
-step "1/7 synthetic Criteo-format data: $ROWS rows -> $DIR/raw"
+step "1/11 synthetic Criteo-format data: $ROWS rows -> $DIR/raw"
 mkdir -p "$DIR/raw"
 [ -f "$DIR/raw/train.txt" ] || dnis-synth --rows "$ROWS" --seed 0 --out "$DIR/raw/train.txt"
 
-step "2/7 preprocess on $NPROC ranks (frequency ranks, 8:1:1 split) -> $DIR/data"
+step "2/11 preprocess on $NPROC ranks (frequency ranks, 8:1:1 split) -> $DIR/data"
 "${TORCHX[@]}" launch/components.py:preprocess --nproc "$NPROC" \
   --output "$DIR/data" --inputs "$DIR/raw/train.txt" --dataset synthetic
 
-rm -rf "$DIR/train" "$DIR/search" "$DIR/retrain"  # runs start fresh; the data above is reused
+rm -rf "$DIR/train" "$DIR/search" "$DIR/retrain" "$DIR/scores.parquet"  # runs start fresh; the data above is reused
 
-step "3/7 reference: plain DeepFM on full-width sharded tables"
+step "3/11 reference: plain DeepFM on full-width sharded tables"
 "${TORCHX[@]}" launch/components.py:train --config "$CONFIG" --nproc "$NPROC" \
   --overrides "data.path=$DIR/data,run.dir=$DIR/train"
 
-step "4/7 DNIS search of α per frequency block"
+step "4/11 DNIS search of α per frequency block"
 "${TORCHX[@]}" launch/components.py:search --config "$CONFIG" --nproc "$NPROC" \
   --overrides "data.path=$DIR/data,run.dir=$DIR/search"
 
-step "5/7 evaluate the searched model on the test split"
+step "5/11 evaluate the searched model on the test split"
 "${TORCHX[@]}" launch/components.py:evaluate --nproc "$NPROC" --run_dir "$DIR/search"
 
-step "6/7 structured prune to compression ratio $CR (α × column RMS, byte budget)"
+step "6/11 structured prune to compression ratio $CR (α × column RMS, byte budget)"
 "${TORCHX[@]}" launch/components.py:prune --nproc "$NPROC" --run_dir "$DIR/search" --cr "$CR"
 
-step "7/7 retrain the repacked mixed-width model"
+step "7/11 retrain the repacked mixed-width model"
 "${TORCHX[@]}" launch/components.py:retrain --nproc "$NPROC" --run_dir "$DIR/search" --out "$DIR/retrain"
 
-summary() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); t=r['test']; print(f\"test auc {t['auc']:.4f} logloss {t['logloss']:.4f}\" + (f\"  (CR {r['compression_ratio']:.1f}; before retraining auc {r['before_retrain']['auc']:.4f})\" if 'before_retrain' in r else ''))" "$1"; }
-echo
-echo "reference (full tables):   $(summary "$DIR/train/result.json")"
-echo "search (α-scaled tables):  $(summary "$DIR/search/result.json")"
-echo "pruned + retrained:        $(summary "$DIR/retrain/result.json")"
-echo "α table: $DIR/search/alpha.json; plan: $DIR/search/prune.json; metrics: $DIR/*/metrics.jsonl"
+step "8/11 the retrain's 2-rank checkpoint evaluated on 1 rank (tables reshard on load)"
+"${TORCHX[@]}" launch/components.py:evaluate --nproc 1 --run_dir "$DIR/retrain"
+
+step "9/11 fine-grained prune (eq. 9: |E·α| < ε zeroed, COO bytes) to CR $CR, evaluated"
+"${TORCHX[@]}" launch/components.py:prune --nproc "$NPROC" --run_dir "$DIR/search" --cr "$CR" --mode fine
+
+step "10/11 score fresh raw rows with the shipped model (one process, no process group)"
+[ -f "$DIR/raw/fresh.txt" ] || dnis-synth --rows 20000 --seed 1 --out "$DIR/raw/fresh.txt"
+dnis predict --run-dir "$DIR/retrain" --input "$DIR/raw/fresh.txt" --out "$DIR/scores.parquet"
+
+step "11/11 report: α heat map, kept widths, AUC vs CR, parameters, wall times"
+dnis report --run-dir "$DIR/search" --retrain "$DIR/retrain" --reference "$DIR/train"
+echo "report: $DIR/search/report/ (report.json, alpha.png, dims.png, cr_auc.png, params.png)"

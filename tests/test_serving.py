@@ -163,3 +163,11 @@ def embedding_jacobian(model, batch) -> torch.Tensor:
     finally:
         hook.remove()
     return emb.grad
+
+
+def test_the_fused_model_exports_with_torch_export_for_a_fixed_batch(retrain_run, raw_rows):
+    model = load_model(retrain_run)
+    batch = model.encode(next(read_tsv(raw_rows))[1])
+    exported = torch.export.export(model.model, (batch.dense, batch.sparse), strict=False)
+    with torch.no_grad():
+        assert torch.equal(exported.module()(batch.dense, batch.sparse), model(batch))
