@@ -67,8 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     labelled = _labelled(args.input)
     write_scores(Path(args.out), scores, labels if labelled else None)
     result = {"rows": int(scores.size)}
-    if labelled:
-        result.update(binary_metrics(torch.from_numpy(scores), torch.from_numpy(labels)))
+    if labelled:  # rows with a null label (parquet) are scored but not counted
+        known = labels >= 0
+        result.update(binary_metrics(torch.from_numpy(scores[known]), torch.from_numpy(labels[known])))
         print(f"auc {result['auc']:.5f} logloss {result['logloss']:.5f} rows {result['rows']}")
     print(f"wrote {scores.size} scores to {args.out}")
     return result
