@@ -52,7 +52,11 @@ step "9/11 fine-grained prune (eq. 9: |E·α| < ε zeroed, COO bytes) to CR $CR,
 "${TORCHX[@]}" launch/components.py:prune --nproc "$NPROC" --run_dir "$DIR/search" --cr "$CR" --mode fine
 
 step "10/11 score fresh raw rows with the shipped model (one process, no process group)"
-[ -f "$DIR/raw/fresh.txt" ] || dnis-synth --rows 20000 --seed 1 --out "$DIR/raw/fresh.txt"
+# Same generator and seed, rows past the first $ROWS: unseen rows of the same world.
+if [ ! -f "$DIR/raw/fresh.txt" ]; then
+  dnis-synth --rows $((ROWS + 20000)) --seed 0 --out "$DIR/raw/more.txt"
+  tail -n 20000 "$DIR/raw/more.txt" > "$DIR/raw/fresh.txt" && rm "$DIR/raw/more.txt"
+fi
 dnis predict --run-dir "$DIR/retrain" --input "$DIR/raw/fresh.txt" --out "$DIR/scores.parquet"
 
 step "11/11 report: α heat map, kept widths, AUC vs CR, parameters, wall times"
