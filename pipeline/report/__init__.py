@@ -2,7 +2,8 @@
 
     python -m launch.report --run-dir runs/synthetic/search --reference runs/synthetic/train
 
-``build_report`` (``runs``) reads the run directories into one JSON-ready dict;
+``build_report`` (``summary``) turns the run directories, as ``runs`` reads them,
+into one JSON-ready dict;
 ``write_report`` (``output``) draws the plots (``plots``) from that dict alone
 (matplotlib's Agg canvas, no display) and writes ``report.json`` last, so a report
 directory holding ``report.json`` is complete.
@@ -28,6 +29,7 @@ start-up before the first event.
 """
 
 from pipeline.report.output import format_summary, write_report
-from pipeline.report.runs import PLOTS, ReportError, build_report, dense_parameters
+from pipeline.report.runs import ReportError
+from pipeline.report.summary import PLOTS, build_report, dense_parameters
 
 __all__ = ["PLOTS", "ReportError", "build_report", "dense_parameters", "format_summary", "write_report"]

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from pipeline.report.runs import METHODS, PLOTS
+from pipeline.report.summary import METHODS, PLOTS
 
 METRIC_NAMES = {"auc": "AUC", "logloss": "logloss"}
 
