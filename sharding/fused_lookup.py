@@ -98,19 +98,22 @@ class FusedLookup(nn.Module):
         checkable = not torch.compiler.is_compiling()  # an exported graph has no data checks
         if checkable and ids.numel() and bool((self.width_of[group] < 0).any() | (ids < 0).any()):
             raise ValueError("ids outside the ranges of the prune plan's groups")
-        # Per width: each id's row spread to its K columns, added to its (row, field)
-        # cell. Padding slots hold zeros (zeroed at construction) and add to column 0.
-        width = self.width_of[group]
+        # Ids sorted by width, so each width's ids are one slice; per width each id's row
+        # is spread to its K columns and added to its (row, field) cell. Padding slots
+        # hold zeros (zeroed at construction) and add to column 0.
+        width, order = torch.sort(self.width_of[group])
+        bounds = torch.searchsorted(width, torch.tensor([[w, w + 1] for w in self.widths])).tolist()
+        group = group[order]
+        row = self.first_row[group] + ids[order]
+        local = self.index_in_width[group]
+        cell = ((segment % batch) * fields + field)[order]
         weights = features.weights_or_none()
-        cell = (segment % batch) * fields + field
+        weights = None if weights is None else weights[order, None]
         out = torch.zeros(batch * fields, k, dtype=self.tables[str(self.widths[0])].dtype)
-        for w in self.widths:
-            hit = (width == w).nonzero().squeeze(1)  # width 0: dropped groups
-            g = group[hit]
-            values = self.tables[str(w)][self.first_row[g] + ids[hit]]
-            columns = getattr(self, f"columns_{w}")[self.index_in_width[g]]
-            spread = values.new_zeros(hit.numel(), k).scatter_add_(1, columns, values)
+        for w, (lo, hi) in zip(self.widths, bounds):  # width 0 (dropped groups) is skipped
+            values = self.tables[str(w)][row[lo:hi]]
             if weights is not None:
-                spread *= weights[hit, None]
-            out.index_add_(0, cell[hit], spread)
+                values = values * weights[lo:hi]
+            columns = getattr(self, f"columns_{w}")[local[lo:hi]]
+            out.index_add_(0, cell[lo:hi], values.new_zeros(hi - lo, k).scatter_add_(1, columns, values))
         return out.view(batch, fields, k)
