@@ -4,10 +4,11 @@ width, looked up straight from the original feature ids, with no per-group keys.
 A ``RepackedEmbedding`` pools each of its hundreds of group keys over the whole batch:
 the output is as wide as all groups together (7,076 columns for 521 groups where the
 unpruned model has 1,248), which makes the repacked model slower to serve than the one
-it compresses. ``FusedLookup`` finds each id's group with one ``searchsorted``, reads
-its row from the table of the group's width, spreads it to its columns and adds it
-to its (row, field) cell of ``[B, F, K]``: work in proportion to the ids, a few
-vectorised passes per width. Outputs equal the repacked module's with the selection projection, for
+it compresses. ``FusedLookup`` finds each id's group with one ``searchsorted``
+(``repack.GroupIndex``, shared with the training-time key rewrite), reads its row
+from the table of the group's width, spreads it to its columns and adds it to its
+(row, field) cell of ``[B, F, K]``: work in proportion to the ids, a few vectorised
+passes per width. Outputs equal the repacked module's with the selection projection, for
 single- and multi-hot, weighted or not (sum pooling).
 
 Example:
@@ -24,7 +25,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.prune.plan import StructuredPlan
-from sharding.repack import RepackedEmbedding, group_key, kept_groups
+from sharding.repack import GroupIndex, RepackedEmbedding, group_key, kept_groups
 
 
 class FusedLookup(nn.Module):
@@ -39,34 +40,30 @@ class FusedLookup(nn.Module):
     def __init__(self, plan: StructuredPlan, keys: Sequence[str], tables: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.keys = list(keys)
-        self.embedding_dim = k = plan.embedding_dim
+        self.embedding_dim = plan.embedding_dim
+        self.index = GroupIndex(plan, keys)
         kept = kept_groups(plan, keys)
+        table_of = {id(g): tables[group_key(key, i)] for key in self.keys for i, g in enumerate(kept[key])}
         self.widths = sorted({g.width for groups in kept.values() for g in groups})
-        slot = {w: 0 for w in self.widths}  # next free row of each width's table
         pieces: dict[int, list[torch.Tensor]] = {w: [] for w in self.widths}
         columns: dict[int, list[list[int]]] = {w: [] for w in self.widths}
-        starts, width_of, first_row, index_in_width, offsets, offset = [], [], [], [], [], 0
-        for key in self.keys:
-            offsets.append(offset)
-            kept_ids = {id(g): i for i, g in enumerate(kept[key])}
-            for g in sorted((g for g in plan.groups if g.group.key == key), key=lambda g: g.group.start):
-                starts.append(offset + g.group.start)
-                width_of.append(g.width)
-                first_row.append(slot.get(g.width, 0) - g.group.start)
-                index_in_width.append(len(columns.get(g.width, [])))
-                if g.width:
-                    values = tables[group_key(key, kept_ids[id(g)])].clone()
-                    values[:, len(g.columns):] = 0  # padding slots: read as zeros into column 0
-                    pieces[g.width].append(values)
-                    columns[g.width].append(list(g.columns) + [0] * (g.width - len(g.columns)))
-                    slot[g.width] += g.group.rows
-            offset += max((g.group.stop for g in plan.groups if g.group.key == key), default=0)
-        starts.append(offset)  # ids past the last group are errors
-        self.register_buffer("starts", torch.tensor(starts, dtype=torch.int64))
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.int64))
-        self.register_buffer("width_of", torch.tensor(width_of + [-1], dtype=torch.int64))
-        self.register_buffer("first_row", torch.tensor(first_row + [0], dtype=torch.int64))
-        self.register_buffer("index_in_width", torch.tensor(index_in_width + [0], dtype=torch.int64))
+        width_of, first_row, index_in_width = [], [], []
+        for g in self.index.slots:  # in id order, so each width's table is too
+            if g is None or g.width == 0:  # past a feature's ids, or dropped
+                width_of.append(-1 if g is None else 0)
+                first_row.append(0)
+                index_in_width.append(0)
+                continue
+            width_of.append(g.width)
+            first_row.append(sum(p.shape[0] for p in pieces[g.width]) - g.group.start)
+            index_in_width.append(len(columns[g.width]))
+            values = table_of[id(g)].clone()
+            values[:, len(g.columns):] = 0  # padding slots: read as zeros into column 0
+            pieces[g.width].append(values)
+            columns[g.width].append(list(g.columns) + [0] * (g.width - len(g.columns)))
+        self.register_buffer("width_of", torch.tensor(width_of, dtype=torch.int64))
+        self.register_buffer("first_row", torch.tensor(first_row, dtype=torch.int64))
+        self.register_buffer("index_in_width", torch.tensor(index_in_width, dtype=torch.int64))
         self.tables = nn.ParameterDict({
             str(w): nn.Parameter(torch.cat(pieces[w]), requires_grad=False) for w in self.widths
         })
@@ -88,25 +85,16 @@ class FusedLookup(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         batch, fields, k = features.stride(), len(self.keys), self.embedding_dim
-        position = {key: i for i, key in enumerate(self.keys)}
-        ids = features.values().long()
-        segment = torch.repeat_interleave(
-            torch.arange(features.lengths().numel()), features.lengths().long(), output_size=ids.numel()
-        )
-        field = torch.tensor([position[key] for key in features.keys()], dtype=torch.int64)[segment // batch]
-        group = torch.searchsorted(self.starts, self.offsets[field] + ids, right=True) - 1
-        checkable = not torch.compiler.is_compiling()  # an exported graph has no data checks
-        if checkable and ids.numel() and bool((self.width_of[group] < 0).any() | (ids < 0).any()):
-            raise ValueError("ids outside the ranges of the prune plan's groups")
+        found = self.index.locate(features)
         # Ids sorted by width, so each width's ids are one slice; per width each id's row
         # is spread to its K columns and added to its (row, field) cell. Padding slots
         # hold zeros (zeroed at construction) and add to column 0.
-        width, order = torch.sort(self.width_of[group])
+        width, order = torch.sort(self.width_of[found.slot])
         bounds = torch.searchsorted(width, torch.tensor([[w, w + 1] for w in self.widths])).tolist()
-        group = group[order]
-        row = self.first_row[group] + ids[order]
-        local = self.index_in_width[group]
-        cell = ((segment % batch) * fields + field)[order]
+        slot = found.slot[order]
+        row = self.first_row[slot] + found.ids[order]
+        local = self.index_in_width[slot]
+        cell = ((found.segment % batch) * fields + found.field)[order]
         weights = features.weights_or_none()
         weights = None if weights is None else weights[order, None]
         out = torch.zeros(batch * fields, k, dtype=self.tables[str(self.widths[0])].dtype)

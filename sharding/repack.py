@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -69,58 +70,90 @@ def repacked_table_configs(plan: StructuredPlan, keys: Sequence[str]) -> list[Em
     ]
 
 
-class KeyRewriter:
-    """Batch transform: each id of ``keys`` into its kept group's key as a local row.
+@dataclass(frozen=True)
+class LocatedIds:
+    """Every id of a batch with its bag (``segment``: key-major, then row), its field
+    position in ``GroupIndex.keys`` and its group slot."""
 
-    Vectorised over the whole batch: one ``searchsorted`` of every id (offset by its
-    feature) against all group starts, then one stable sort by (output key, row). Ids
-    of dropped groups leave the batch; an id past a feature's last group is an error.
+    ids: torch.Tensor
+    segment: torch.Tensor
+    field: torch.Tensor
+    slot: torch.Tensor
+
+
+class GroupIndex:
+    """All groups of a plan on one sorted axis (feature offset + id), so one
+    ``searchsorted`` finds the group of every id of a batch.
+
+    ``slots[i]`` is the group of slot ``i``; each feature's slots end with ``None``,
+    which catches ids past its last group.
     """
 
     def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
         self.keys = list(keys)
-        kept = kept_groups(plan, keys)
-        self.out_keys = [group_key(key, i) for key in self.keys for i in range(len(kept[key]))]
-        out_index = {id(g): i for i, g in enumerate(g for key in self.keys for g in kept[key])}
-        starts, outs, local_starts, offsets, offset = [], [], [], [], 0
+        self.slots: list[GroupPlan | None] = []
+        starts, offsets, offset = [], [], 0
         for key in self.keys:
             groups = sorted((g for g in plan.groups if g.group.key == key), key=lambda g: g.group.start)
             offsets.append(offset)
             for g in groups:
                 starts.append(offset + g.group.start)
-                outs.append(out_index.get(id(g), -1))
-                local_starts.append(g.group.start)
+                self.slots.append(g)
             offset += groups[-1].group.stop if groups else 0
-            starts.append(offset)  # past the last group: an id out of range
-            outs.append(-2)
-            local_starts.append(0)
-        self._offsets = torch.tensor(offsets, dtype=torch.int64)
-        self._starts = torch.tensor(starts, dtype=torch.int64)
-        self._outs = torch.tensor(outs, dtype=torch.int64)
-        self._local_starts = torch.tensor(local_starts, dtype=torch.int64)
+            starts.append(offset)
+            self.slots.append(None)
+        self.starts = torch.tensor(starts, dtype=torch.int64)
+        self.offsets = torch.tensor(offsets, dtype=torch.int64)
+        self._outside = torch.tensor([g is None for g in self.slots])
 
-    def __call__(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        position = {key: i for i, key in enumerate(self.keys)}
+    def locate(self, features: KeyedJaggedTensor) -> LocatedIds:
+        """Group slots of every id of ``features`` (whose keys are ``keys``, any order).
+
+        Raises:
+            ValueError: naming an id outside its feature's groups (not while exporting).
+        """
         if sorted(features.keys()) != sorted(self.keys):
             raise ValueError(f"batch keys {features.keys()} are not the plan's keys {self.keys}")
-        batch = features.stride()
+        position = {key: i for i, key in enumerate(self.keys)}
         ids = features.values().long()
         segment = torch.repeat_interleave(
             torch.arange(features.lengths().numel()), features.lengths().long(), output_size=ids.numel()
         )
-        feature = torch.tensor([position[k] for k in features.keys()], dtype=torch.int64)[segment // batch]
-        group = torch.searchsorted(self._starts, self._offsets[feature] + ids, right=True) - 1
-        out = self._outs[group.clamp(min=0)]
-        if ids.numel() and (bool((out == -2).any()) or bool((ids < 0).any())):
-            bad = int(ids[(out == -2) | (ids < 0)][0])
-            raise ValueError(f"id {bad} is outside the ranges of the prune plan's groups")
+        field = torch.tensor([position[k] for k in features.keys()], dtype=torch.int64)[segment // features.stride()]
+        slot = (torch.searchsorted(self.starts, self.offsets[field] + ids, right=True) - 1).clamp(min=0)
+        if ids.numel() and not torch.compiler.is_compiling():  # an exported graph has no data checks
+            bad = self._outside[slot] | (ids < 0)
+            if bool(bad.any()):
+                raise ValueError(f"id {int(ids[bad][0])} is outside the ranges of the prune plan's groups")
+        return LocatedIds(ids, segment, field, slot)
+
+
+class KeyRewriter:
+    """Batch transform: each id of ``keys`` into its kept group's key as a local row.
+
+    Vectorised over the whole batch: the ``GroupIndex`` lookup, then one stable sort by
+    (output key, row). Ids of dropped groups leave the batch.
+    """
+
+    def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
+        self.index = GroupIndex(plan, keys)
+        kept = kept_groups(plan, keys)
+        self.out_keys = [group_key(key, i) for key in self.index.keys for i in range(len(kept[key]))]
+        out_index = {id(g): i for i, g in enumerate(g for key in self.index.keys for g in kept[key])}
+        self._outs = torch.tensor([out_index.get(id(g), -1) for g in self.index.slots], dtype=torch.int64)
+        self._local_starts = torch.tensor([g.group.start if g else 0 for g in self.index.slots], dtype=torch.int64)
+
+    def __call__(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        batch = features.stride()
+        found = self.index.locate(features)
+        out = self._outs[found.slot]
         keep = out >= 0
-        order_key = out[keep] * batch + segment[keep] % batch
+        order_key = out[keep] * batch + found.segment[keep] % batch
         order = torch.sort(order_key, stable=True).indices
         weights = features.weights_or_none()
         return KeyedJaggedTensor(
             keys=self.out_keys,
-            values=(ids[keep] - self._local_starts[group[keep]])[order],
+            values=(found.ids[keep] - self._local_starts[found.slot[keep]])[order],
             lengths=torch.bincount(order_key, minlength=len(self.out_keys) * batch).to(features.lengths().dtype),
             weights=None if weights is None else weights[keep][order],
             stride=batch,
