@@ -26,7 +26,7 @@ from pipeline.data.metadata import DatasetMeta
 from pipeline.evaluate import evaluate
 from pipeline.loop import StepHook, Trainer
 from pipeline.run_dir import RunDir
-from pipeline.search.blocking import Blocking
+from pipeline.search.blocking import Blocking, compute_blocking
 from pipeline.tasks import RunTask, build_run_task
 from sharding.checkpoint import latest_checkpoint, load_checkpoint
 from sharding.dmp import DistEnv, init_distributed, make_optimizer, shard_model
@@ -140,6 +140,12 @@ def load_run(
         raise SystemExit(f"{run.checkpoints}: no periodic checkpoint to load")
     load_checkpoint(path, dmp)
     return job, dmp, built.blocking
+
+
+def blocking_for(job: Job) -> Blocking:
+    """Frequency blocking of every feature of the run's layout (``blocking`` config)."""
+    cfg = job.cfg.blocking
+    return compute_blocking(job.layout.counts, cfg.num_blocks, cfg.mode, cfg.per_field)
 
 
 def _seed(seed: int) -> None:

@@ -184,10 +184,11 @@ def prune(
     memMB: int = 16384,
     image: str = DEFAULT_IMAGE,
 ) -> specs.AppDef:
-    """Prune a finished search for a target compression ratio.
+    """Prune a finished search (α × column RMS) or train run (magnitude) for a target
+    compression ratio.
 
     Args:
-        run_dir: the search's run directory (``prune.json`` or ``fine_prune.json`` is written there).
+        run_dir: the run directory (``prune.json`` or ``fine_prune.json`` is written there).
         cr: target compression ratio (the pruned bytes never exceed unpruned / cr).
         ranges_per_block: id ranges per (feature, block), each with its own width (structured).
         projection: ``selection`` (fixed) or ``learned`` (NIS-ME) (structured).
@@ -208,26 +209,29 @@ def retrain(
     out: str,
     overrides: Optional[List[str]] = None,
     resume: bool = False,
+    init: str = "source",
     nproc: int = 2,
     nnodes: int = 1,
     gpu: int = 0,
     memMB: int = 16384,
     image: str = DEFAULT_IMAGE,
 ) -> specs.AppDef:
-    """Retrain the repacked model of a pruned search (``prune`` first).
+    """Retrain the repacked model of a pruned search or train run (``prune`` first), or
+    train a baseline's width plan from scratch.
 
     Args:
-        run_dir: the search's run directory holding ``prune.json``.
+        run_dir: the run directory holding ``prune.json``.
         out: the retrain run directory.
-        overrides: ``section.key=value`` overrides of the search's config.
+        overrides: ``section.key=value`` overrides of the source's config.
         resume: continue a killed retrain.
+        init: ``source`` (the run's best weights, repacked) or ``scratch``.
         nproc: processes (ranks) per node.
         nnodes: nodes.
         gpu: GPUs per node (0 = CPU with gloo).
         memMB: memory per node.
         image: container image (remote schedulers only).
     """
-    args = ["--run-dir", run_dir, "--out", out]
+    args = ["--run-dir", run_dir, "--out", out, "--init", init]
     for override in overrides or []:
         args += ["--set", override]
     args += ["--resume"] if resume else []

@@ -2,7 +2,9 @@
 
 Structured keeps columns of every (feature, block, id range) group, for a byte budget
 ``--cr`` or a threshold ``--tau``; fine-grained zeroes the entries of Ẽ = E ⊙ α below
-ε, for ``--cr`` or ``--epsilon``.
+ε, for ``--cr`` or ``--epsilon``. On a plain train run both use α = 1 over the config's
+frequency blocking: magnitude pruning (column RMS, or |E|), the baseline at the same
+granularity.
 
     python -m launch.prune --run-dir runs/synthetic/search --cr 10
     python -m launch.prune --run-dir runs/synthetic/search --mode fine --cr 10
@@ -26,11 +28,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from launch.common import Job, load_run
+from launch.common import Job, blocking_for, load_run
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
 from pipeline.prune.fine import FinePrune, apply_epsilon, epsilon_for_cr, table_bytes
 from pipeline.prune.plan import StructuredPlan, group_ranges, plan_for_cr, plan_for_tau
+from pipeline.tasks import retrained_plan
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import init_distributed
 from sharding.repack import PROJECTIONS
@@ -79,13 +82,14 @@ def width_table(plan: StructuredPlan) -> str:
     return "\n".join(lines)
 
 
-def searched_alpha(dmp) -> torch.Tensor:
-    """α of the search task (on the CPU)."""
-    return next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha.detach().cpu()
+def searched_alpha(dmp, blocking, embedding_dim: int) -> torch.Tensor:
+    """α of the search task (on the CPU); all ones for a plain model (magnitude pruning)."""
+    alphas = [m.alpha for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)]
+    return alphas[0].detach().cpu() if alphas else torch.ones(blocking.num_alpha_rows, embedding_dim)
 
 
 def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
-    alpha = searched_alpha(dmp)
+    alpha = searched_alpha(dmp, blocking, job.cfg.model.embedding_dim)
     groups = group_ranges(blocking, job.layout.num_embeddings, args.ranges_per_block)
     sum_sq = group_sum_sq(dmp, groups, job.cfg.model.embedding_dim)
     if args.cr is not None:
@@ -96,9 +100,11 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
 def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
     args = parse_args(argv)
     env = init_distributed()
+    if retrained_plan(args.run_dir) is not None:
+        raise SystemExit(f"{args.run_dir}: a retrain run is pruned already; prune its search or train run")
     job, dmp, blocking = load_run(env, args.run_dir, args.checkpoint, show_progress=False)
-    if blocking is None:
-        raise SystemExit(f"{args.run_dir}: not a search run (no blocking.json); prune needs α")
+    score = "alpha_rms" if blocking is not None else "magnitude"
+    blocking = blocking or blocking_for(job)
     if args.mode == "fine":
         return fine_prune(job, dmp, blocking, args)
     try:
@@ -106,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
     except ValueError as error:  # an unreachable compression ratio
         raise SystemExit(f"dnis prune: {error}") from None
     summary = {
-        "target": {"cr": args.cr, "tau": args.tau}, "projection": args.projection,
+        "target": {"cr": args.cr, "tau": args.tau}, "projection": args.projection, "score": score,
         "ranges_per_block": args.ranges_per_block, "tau": plan.tau,
         "compression_ratio": {p: plan.compression_ratio(p) for p in PROJECTIONS},
         "embedding_bytes": {p: plan.embedding_bytes(p) for p in PROJECTIONS},
@@ -150,7 +156,7 @@ def with_result(results: list[dict], entry: dict) -> list[dict]:
 def fine_prune(job: Job, dmp, blocking, args: argparse.Namespace) -> dict:
     """Fine-grained prune (eq. 9) for ``--cr`` or ``--epsilon``, evaluated on the test
     split; its entry in ``fine_prune.json``."""
-    pruned = fine_threshold(dmp, blocking, searched_alpha(dmp), args)
+    pruned = fine_threshold(dmp, blocking, searched_alpha(dmp, blocking, job.cfg.model.embedding_dim), args)
     test = evaluate(dmp, job.reader("test", train=False).batches(), job.env.device, desc="test")
     entry = {"target_cr": args.cr, **pruned.to_json(), "test": test, "wall_s": job.wall_s}
     if job.env.is_main:

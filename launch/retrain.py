@@ -1,13 +1,20 @@
-"""Retrain (fine-tune) the shipped model: the searched model's weights, repacked into the
-mixed-width tables of its structured prune, trained again with early stopping.
+"""Retrain (fine-tune) the shipped model: a run's weights, repacked into the mixed-width
+tables of its structured prune, trained again with early stopping.
 
     python -m launch.prune --run-dir runs/synthetic/search --cr 10
     python -m launch.retrain --run-dir runs/synthetic/search --out runs/synthetic/retrain
 
+The source run directory holds ``prune.json`` and decides where the weights come from:
+
+- a search run (``blocking.json``): its best checkpoint, α folded into the values;
+- a plain train run (magnitude pruning, ``dnis prune`` on it): its best checkpoint;
+- ``--init scratch``: nothing is loaded; the plan is trained from the tables' own
+  initialisation (the plans of ``dnis compare``'s baselines, MDE and random search).
+
 The new run directory gets the usual config, metrics, checkpoints and ``result.json``
 with the test metrics before retraining (the pruned model as repacked: equal to the
-structurally pruned α-model) and after. Rank 0 reads the search's tables whole to
-repack them (memory: one copy of the unpruned tables on that host).
+structurally pruned model) and after. Rank 0 reads the source's tables whole to repack
+them (memory: one copy of the unpruned tables on that host).
 """
 
 from __future__ import annotations
@@ -27,45 +34,57 @@ from pipeline.loop import BEST
 from pipeline.prune.plan import StructuredPlan
 from pipeline.run_dir import RunDir
 from pipeline.search.blocking import Blocking
-from pipeline.tasks import RunTask, build_retrain_task, build_search_task
+from pipeline.tasks import RunTask, build_retrain_task, build_search_task, build_train_task
 from sharding.checkpoint import latest_checkpoint, load_checkpoint, load_full_state
 from sharding.dmp import barrier, init_distributed
 from sharding.field_embedding import table_name
 from sharding.repack import PROJECTIONS, repacked_weights
 
 INIT_FILE = "init.pt"
+INITS = ("source", "scratch")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, help="a search run with prune.json (dnis prune)")
+    parser.add_argument("--run-dir", required=True, help="a run with prune.json (dnis prune, or a baseline plan)")
     parser.add_argument("--out", help="the retrain run directory (default: <run-dir>/retrain)")
     parser.add_argument(
         "--projection", choices=PROJECTIONS,
         help="fixed selection or learned ME projection (default: the one prune.json was sized for)",
     )
+    parser.add_argument(
+        "--init", choices=INITS, default="source",
+        help="source: the run's best weights repacked; scratch: the tables' own initialisation",
+    )
     add_run_options(parser)
     return parser.parse_args(argv)
 
 
-def initial_state(job: Job, search: RunDir, plan: StructuredPlan) -> dict[str, torch.Tensor]:
-    """The searched model's best checkpoint, repacked by ``plan`` (see ``repacked_state``)."""
-    blocking = Blocking.from_json(search.read_json("blocking.json"))
-    task = build_search_task(job.cfg, job.layout, blocking, torch.device("cpu"))
-    load_checkpoint(search.checkpoints / BEST, task, local=True)
+def initial_state(job: Job, source: RunDir, plan: StructuredPlan) -> dict[str, torch.Tensor]:
+    """The source run's best checkpoint, repacked by ``plan`` (see ``repacked_state``):
+    a search's α-model, or a plain model (α = 1, magnitude pruning)."""
+    if (source.path / "blocking.json").is_file():
+        blocking = Blocking.from_json(source.read_json("blocking.json"))
+        task = build_search_task(job.cfg, job.layout, blocking, torch.device("cpu"))
+    else:
+        task = build_train_task(job.cfg, job.layout, torch.device("cpu"))
+    load_checkpoint(source.checkpoints / BEST, task, local=True)
     return repacked_state(task, plan, job.layout.keys)
 
 
-def repacked_state(search_task: nn.Module, plan: StructuredPlan, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """A search task's dense weights and its tables repacked by ``plan`` (α folded into
-    the values), keyed like the retrain task's state dict."""
-    embedding = search_task.model.embedding
+def repacked_state(task: nn.Module, plan: StructuredPlan, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A search or train task's dense weights and its tables repacked by ``plan`` (a
+    search's α folded into the values), keyed like the retrain task's state dict."""
+    embedding = task.model.embedding
     tables = {k: embedding.ebc.embedding_bags[table_name(k)].weight.detach() for k in keys}
+    alpha = getattr(embedding, "alpha", None)
+    if alpha is None:  # a plain model: every column counts fully
+        alpha = torch.ones(plan.num_alpha_rows, plan.embedding_dim)
     state = {
-        f"model.{name}": value for name, value in search_task.model.state_dict().items()
+        f"model.{name}": value for name, value in task.model.state_dict().items()
         if not name.startswith("embedding.")
     }
-    for name, values in repacked_weights(plan, keys, tables, embedding.alpha.detach()).items():
+    for name, values in repacked_weights(plan, keys, tables, alpha.detach()).items():
         state[f"model.embedding.ebc.embedding_bags.{name}.weight"] = values
     return state
 
@@ -87,6 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     search = RunDir(args.run_dir, is_main=False)
     if not (search.path / "prune.json").is_file():
         raise SystemExit(f"{search.path}: no prune.json; run `dnis prune --run-dir {search.path} --cr N` first")
+    if args.init == "source" and not (search.checkpoints / BEST).exists():
+        raise SystemExit(f"{search.path}: no {BEST} checkpoint to start from; train it, or pass --init scratch")
     pruned = search.read_json("prune.json")
     plan = StructuredPlan.from_json(pruned["plan"])
     projection = args.projection or pruned["projection"]
@@ -94,10 +115,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = load_config([search.path / "config.yaml"], [*args.set, f"run.dir={out}"])
     job = open_job(env, cfg, new_run(env, cfg, args.resume), show_progress=not args.no_progress)
     # The retrain run directory stands alone (evaluate, inference): its plan and its origin.
-    job.run.write_json("prune.json", {**pruned, "projection": projection, "search_run": str(search.path)})
+    job.run.write_json("prune.json", {
+        **pruned, "projection": projection, "search_run": str(search.path), "init": args.init,
+    })
     task = build_retrain_task(cfg, job.layout, plan, projection, torch.device("meta"))
     dmp, optimizer = shard_run_task(job, RunTask(task, plan=plan, projection=projection))
-    if not (args.resume and latest_checkpoint(job.run.checkpoints)):
+    if args.init == "source" and not (args.resume and latest_checkpoint(job.run.checkpoints)):
         initialise(job, dmp, search, plan)  # a resumed run takes its weights from the checkpoint
     before = evaluate(dmp, job.reader("test", train=False).batches(), env.device, desc="test")
     job.log(f"before retraining: test auc {before['auc']:.5f} logloss {before['logloss']:.5f}")

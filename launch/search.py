@@ -14,20 +14,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from launch.common import Job, evaluate_test_split, fit, shard, stage_parser, start
+from launch.common import Job, blocking_for, evaluate_test_split, fit, shard, stage_parser, start
 from pipeline.data.loader import search_batches
 from pipeline.search.alpha_table import alpha_rows, format_alpha_table
-from pipeline.search.blocking import Blocking, compute_blocking
+from pipeline.search.blocking import Blocking
 from pipeline.search.dnis import AlphaUpdater
 from pipeline.tasks import build_search_task
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import all_reduce_mean
-
-
-def blocking_for(job: Job) -> Blocking:
-    """Frequency blocking of every feature of the run's layout (``blocking`` config)."""
-    cfg = job.cfg.blocking
-    return compute_blocking(job.layout.counts, cfg.num_blocks, cfg.mode, cfg.per_field)
 
 
 def save_alpha(job: Job, alpha: torch.Tensor, blocking: Blocking) -> None:

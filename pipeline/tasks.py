@@ -82,7 +82,9 @@ def build_retrain_task(
     cfg: Config, layout: Layout, plan: StructuredPlan, projection: str, device: torch.device
 ) -> TrainTask:
     """The configured model on the repacked mixed-width tables of a structured prune."""
-    embedding = RepackedEmbedding(plan, layout.keys, projection, layout.weighted, device)
+    embedding = RepackedEmbedding(
+        plan, layout.keys, projection, layout.weighted, device, cfg.model.init_scale
+    )
     return TrainTask(_model(cfg, layout, embedding))
 
 
@@ -96,15 +98,23 @@ class RunTask:
     projection: Optional[str] = None
 
 
+def retrained_plan(run_dir: str | Path) -> Optional[dict]:
+    """The ``prune.json`` of a retrain run (it names the run it was pruned from), else
+    ``None``: a search or train run may hold a ``prune.json`` of its own prune."""
+    path = Path(run_dir) / "prune.json"
+    pruned = json.loads(path.read_text()) if path.is_file() else {}
+    return pruned if "search_run" in pruned else None
+
+
 def build_run_task(run_dir: str | Path, cfg: Config, layout: Layout, device: torch.device) -> RunTask:
-    """The task of a run directory, by what it holds: ``blocking.json`` a search,
-    ``prune.json`` alone a retrain (its plan and projection), neither a plain train run."""
+    """The task of a run directory, by what it holds: ``blocking.json`` a search, a
+    retrain's ``prune.json`` a retrain (its plan and projection), else a plain train run."""
     run_dir = Path(run_dir)
     if (run_dir / "blocking.json").is_file():
         blocking = Blocking.from_json(json.loads((run_dir / "blocking.json").read_text()))
         return RunTask(build_search_task(cfg, layout, blocking, device), blocking=blocking)
-    if (run_dir / "prune.json").is_file():
-        pruned = json.loads((run_dir / "prune.json").read_text())
+    pruned = retrained_plan(run_dir)
+    if pruned is not None:
         plan = StructuredPlan.from_json(pruned["plan"])
         task = build_retrain_task(cfg, layout, plan, pruned["projection"], device)
         return RunTask(task, plan=plan, projection=pruned["projection"])

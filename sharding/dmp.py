@@ -103,14 +103,35 @@ def sharders(device: torch.device) -> list:
     return [EmbeddingBagCollectionSharder()]
 
 
+# FBGEMM's sharded kernels (table-, column-, row-wise) need widths that are multiples
+# of 4; the data-parallel (dense) kernel takes any width.
+SHARDED_WIDTH_MULTIPLE = 4
+
+
+def narrow_table_constraints(model: nn.Module) -> dict[str, ParameterConstraints]:
+    """Data-parallel constraints for every table whose width FBGEMM cannot shard.
+
+    Narrow tables (1-3 columns: uniform dimension 1 or 2, MDE's smallest blocks) are
+    cheap to replicate, and replication is the only TorchRec placement they can have.
+    """
+    return {
+        config.name: ParameterConstraints(sharding_types=["data_parallel"])
+        for module in model.modules() if isinstance(module, EmbeddingBagCollection)
+        for config in module.embedding_bag_configs()
+        if config.embedding_dim % SHARDED_WIDTH_MULTIPLE
+    }
+
+
 def plan_model(
     model: nn.Module,
     env: DistEnv,
     constraints: Optional[dict[str, ParameterConstraints]] = None,
 ) -> ShardingPlan:
-    """A sharding plan from TorchRec's planner (the same on every rank)."""
+    """A sharding plan from TorchRec's planner (the same on every rank); narrow tables
+    are always data-parallel (``narrow_table_constraints``)."""
     topology = Topology(world_size=env.world_size, compute_device=env.device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    constraints = {**(constraints or {}), **narrow_table_constraints(model)}
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints or None)
     return planner.collective_plan(model, sharders(env.device), env.process_group)
 
 

@@ -56,14 +56,20 @@ def kept_groups(plan: StructuredPlan, keys: Sequence[str]) -> dict[str, list[Gro
     return out
 
 
-def repacked_table_configs(plan: StructuredPlan, keys: Sequence[str]) -> list[EmbeddingBagConfig]:
-    """One table per kept group, ``stop - start`` rows of the group's width."""
+def repacked_table_configs(
+    plan: StructuredPlan, keys: Sequence[str], init_scale: float = 0.01
+) -> list[EmbeddingBagConfig]:
+    """One table per kept group, ``stop - start`` rows of the group's width, initialised
+    from ``uniform(-init_scale, init_scale)`` like the full tables (what a plan trained
+    from scratch starts from; a retrain from searched weights overwrites it)."""
     return [
         EmbeddingBagConfig(
             name=f"t_{group_key(key, i)}",
             num_embeddings=g.group.stop - g.group.start,
             embedding_dim=g.width,
             feature_names=[group_key(key, i)],
+            weight_init_min=-init_scale,
+            weight_init_max=init_scale,
         )
         for key, groups in kept_groups(plan, keys).items()
         for i, g in enumerate(groups)
@@ -190,11 +196,12 @@ class RepackedEmbedding(nn.Module):
         projection: ``selection`` (fixed, exact) or ``learned`` (NIS-ME).
         weighted: whether features carry weights (the paper's dense fields).
         device: where the tables go (``meta`` before sharding).
+        init_scale: tables start from ``uniform(-init_scale, init_scale)``.
     """
 
     def __init__(
         self, plan: StructuredPlan, keys: Sequence[str], projection: str = "selection",
-        weighted: bool = False, device: torch.device | None = None,
+        weighted: bool = False, device: torch.device | None = None, init_scale: float = 0.01,
     ) -> None:
         super().__init__()
         if projection not in PROJECTIONS:
@@ -203,7 +210,7 @@ class RepackedEmbedding(nn.Module):
         self.embedding_dim = plan.embedding_dim
         groups = kept_groups(plan, keys)
         self.ebc = EmbeddingBagCollection(
-            repacked_table_configs(plan, keys), is_weighted=weighted, device=device
+            repacked_table_configs(plan, keys, init_scale), is_weighted=weighted, device=device
         )
         self._names = {key: [group_key(key, i) for i in range(len(g))] for key, g in groups.items()}
         self._first = next(n for names in self._names.values() for n in names)

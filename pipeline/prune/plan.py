@@ -49,15 +49,21 @@ class Group:
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """The stored columns of one group (sorted); ``()`` drops the group."""
+    """The stored columns of one group (sorted); ``()`` drops the group.
+
+    ``multiple`` is the width granularity: 4 for the pruned tables (FBGEMM's sharded
+    kernels need it), 1 for the baselines' narrow tables (1-3 columns), which
+    ``sharding.dmp`` keeps data-parallel, the one TorchRec kernel that takes any width.
+    """
 
     group: Group
     columns: tuple[int, ...]
+    multiple: int = WIDTH_MULTIPLE
 
     @property
     def width(self) -> int:
-        """Stored columns: ``len(columns)`` rounded up to a multiple of 4."""
-        return -(-len(self.columns) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        """Stored columns: ``len(columns)`` rounded up to a multiple of ``multiple``."""
+        return -(-len(self.columns) // self.multiple) * self.multiple
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,11 @@ class StructuredPlan:
     def unpruned_bytes(self) -> int:
         return unpruned_bytes(sum(g.group.rows for g in self.groups), self.embedding_dim)
 
+    @property
+    def num_alpha_rows(self) -> int:
+        """Rows of the α matrix the groups' ``block`` indices point into."""
+        return 1 + max(g.group.block for g in self.groups)
+
     def compression_ratio(self, projection: str) -> float:
         """Unpruned ÷ pruned embedding bytes."""
         return self.unpruned_bytes() / self.embedding_bytes(projection)
@@ -87,7 +98,7 @@ class StructuredPlan:
             "tau": self.tau,
             "groups": [
                 {"key": g.group.key, "block": g.group.block, "start": g.group.start,
-                 "stop": g.group.stop, "columns": list(g.columns)}
+                 "stop": g.group.stop, "columns": list(g.columns), "multiple": g.multiple}
                 for g in self.groups
             ],
         }
@@ -95,7 +106,10 @@ class StructuredPlan:
     @classmethod
     def from_json(cls, doc: dict) -> "StructuredPlan":
         groups = tuple(
-            GroupPlan(Group(g["key"], g["block"], g["start"], g["stop"]), tuple(g["columns"]))
+            GroupPlan(
+                Group(g["key"], g["block"], g["start"], g["stop"]), tuple(g["columns"]),
+                g.get("multiple", WIDTH_MULTIPLE),
+            )
             for g in doc["groups"]
         )
         return cls(groups, doc["embedding_dim"], float(doc["tau"]))

@@ -1,0 +1,159 @@
+"""``dnis compare``: every method at equal bytes, one protocol, several seeds.
+
+    dnis compare --config configs/synthetic.yaml --data longtail=runs/lt/data \\
+        --data flat=runs/flat/data --methods full,grid,mde,magnitude,qr,int8,dnis \\
+        --cr 10,20 --seeds 3 --out runs/compare
+
+Runs each (dataset, model, seed, method, budget) as the project's stages (TorchX
+components on ``--nproc`` ranks; see ``pipeline.compare.protocol`` for what each method
+runs and the shared budget), skips what a previous (or killed) compare finished, and
+writes ``compare.json`` (every row and the mean ± std per method and budget),
+``compare.md`` and ``pareto.png`` into ``--out``. ``--smoke`` shrinks every run to a few
+steps (minutes on tiny data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tqdm import tqdm
+
+from pipeline.compare.output import markdown, pareto_plot
+from pipeline.compare.protocol import METHODS, Cell, Settings, Step
+from pipeline.compare.results import aggregate, method_row
+from pipeline.compare.steps import ROOT, method_steps
+from pipeline.config import load_config
+from pipeline.data.features import FeatureLayout
+from pipeline.data.metadata import DatasetMeta
+
+SMOKE = ("train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=3")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Settings:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML config of every run (one file: TorchX components take one)")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="a preprocessed dataset to compare on (repeatable; default: the config's data.path)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--cr", default="10,20", help="target compression ratios, comma-separated")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per cell (run.seed 0..N-1)")
+    p.add_argument("--models", default="deepfm", help="comma-separated model names")
+    p.add_argument("--out", default="runs/compare", help="compare directory (resumable)")
+    p.add_argument("--epochs", type=int, default=2, help="total training epochs of every method")
+    p.add_argument("--search-epochs", type=int, default=1, help="of which a search (DNIS, NIS, warm-up) spends")
+    p.add_argument("--grid", default="1,2,4,8,16", help="uniform widths K' of the grid baseline")
+    p.add_argument("--candidates", type=int, default=4, help="random plans per budget (the paper: 16)")
+    p.add_argument("--mde-temperature", type=float, default=0.3, help="MDE: width ∝ popularity^T")
+    p.add_argument("--nproc", type=int, default=2, help="ranks of every run")
+    p.add_argument("--scheduler", default="local_cwd", help="TorchX scheduler")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override of every run (repeatable)")
+    p.add_argument("--smoke", action="store_true", help="a few steps per run: checks the whole compare quickly")
+    args = p.parse_args(argv)
+    methods = tuple(args.methods.split(","))
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    data = dict(item.split("=", 1) for item in args.data) or {
+        "data": load_config([args.config]).data.path}
+    return Settings(
+        configs=(str(Path(args.config).resolve()),),
+        data={k: str(Path(v).resolve()) for k, v in data.items()},
+        models=tuple(args.models.split(",")), methods=methods, crs=_floats(args.cr),
+        seeds=args.seeds, out=str(Path(args.out).resolve()), epochs=args.epochs,
+        search_epochs=args.search_epochs, grid=tuple(int(k) for k in args.grid.split(",")),
+        candidates=args.candidates, mde_temperature=args.mde_temperature, nproc=args.nproc,
+        scheduler=args.scheduler, overrides=(*(SMOKE if args.smoke else ()), *args.set),
+    )
+
+
+def cells(settings: Settings) -> list[Cell]:
+    return [Cell(settings, d, m, s) for d in settings.data for m in settings.models for s in range(settings.seeds)]
+
+
+def plan_steps(settings: Settings) -> list[Step]:
+    """Every step of the compare, each once (shared stages appear first where needed)."""
+    steps: dict[str, Step] = {}
+    for cell in cells(settings):
+        for method in settings.methods:
+            for cr in settings.crs:
+                for step in method_steps(cell, method, cr):
+                    steps.setdefault(f"{cell.root}/{step.name}", step)
+    return list(steps.values())
+
+
+def execute(step: Step) -> None:
+    """Run a step's command, its output in its log; a failure names the log."""
+    if step.prepare:
+        step.prepare()
+    if not step.command:
+        return
+    step.log.parent.mkdir(parents=True, exist_ok=True)
+    # torchx's local scheduler starts `torchrun` from PATH: this interpreter's one.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(step.log, "w") as log:
+        code = subprocess.call(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0 or not (step.succeeded or step.done)():
+        raise SystemExit(f"dnis compare: {step.name} failed (exit {code}); {step.log}: {_cause(step.log)}")
+
+
+def _cause(log: Path) -> str:
+    """The last line of a failed stage's log that says why (not torchx's status)."""
+    lines = [line for line in log.read_text().splitlines() if line.strip() and not line.startswith(("torchx ", "  "))]
+    said = [line for line in lines if "error" in line.lower() or "dnis" in line]
+    return (said or lines or ["(empty log)"])[-1]
+
+
+def rows(settings: Settings) -> list[dict]:
+    """Result rows of every finished (cell, method, budget)."""
+    out = []
+    for cell in cells(settings):
+        cfg = load_config(list(settings.configs), list(cell.overrides(cell.root, settings.epochs)))
+        layout = FeatureLayout.from_meta(DatasetMeta.load(cfg.data.path), cfg.data.dense_mode)
+        dim = cfg.model.embedding_dim
+        unpruned = sum(layout.num_embeddings.values()) * dim * 4
+        for method in settings.methods:
+            crs = settings.crs if method not in ("full", "int8", "int4") else settings.crs[:1]
+            out += [r for cr in crs if (r := method_row(cell, method, cr, unpruned, dim))]
+    return out
+
+
+def write_outputs(settings: Settings) -> dict:
+    found = rows(settings)
+    summary = aggregate(found)
+    out = Path(settings.out)
+    doc = {"settings": asdict(settings), "summary": summary, "rows": found}
+    tmp = out / "compare.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    (out / "compare.md").write_text(markdown(summary))
+    if summary:
+        pareto_plot(summary, out / "pareto.png")
+    tmp.replace(out / "compare.json")  # last: a complete compare.json means the rest is written
+    return doc
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    settings = parse_args(argv)
+    Path(settings.out).mkdir(parents=True, exist_ok=True)
+    todo = [s for s in plan_steps(settings) if not s.done()]
+    for step in tqdm(todo, desc="compare", unit="run", dynamic_ncols=True):
+        tqdm.write(f"== {step.name}")
+        execute(step)
+    doc = write_outputs(settings)
+    print(markdown(doc["summary"]))
+    return doc
+
+
+if __name__ == "__main__":
+    main()

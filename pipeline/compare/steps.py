@@ -1,0 +1,172 @@
+"""The stage runs of every (method, budget) of a compare cell, as resumable ``Step``s.
+
+Every training-like stage is the project's TorchX component (``launch/components.py``)
+run with ``torchx run -s <scheduler>``, so a compare uses the same entry points, ranks
+and run directories as a user would; quantisation runs ``launch.quantize`` in one
+process. A step is done when its output exists (``result.json``, an entry of
+``fine_prune.json``, ``quantized_int8.json``); a run directory left by a killed step is
+continued with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.compare.plans import mde_plan, random_plan
+from pipeline.compare.protocol import Cell, Step, cr_tag
+from pipeline.config import load_config, save_config
+from pipeline.data.features import FeatureLayout
+from pipeline.data.metadata import DatasetMeta
+from pipeline.prune.bytes import PROJECTIONS
+from pipeline.prune.plan import group_ranges
+from pipeline.search.blocking import compute_blocking
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULT = "result.json"
+
+
+def finished(run_dir: Path, name: str = RESULT) -> bool:
+    return (run_dir / name).is_file()
+
+
+def fine_done(run_dir: Path, cr: float) -> bool:
+    """Whether ``fine_prune.json`` holds the entry of target ``cr``."""
+    path = run_dir / "fine_prune.json"
+    return path.is_file() and any(e["target_cr"] == cr for e in json.loads(path.read_text())["results"])
+
+
+def torchx(cell: Cell, component: str, *args: str) -> list[str]:
+    """``torchx run`` of one of the project's components on ``nproc`` ranks."""
+    s = cell.settings
+    return [
+        str(Path(sys.executable).with_name("torchx")), "run", "-s", s.scheduler,
+        f"{ROOT}/launch/components.py:{component}", "--nproc", str(s.nproc), *args,
+    ]
+
+
+def _configs(cell: Cell) -> list[str]:
+    return [a for c in cell.settings.configs for a in ("--config", c)]
+
+
+def train_step(cell: Cell, name: str, run_dir: Path, epochs: int, *extra: str, stage: str = "train") -> Step:
+    (config, *more) = cell.settings.configs
+    if more:
+        raise ValueError("dnis compare runs TorchX components, which take one --config: merge the files")
+    overrides = ",".join(cell.overrides(run_dir, epochs, *extra))
+    return Step(
+        name, lambda: finished(run_dir),
+        torchx(cell, stage, "--config", config, "--overrides", overrides, "--resume", "True"),
+        log=run_dir.with_name(run_dir.name + ".log"),
+    )
+
+
+def structured_done(source: Path, cr: float) -> bool:
+    """Whether the source's ``prune.json`` is the plan of target ``cr``."""
+    path = source / "prune.json"
+    return path.is_file() and json.loads(path.read_text())["target"]["cr"] == cr
+
+
+def prune_step(cell: Cell, name: str, source: Path, cr: float, mode: str, done=None) -> Step:
+    """``dnis prune`` of ``source``; a structured one is done when ``done()`` (its retrain)."""
+    wrote = (lambda: fine_done(source, cr)) if mode == "fine" else (lambda: structured_done(source, cr))
+    return Step(
+        name, done or wrote, torchx(cell, "prune", "--run_dir", str(source), "--cr", f"{cr:g}", "--mode", mode),
+        log=source.parent / f"{source.name}.prune-{mode}-{cr_tag(cr)}.log", succeeded=wrote,
+    )
+
+
+def retrain_step(cell: Cell, name: str, source: Path, out: Path, epochs: int, init: str) -> Step:
+    overrides = ",".join([f"train.epochs={epochs}"])
+    return Step(
+        name, lambda: finished(out),
+        torchx(cell, "retrain", "--run_dir", str(source), "--out", str(out), "--init", init,
+               "--overrides", overrides, "--resume", "True"),
+        log=out.with_name(out.name + ".log"),
+    )
+
+
+def quantize_step(name: str, run_dir: Path, bits: int) -> Step:
+    command = [sys.executable, "-m", "launch.quantize", "--run-dir", str(run_dir), "--bits", str(bits)]
+    return Step(name, lambda: finished(run_dir, f"quantized_int{bits}.json"), command,
+                log=run_dir.parent / f"{run_dir.name}.int{bits}.log")
+
+
+def plan_step(cell: Cell, name: str, plan_dir: Path, method: str, cr: float, candidate: int = 0) -> Step:
+    """Write a baseline's width plan (``prune.json`` + the resolved ``config.yaml``)."""
+    def write() -> None:
+        cfg = load_config(list(cell.settings.configs), cell.overrides(plan_dir, cell.settings.epochs))
+        meta = DatasetMeta.load(cfg.data.path)
+        layout = FeatureLayout.from_meta(meta, cfg.data.dense_mode)
+        b = cfg.blocking
+        groups = group_ranges(compute_blocking(layout.counts, b.num_blocks, b.mode, b.per_field), layout.num_embeddings)
+        dim = cfg.model.embedding_dim
+        unpruned = sum(layout.num_embeddings.values()) * dim * 4
+        if method == "mde":
+            projection = "learned"
+            plan = mde_plan(groups, layout.counts, dim, unpruned / cr, cell.settings.mde_temperature)
+        else:
+            projection = "selection"
+            rng = np.random.default_rng([cell.seed, int(cr * 1000), candidate])
+            plan = random_plan(groups, dim, unpruned / cr, rng)
+        plan_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, plan_dir / "config.yaml")
+        doc = {
+            "method": method, "target": {"cr": cr}, "projection": projection,
+            "compression_ratio": {p: plan.compression_ratio(p) for p in PROJECTIONS},
+            "embedding_bytes": {p: plan.embedding_bytes(p) for p in PROJECTIONS},
+            "unpruned_bytes": plan.unpruned_bytes(), "plan": plan.to_json(),
+        }
+        tmp = plan_dir / "prune.json.tmp"
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(plan_dir / "prune.json")
+
+    return Step(name, lambda: finished(plan_dir, "prune.json"), prepare=write)
+
+
+def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
+    """The steps of ``method`` at budget ``cr`` in ``cell`` (shared ones repeat by name)."""
+    s, tag = cell.settings, cr_tag(cr)
+    E, R = s.epochs, cell.retrain_epochs
+    full, warm, search = cell.dir("full"), cell.dir("warm"), cell.dir("search")
+    full_step = train_step(cell, "full", full, E)
+    warm_step = train_step(cell, "warm", warm, s.search_epochs)
+    search_step = train_step(cell, "search", search, s.search_epochs, stage="search")
+    if method == "full":
+        return [full_step]
+    if method == "grid":
+        return [train_step(cell, f"grid/k{k}", cell.dir("grid", f"k{k}"), E, f"model.embedding_dim={k}")
+                for k in s.grid]
+    if method in ("int8", "int4"):
+        return [full_step, quantize_step(f"full/{method}", full, int(method[3:]))]
+    if method in ("dnis", "dnis_int8", "magnitude"):
+        source, first = (warm, warm_step) if method == "magnitude" else (search, search_step)
+        name = f"{'magnitude' if method == 'magnitude' else 'dnis'}/{tag}"
+        out = cell.dir(name)
+        steps = [first, prune_step(cell, f"{name}/prune", source, cr, "structured", lambda: finished(out)),
+                 retrain_step(cell, name, source, out, R, "source")]
+        return steps + ([quantize_step(f"{name}/int8", out, 8)] if method == "dnis_int8" else [])
+    if method in ("dnis_fine", "magnitude_fine"):
+        source, first = (warm, warm_step) if method == "magnitude_fine" else (search, search_step)
+        return [first, prune_step(cell, f"{method}/{tag}", source, cr, "fine")]
+    if method == "mde":
+        plan_dir, out = cell.dir("mde", tag, "plan"), cell.dir("mde", tag, "run")
+        return [plan_step(cell, f"mde/{tag}/plan", plan_dir, "mde", cr),
+                retrain_step(cell, f"mde/{tag}", plan_dir, out, E, "scratch")]
+    if method == "random":
+        steps = []
+        for i in range(s.candidates):
+            plan_dir, out = cell.dir("random", tag, f"c{i}", "plan"), cell.dir("random", tag, f"c{i}", "run")
+            steps += [plan_step(cell, f"random/{tag}/c{i}/plan", plan_dir, "random", cr, i),
+                      retrain_step(cell, f"random/{tag}/c{i}", plan_dir, out, E, "scratch")]
+        return steps
+    if method == "qr":
+        return [train_step(cell, f"qr/{tag}", cell.dir("qr", tag), E, "model.embedding=qr", f"model.qr_target_cr={cr:g}")]
+    if method == "nis_me":
+        nis, out = cell.dir("nis_me", tag, "search"), cell.dir("nis_me", tag, "run")
+        return [train_step(cell, f"nis_me/{tag}/search", nis, s.search_epochs, f"nis.target_cr={cr:g}", stage="nis"),
+                retrain_step(cell, f"nis_me/{tag}", nis, out, R, "scratch")]
+    raise ValueError(f"unknown method {method!r}")
