@@ -30,6 +30,7 @@ from pipeline.search.blocking import Blocking, compute_blocking
 from pipeline.tasks import RunTask, build_run_task
 from sharding.checkpoint import latest_checkpoint, load_checkpoint
 from sharding.dmp import DistEnv, init_distributed, make_optimizer, shard_model
+from sharding.qr_embedding import QREmbedding, QRKeyWriter
 from sharding.repack import KeyRewriter, repacked_constraints
 
 
@@ -164,11 +165,14 @@ def shard(job: Job, task: nn.Module, constraints: Optional[dict] = None):
 
 def shard_run_task(job: Job, built: RunTask):
     """``shard`` for any run's task; a repacked one also gets the key rewrite on its
-    batches and planner constraints for its tables."""
+    batches and planner constraints for its tables, a QR one its quotient/remainder keys."""
     constraints = None
+    embedding = built.task.model.embedding
     if built.plan is not None:
         job.transform = KeyRewriter(built.plan, job.layout.keys)
-        constraints = repacked_constraints(built.task.model.embedding)
+        constraints = repacked_constraints(embedding)
+    elif isinstance(embedding, QREmbedding):
+        job.transform = QRKeyWriter(embedding.plan)
     return shard(job, built.task, constraints)
 
 

@@ -39,6 +39,9 @@ class DataConfig:
     prefetch: int = 2  # batches prepared ahead by a background thread
 
 
+EMBEDDINGS = ("full", "qr")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to build and its sizes; see ``pipeline.models.MODELS``."""
@@ -50,6 +53,17 @@ class ModelConfig:
     bottom_mlp_dims: tuple[int, ...] = (512, 256)  # dense_mode=mlp; a last layer of K is added
     cross_layers: int = 3  # DCNv2
     cross_rank: int = 0  # DCNv2 low-rank cross (0 = full rank)
+    embedding: str = "full"  # full | qr (quotient-remainder baseline, pipeline.search.qr)
+    qr_target_cr: float = 0.0  # qr: unpruned ÷ QR embedding bytes to aim for (> 1)
+    qr_min_rows: int = 1000  # qr: tables of at most this many rows stay full
+
+    def __post_init__(self) -> None:
+        if self.embedding not in EMBEDDINGS:
+            raise ConfigError(f"model.embedding {self.embedding!r}: expected one of {EMBEDDINGS}")
+        if self.embedding == "qr" and self.qr_target_cr <= 1.0:
+            raise ConfigError(f"model.qr_target_cr must be > 1 with model.embedding=qr, got {self.qr_target_cr}")
+        if self.qr_min_rows < 1:
+            raise ConfigError(f"model.qr_min_rows must be >= 1, got {self.qr_min_rows}")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ from pipeline.models import build_model
 from pipeline.prune.plan import StructuredPlan
 from pipeline.search.blocking import Blocking
 from pipeline.search.dnis import DNISTask
+from pipeline.search.qr import QRPlan, plan_qr
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.field_embedding import FieldEmbeddingCollection, table_configs
+from sharding.qr_embedding import QREmbedding
 from sharding.repack import RepackedEmbedding
 
 
@@ -53,6 +55,8 @@ class TrainTask(nn.Module):
 
 
 def _ebc(cfg: Config, layout: Layout, device: torch.device, multi_hot=(), num_blocks=1):
+    if cfg.model.embedding != "full":
+        raise ValueError(f"model.embedding={cfg.model.embedding} trains with launch.train only; search needs full tables")
     configs = table_configs(
         layout.num_embeddings, cfg.model.embedding_dim, cfg.model.init_scale, multi_hot, num_blocks
     )
@@ -64,9 +68,22 @@ def _model(cfg: Config, layout: Layout, embedding: nn.Module) -> nn.Module:
     return build_model(cfg.model, embedding, len(layout.keys), num_dense)
 
 
+def qr_plan(cfg: Config, layout: Layout) -> Optional[QRPlan]:
+    """The QR baseline's table sizes for ``model.embedding=qr``; ``None`` for full tables."""
+    model = cfg.model
+    if model.embedding != "qr":
+        return None
+    return plan_qr(layout.num_embeddings, model.embedding_dim, model.qr_min_rows, model.qr_target_cr)
+
+
 def build_train_task(cfg: Config, layout: Layout, device: torch.device) -> TrainTask:
-    """The reference: the configured model on a plain EBC (tables on ``device``, e.g. meta)."""
-    embedding = FieldEmbeddingCollection(_ebc(cfg, layout, device), layout.keys)
+    """The reference: the configured model on a plain EBC (tables on ``device``, e.g. meta),
+    or on QR tables (``model.embedding=qr``, batches rewritten by ``QRKeyWriter``)."""
+    plan = qr_plan(cfg, layout)
+    if plan is not None:
+        embedding = QREmbedding(plan, layout.keys, cfg.model.init_scale, layout.weighted, device)
+    else:
+        embedding = FieldEmbeddingCollection(_ebc(cfg, layout, device), layout.keys)
     return TrainTask(_model(cfg, layout, embedding))
 
 
