@@ -24,6 +24,7 @@ STAGES = {
     "retrain": "launch.retrain",
     "report": "launch.report",
     "predict": "launch.predict",
+    "quantize": "launch.quantize",
 }
 
 
