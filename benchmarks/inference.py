@@ -108,7 +108,7 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[str, tuple[float
     for name, (ratio, build, plan) in builders.items():
         models[name] = (ratio, serving_model(build(), layout, vocab, dense_fields, plan))
         if args.int8:
-            models[f"{name} int8"] = (ratio, serving_model(build(), layout, vocab, dense_fields, plan, int8=True))
+            models[f"{name} int8"] = (ratio, serving_model(build(), layout, vocab, dense_fields, plan, bits=8))
     return models
 
 

@@ -25,6 +25,7 @@ STAGES = {
     "report": "launch.report",
     "predict": "launch.predict",
     "compare": "launch.compare",
+    "quantize": "launch.quantize",
 }
 
 

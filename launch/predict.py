@@ -41,7 +41,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def score(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, labels)`` of every input row, in order."""
-    model = load_model(args.run_dir, args.checkpoint, args.int8, args.data_path)
+    model = load_model(args.run_dir, args.checkpoint, 8 if args.int8 else None, args.data_path)
     scores, labels = [], []
     with progress_bar(desc="predict", unit="row", disable=args.no_progress) as bar:
         for _, block in read_raw(args.input):

@@ -48,7 +48,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    process_group: dist.ProcessGroup
+    process_group: Optional[dist.ProcessGroup]  # None: one process that joined no job (dnis quantize)
 
     @property
     def is_main(self) -> bool:

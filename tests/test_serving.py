@@ -1,7 +1,7 @@
 """The shipped model: a retrain run's checkpoint (written by 2 ranks) loads on 1 and 3
 ranks and into one plain process with identical predictions; ``load_model`` scores raw
-TSV and parquet rows without any process group; int8 stays within the bound its row
-ranges allow; bad raw rows fail naming file, line and field."""
+TSV and parquet rows without any process group; int8 and int4 stay within the bound
+their row ranges allow; bad raw rows fail naming file, line and field."""
 
 from __future__ import annotations
 
@@ -24,18 +24,6 @@ from pipeline.inference import RawInputError, load_model, read_tsv
 from launch_helpers import ROOT, finish, torchrun
 
 pytestmark = pytest.mark.multirank
-
-
-@pytest.fixture(scope="module")
-def retrain_run(search_run, tmp_path_factory) -> Path:
-    """A structured prune at CR 4, retrained for a few steps on 2 ranks."""
-    finish(torchrun("launch.prune", "--run-dir", str(search_run), "--cr", "4", nproc=1))
-    out = tmp_path_factory.mktemp("retrain") / "run"
-    finish(torchrun(
-        "launch.retrain", "--run-dir", str(search_run), "--out", str(out),
-        "--set", "train.max_steps=8", "--set", "train.eval_every=4", "--no-progress",
-    ))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -118,34 +106,38 @@ def test_bad_raw_rows_name_file_line_and_field_and_leave_no_output(retrain_run, 
     assert not out.exists() and not list(tmp_path.glob("scores.txt*"))
 
 
-def test_int8_predictions_stay_within_the_bound_of_each_rows_range(retrain_run, raw_rows):
-    fp32, int8 = load_model(retrain_run, fuse=False), load_model(retrain_run, int8=True)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_predictions_stay_within_the_bound_of_each_rows_range(retrain_run, raw_rows, bits):
+    fp32, quantized = load_model(retrain_run, fuse=False), load_model(retrain_run, bits=bits)
     _, block = next(read_tsv(raw_rows))
     batch = fp32.encode(block)
-    bound = embedding_error_bound(fp32, batch.sparse)  # [B, F]
+    bound = embedding_error_bound(fp32, batch.sparse, bits)  # [B, F]
     with torch.no_grad():
-        diff = (fp32.model.embedding(batch.sparse) - int8.model.embedding(batch.sparse)).abs().amax(-1)
+        diff = (fp32.model.embedding(batch.sparse) - quantized.model.embedding(batch.sparse)).abs().amax(-1)
     assert (diff <= bound).all() and diff.max() > 0
+    # Fewer bits, coarser steps: int4's error is well above int8's bound.
+    assert bits == 8 or diff.max() > embedding_error_bound(fp32, batch.sparse, 8).max()
 
     # First order through the model: |Δlogit| ≤ Σ |∂logit/∂e| · bound; σ' ≤ 1/4.
     jacobian = embedding_jacobian(fp32, batch)
     logit_bound = (jacobian.abs() * bound[..., None]).sum((1, 2))
     with torch.no_grad():
-        p_fp32, p_int8 = torch.sigmoid(fp32(batch)), torch.sigmoid(int8(batch))
-    assert ((p_fp32 - p_int8).abs() <= 1.5 * logit_bound / 4 + 1e-6).all()
+        p_fp32, p_quantized = torch.sigmoid(fp32(batch)), torch.sigmoid(quantized(batch))
+    assert ((p_fp32 - p_quantized).abs() <= 1.5 * logit_bound / 4 + 1e-6).all()
 
 
-def embedding_error_bound(model, sparse) -> torch.Tensor:
+def embedding_error_bound(model, sparse, bits: int) -> torch.Tensor:
     """Per (row, field): Σ over its ids of |weight| × (half a quantization step of the
-    id's table row + fp16 rounding of the row's scale and bias)."""
+    id's table row at ``bits`` + fp16 rounding of the row's scale and bias)."""
     keys = list(model.layout.keys)
     tables = {n: bag.weight.detach() for n, bag in model.model.embedding.ebc.embedding_bags.items()}
     bound = torch.zeros(sparse.stride(), len(keys))
     for name, jt in sparse.to_dict().items():
         table = tables[f"t_{name}"]
         low, high = table.min(1).values, table.max(1).values
-        step = (high - low) / 255
-        per_row = step / 2 + 255 * step * 2**-10 + low.abs() * 2**-10 + 1e-7
+        levels = 2**bits - 1
+        step = (high - low) / levels
+        per_row = step / 2 + levels * step * 2**-10 + low.abs() * 2**-10 + 1e-7
         rows = torch.repeat_interleave(torch.arange(jt.lengths().numel()), jt.lengths())
         weights = jt.weights() if jt.weights_or_none() is not None else torch.ones_like(rows, dtype=torch.float)
         bound[:, keys.index(name.split("#")[0])].index_add_(0, rows, per_row[jt.values()] * weights.abs())

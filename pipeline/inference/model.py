@@ -9,10 +9,10 @@ projections, and the model. The code is the preprocessing's and the loader's own
 (``encode_block``, ``rows_batch``), so serving cannot drift from training.
 
 Repacked tables are served fused by width (``sharding.fused_lookup``), which reads only
-the values each id needs. ``int8=True`` quantizes every table row-wise with TorchRec's
-``quantize_inference_model`` (one fused FBGEMM kernel for all widths; an entry's error
-is at most half its row's ``(max - min) / 255`` plus fp16 rounding of the row's scale
-and bias).
+the values each id needs. ``bits=8`` or ``bits=4`` quantizes every table row-wise to
+INT8/INT4 with TorchRec's ``quantize_inference_model`` (one fused FBGEMM kernel for all
+widths; an entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus
+fp16 rounding of the row's scale and bias; bytes as ``pipeline.prune.bytes`` counts them).
 
 Example:
     >>> model = load_model("runs/synthetic/search/retrain")          # doctest: +SKIP
@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 from torchrec.inference.modules import quantize_inference_model
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from pipeline.config import load_config
 from pipeline.data.batch import Batch
@@ -38,11 +40,16 @@ from pipeline.data.loader import rows_batch, table_rows
 from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
 from pipeline.loop import BEST
+from pipeline.prune.bytes import QUANT_ROW_ALIGNMENT, QUANTIZED_BITS
 from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_run_task
 from sharding.checkpoint import load_checkpoint
 from sharding.fused_lookup import FusedLookup
 from sharding.repack import KeyRewriter
+
+QUANTIZED_DTYPES = {8: torch.qint8, 4: torch.quint4x2}  # TorchRec's names for INT8 / INT4 tables
+# FBGEMM's row-wise quantizer stores each row's values in whole fp16-sized units.
+QUANTIZED_ROW_UNIT_BITS = 16
 
 
 class ServingModel(nn.Module):
@@ -88,12 +95,12 @@ class ServingModel(nn.Module):
 
 
 def load_model(
-    run_dir: str | Path, checkpoint: str = BEST, int8: bool = False, data_path: Optional[str] = None,
+    run_dir: str | Path, checkpoint: str = BEST, bits: Optional[int] = None, data_path: Optional[str] = None,
     fuse: bool = True,
 ) -> ServingModel:
     """The run's model on CPU in this process, ready to score raw rows.
 
-    ``data_path`` overrides the dataset directory in the run's config (its metadata and
+    ``bits`` (8 or 4) quantizes its tables (``quantize_tables``); ``data_path`` overrides the dataset directory in the run's config (its metadata and
     vocabulary are read, never its shards); ``fuse=False`` keeps repacked tables in their
     training form (an EBC behind the key rewrite).
     """
@@ -104,25 +111,53 @@ def load_model(
     built = build_run_task(run_dir, cfg, layout, torch.device("cpu"))
     load_checkpoint(run_dir / "checkpoints" / checkpoint, built.task, local=True)
     vocab = Vocabulary.load(Path(cfg.data.path) / "vocab")
-    return serving_model(built.task.model, layout, vocab, meta.dense_fields, built.plan, int8, fuse)
+    return serving_model(built.task.model, layout, vocab, meta.dense_fields, built.plan, bits, fuse)
 
 
 def serving_model(
     model: nn.Module, layout: FeatureLayout, vocab: Vocabulary, dense_fields: Sequence[str],
-    plan: Optional[StructuredPlan] = None, int8: bool = False, fuse: bool = True,
+    plan: Optional[StructuredPlan] = None, bits: Optional[int] = None, fuse: bool = True,
 ) -> ServingModel:
     """A trained model (on CPU) ready to serve.
 
     Repacked tables (``plan``) with the selection projection are fused by width
-    (``FusedLookup``: ids looked up directly, no key rewrite); ``int8`` keeps them as an
-    EBC, which TorchRec quantizes, behind the key rewrite. A learned projection keeps
-    the EBC too.
+    (``FusedLookup``: ids looked up directly, no key rewrite); quantized ones (``bits``)
+    stay an EBC, which TorchRec quantizes, behind the key rewrite. A learned projection
+    keeps the EBC too.
     """
     model = model.eval()
-    if plan is None or int8 or not fuse or getattr(model.embedding, "learned", False):
-        if int8:
-            model = quantize_inference_model(model, output_dtype=torch.float)
+    if plan is None or bits is not None or not fuse or getattr(model.embedding, "learned", False):
+        if bits is not None:
+            model = quantize_tables(model, bits)
         rewrite = KeyRewriter(plan, layout.keys) if plan is not None else None
         return ServingModel(model, layout, vocab, dense_fields, rewrite)
     model.embedding = FusedLookup.from_repacked(model.embedding, plan)
     return ServingModel(model, layout, vocab, dense_fields)
+
+
+def quantize_tables(model: nn.Module, bits: int) -> nn.Module:
+    """``model`` with every ``EmbeddingBagCollection`` quantized row-wise to ``bits`` (8 or 4),
+    in place, by TorchRec's ``quantize_inference_model`` (fp32 outputs).
+
+    Rows are packed without padding (``QUANT_ROW_ALIGNMENT``). A table's width times
+    ``bits`` must be a multiple of 16 (FBGEMM's quantizer: even widths for INT8, multiples
+    of 4 for INT4; repacked widths always are).
+
+    Raises:
+        ValueError: for other ``bits``, or naming the first table of a width that cannot be quantized.
+
+    Example:
+        >>> int4 = quantize_tables(load_model("runs/tiny").model, bits=4)  # doctest: +SKIP
+    """
+    if bits not in QUANTIZED_BITS:
+        raise ValueError(f"bits {bits}: quantized tables have {' or '.join(map(str, QUANTIZED_BITS))} bits")
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            for table in module.embedding_bag_configs():
+                if table.embedding_dim * bits % QUANTIZED_ROW_UNIT_BITS:
+                    raise ValueError(
+                        f"table {table.name}: width {table.embedding_dim} cannot be quantized to INT{bits} "
+                        f"(width × {bits} must be a multiple of {QUANTIZED_ROW_UNIT_BITS} bits)"
+                    )
+    quant_prep_customize_row_alignment(model, [EmbeddingBagCollection], QUANT_ROW_ALIGNMENT)
+    return quantize_inference_model(model, quantization_dtype=QUANTIZED_DTYPES[bits], output_dtype=torch.float)

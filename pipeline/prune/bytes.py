@@ -12,15 +12,25 @@ serving (DESIGN.md, "Prune, repack, compression ratio"); MLP bytes are never inc
   value, an int32 row index (local to its table: < 2^31 rows per field) and an int8
   column index (``K ≤ 128``): 9 bytes. scipy's default COO (int32 row and column) would
   be 12 bytes; the narrower column index is the honest minimum for ``K ≤ 128``.
+- Quantized tables (``bits`` 8 or 4: TorchRec's row-wise INT8/INT4, FBGEMM's fused
+  layout, as ``pipeline.inference.quantize_tables`` builds them): per row the packed
+  values ``ceil(width × bits / 8)`` plus an fp16 scale and an fp16 bias (4 bytes), rows
+  padded to ``QUANT_ROW_ALIGNMENT`` bytes, each table's block padded to a 128-byte cache
+  line: ``round_up(rows × round_up(ceil(width × bits / 8) + 4, align), 128)``. Range
+  starts and projections of a repacked model stay as above (they are not quantized).
 
 Example:
     >>> group_bytes(rows=10, width=4, embedding_dim=64, projection="selection")
     172
     >>> fine_grained_bytes(1000), nnz_for_cr(unpruned_bytes=90_000, target_cr=10.0)
     (9000, 1000)
+    >>> quantized_table_bytes(rows=100, width=16, bits=8), quantized_table_bytes(100, 16, 4)
+    (2048, 1280)
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -29,16 +39,40 @@ VALUE_BYTES = 4  # fp32
 RANGE_START_BYTES = 8  # int64 first id of a group's range
 SELECTION_INDEX_BYTES = 1  # uint8 column index per stored column
 COO_ENTRY_BYTES = 4 + 4 + 1  # fp32 value, int32 row, int8 column
+QUANTIZED_BITS = (8, 4)
+SCALE_BIAS_BYTES = 2 + 2  # fp16 scale and fp16 bias in front of each quantized row
+# TorchRec pads quantized rows to 16 bytes by default (GPU loads); FBGEMM's own CPU
+# tables use 1, and so does serving here: with 16 a width-4 INT4 row would take 16 bytes
+# instead of 6. A test compares this accounting with FBGEMM's allocation.
+QUANT_ROW_ALIGNMENT = 1
+TABLE_ALIGNMENT = 128  # FBGEMM starts every table on a cache line
 
 
-def group_bytes(rows, width, embedding_dim: int, projection: str):
-    """Serving bytes of groups (scalars or numpy arrays of ``rows`` and ``width``)."""
+def group_bytes(rows, width, embedding_dim: int, projection: str, bits: Optional[int] = None):
+    """Serving bytes of groups (scalars or numpy arrays of ``rows`` and ``width``):
+    fp32 values, or ``bits``-bit quantized tables (``quantized_table_bytes``)."""
     if projection not in PROJECTIONS:
         raise ValueError(f"projection {projection!r}; known: {PROJECTIONS}")
     rows, width = np.asarray(rows, dtype=np.int64), np.asarray(width, dtype=np.int64)
     per_column = SELECTION_INDEX_BYTES if projection == "selection" else embedding_dim * VALUE_BYTES
-    total = RANGE_START_BYTES + width * (rows * VALUE_BYTES + per_column)
+    values = rows * width * VALUE_BYTES if bits is None else quantized_table_bytes(rows, width, bits)
+    total = RANGE_START_BYTES + width * per_column + values
     return int(total) if total.ndim == 0 else total
+
+
+def quantized_table_bytes(rows, width, bits: int):
+    """Bytes FBGEMM allocates for tables of ``rows × width`` quantized row-wise to
+    ``bits`` (scalars or numpy arrays; width 0 is no table: 0 bytes)."""
+    if bits not in QUANTIZED_BITS:
+        raise ValueError(f"bits {bits}; quantized tables have {QUANTIZED_BITS}")
+    rows, width = np.asarray(rows, dtype=np.int64), np.asarray(width, dtype=np.int64)
+    row = _round_up(-(-width * bits // 8) + SCALE_BIAS_BYTES, QUANT_ROW_ALIGNMENT)
+    total = np.where(width > 0, _round_up(rows * row, TABLE_ALIGNMENT), 0)
+    return int(total) if total.ndim == 0 else total
+
+
+def _round_up(n, multiple: int):
+    return -(-n // multiple) * multiple
 
 
 def unpruned_bytes(rows: int, embedding_dim: int) -> int:

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -74,11 +75,12 @@ class StructuredPlan:
     embedding_dim: int
     tau: float
 
-    def embedding_bytes(self, projection: str) -> int:
-        """Serving bytes of all groups: values, range starts and projections."""
+    def embedding_bytes(self, projection: str, bits: Optional[int] = None) -> int:
+        """Serving bytes of all groups: values (fp32, or quantized to ``bits``), range
+        starts and projections."""
         rows = [g.group.rows for g in self.groups]
         widths = [g.width for g in self.groups]
-        return int(group_bytes(rows, widths, self.embedding_dim, projection).sum())
+        return int(group_bytes(rows, widths, self.embedding_dim, projection, bits).sum())
 
     def unpruned_bytes(self) -> int:
         return unpruned_bytes(sum(g.group.rows for g in self.groups), self.embedding_dim)
@@ -88,9 +90,9 @@ class StructuredPlan:
         """Rows of the α matrix the groups' ``block`` indices point into."""
         return 1 + max(g.group.block for g in self.groups)
 
-    def compression_ratio(self, projection: str) -> float:
-        """Unpruned ÷ pruned embedding bytes."""
-        return self.unpruned_bytes() / self.embedding_bytes(projection)
+    def compression_ratio(self, projection: str, bits: Optional[int] = None) -> float:
+        """Unpruned (fp32) ÷ pruned embedding bytes (quantized to ``bits``: the compound CR)."""
+        return self.unpruned_bytes() / self.embedding_bytes(projection, bits)
 
     def to_json(self) -> dict:
         return {

@@ -1,0 +1,103 @@
+"""Post-training quantisation (``dnis quantize``): the bytes formula matches what FBGEMM
+allocates; a train run and a repacked retrain run quantize to INT8 and INT4 in one
+process, with the compression ratio the formula gives and test metrics near fp32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from launch import cli
+from pipeline.config import load_config
+from pipeline.inference import quantize_tables
+from pipeline.prune.bytes import quantized_table_bytes
+from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
+
+pytestmark = pytest.mark.multirank  # the run fixtures spawn ranks
+
+
+def test_quantized_bytes_by_hand_and_as_fbgemm_allocates_them():
+    # INT8 width 16: 16 values + fp16 scale and bias = 20 B a row; 10 rows = 200 B, one 256 B cache-line block.
+    assert quantized_table_bytes(rows=10, width=16, bits=8) == 256
+    # INT4 width 16: 8 B of nibbles + 4 = 12 B a row; 100 rows = 1200 B -> 1280.
+    assert quantized_table_bytes(rows=100, width=16, bits=4) == 1280
+    assert quantized_table_bytes(rows=100, width=0, bits=4) == 0  # a dropped group has no table
+    plan = StructuredPlan(
+        (GroupPlan(Group("a", 0, 0, 2), (1, 3, 4, 6)), GroupPlan(Group("a", 1, 2, 10), ())),
+        embedding_dim=8, tau=0.5,
+    )
+    # range starts 8 + 8, 4 one-byte column indices, one INT4 table: 2 rows × (2 + 4) B -> 128
+    assert plan.embedding_bytes("selection", bits=4) == 8 + 8 + 4 + 128
+    assert plan.compression_ratio("selection", bits=8) == pytest.approx(320 / (8 + 8 + 4 + 128))
+
+    widths, rows = [4, 8, 12, 16, 32], [100, 101, 3, 40, 7]
+    for bits in (8, 4):
+        configs = [
+            EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=w, feature_names=[f"f{i}"])
+            for i, (w, n) in enumerate(zip(widths, rows))
+        ]
+        quantized = quantize_tables(nn.Sequential(EmbeddingBagCollection(configs)), bits)
+        allocated = sum(
+            m.weights_host.numel() for m in quantized.modules()
+            if isinstance(m, IntNBitTableBatchedEmbeddingBagsCodegen)
+        )
+        assert allocated == quantized_table_bytes(rows, widths, bits).sum(), bits
+
+
+def test_widths_fbgemm_cannot_quantize_are_refused_by_name():
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_odd", num_embeddings=5, embedding_dim=6, feature_names=["f"])])
+    quantize_tables(nn.Sequential(ebc), bits=8)  # even widths are fine for INT8
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_odd", num_embeddings=5, embedding_dim=6, feature_names=["f"])])
+    with pytest.raises(ValueError, match="table t_odd: width 6 cannot be quantized to INT4"):
+        quantize_tables(nn.Sequential(ebc), bits=4)
+
+
+def quantize(run: Path, bits: int) -> dict:
+    cli.main(["quantize", "--run-dir", str(run), "--bits", str(bits), "--no-progress"])
+    assert not torch.distributed.is_initialized()
+    return json.loads((run / f"quantized_int{bits}.json").read_text())
+
+
+def test_train_run_quantizes_to_int8_and_int4_near_its_fp32_test_metrics(train_run):
+    fp32 = json.loads((train_run / "result.json").read_text())["test"]
+    results = {bits: quantize(train_run, bits) for bits in (8, 4)}
+    k = load_config([train_run / "config.yaml"]).model.embedding_dim
+    for bits, result in results.items():
+        assert result["test"]["rows"] == fp32["rows"] and result["bits"] == bits
+        assert result["unpruned_bytes"] / result["embedding_bytes"] == result["compression_ratio"]
+        # Per row: 4K fp32 bytes against K·bits/8 + 4 (each table's cache-line padding costs a little).
+        per_row = 4 * k / (k * bits / 8 + 4)
+        assert 0.9 * per_row <= result["compression_ratio"] <= per_row
+    gaps = {bits: abs(r["test"]["logloss"] - fp32["logloss"]) for bits, r in results.items()}
+    assert abs(results[8]["test"]["auc"] - fp32["auc"]) < 0.005 and gaps[8] < 0.002
+    assert abs(results[4]["test"]["auc"] - fp32["auc"]) < 0.03 and gaps[4] < 0.02
+    assert gaps[8] < gaps[4]
+
+
+def test_repacked_retrain_run_compounds_pruning_and_quantisation(retrain_run):
+    retrained = json.loads((retrain_run / "result.json").read_text())
+    pruned = json.loads((retrain_run / "prune.json").read_text())
+    plan = StructuredPlan.from_json(pruned["plan"])
+    for bits in (8, 4):
+        result = quantize(retrain_run, bits)
+        assert result["source"] == "retrain" and result["unpruned_bytes"] == pruned["unpruned_bytes"]
+        assert result["compression_ratio"] == pytest.approx(plan.compression_ratio(pruned["projection"], bits))
+        # Roughly the prune CR times the per-row factor of its widths (range starts,
+        # column indices and cache-line padding make the quantized part a little dearer).
+        kept = [(g.group.rows, g.width) for g in plan.groups if g.width]
+        factor = sum(n * 4 * w for n, w in kept) / sum(n * (w * bits / 8 + 4) for n, w in kept)
+        assert 0.5 < result["compression_ratio"] / (retrained["compression_ratio"] * factor) <= 1.0
+        assert abs(result["test"]["auc"] - retrained["test"]["auc"]) < 0.03
+        assert result["test"]["rows"] == retrained["test"]["rows"]
+
+
+def test_a_search_run_is_refused(search_run):
+    with pytest.raises(SystemExit, match="a search run"):
+        cli.main(["quantize", "--run-dir", str(search_run), "--bits", "8", "--no-progress"])
