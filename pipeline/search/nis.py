@@ -14,6 +14,7 @@ before the update, so all ranks sample the same architectures and take the same 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Callable, Optional
@@ -66,8 +67,9 @@ class NISController:
         return advantage
 
     def state_dict(self) -> dict:
+        """A copy: Adam's own ``state_dict`` hands out its live moment tensors."""
         return {
-            "logits": self.logits.detach().clone(), "optimizer": self.optimizer.state_dict(),
+            "logits": self.logits.detach().clone(), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "baseline": self.baseline, "generator": self.generator.get_state(),
         }
 
