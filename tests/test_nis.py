@@ -8,7 +8,9 @@ import statistics
 
 import pytest
 import torch
+from torchx.components.component_test_base import ComponentTestCase
 
+import launch.components as components
 from launch_helpers import TINY, finish, torchrun
 from pipeline.prune.plan import WIDTH_MULTIPLE, StructuredPlan
 from pipeline.search.nis import NISController
@@ -114,3 +116,11 @@ def test_controller_learns_on_two_ranks_within_budget(dataset, tmp_path):
 def test_a_controller_that_never_updates_does_not_pass_for_learning(dataset, tmp_path):
     frozen, _ = nis_run(dataset, tmp_path / "frozen", 1, "--set", "nis.controller_lr=0")
     assert len(frozen) > 100 and not learned([e["reward"] for e in frozen])
+
+
+class NISComponentTest(ComponentTestCase):
+    def test_nis_component_runs_launch_nis_with_its_target(self) -> None:
+        self.validate(components, "nis")
+        command = components.nis("configs/tiny.yaml", cr=8.0, overrides=["nis.dim_blocks=2"], nproc=3).roles[0].args[-1]
+        self.assertIn("--nproc_per_node 3", command)
+        self.assertIn("-m launch.nis --config configs/tiny.yaml --set nis.dim_blocks=2 --set nis.target_cr=8.0", command)
