@@ -56,7 +56,8 @@ def same_on_all_ranks(tensor: torch.Tensor) -> bool:
 
 def format_architecture(blocking: Blocking, probs: torch.Tensor, arch: np.ndarray, block_width: int) -> str:
     """Per α row: features, share of occurrences, the controller's probabilities, the choice."""
-    lines = ["block  features  share  P(d = 0..S)" + " " * max(0, 6 * probs.shape[1] - 11) + "  d  width"]
+    lines = ["block  features  share  " + "P(d = 0..S)".ljust(6 * probs.shape[1] - 1) + "  d  width"]
+    # alpha_rows labels each row and gives its features and share; its α statistics go unused.
     for row, info in enumerate(alpha_rows(torch.zeros(len(arch), 1), blocking)):
         p = " ".join(f"{v:5.3f}" for v in probs[row].tolist())
         lines.append(
