@@ -19,6 +19,7 @@ STAGES = {
     "synth": "pipeline.data.synth",
     "train": "launch.train",
     "search": "launch.search",
+    "nis": "launch.nis",
     "evaluate": "launch.evaluate",
     "prune": "launch.prune",
     "retrain": "launch.retrain",

@@ -33,7 +33,10 @@ from pipeline.config import load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
 
-SMOKE = ("train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=3")
+SMOKE = (
+    "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=3",
+    "nis.warmup_steps=2",
+)
 
 
 def _floats(text: str) -> tuple[float, ...]:

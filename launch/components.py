@@ -146,6 +146,34 @@ def search(
     return _stage("launch.search", config, overrides, resume, nproc, nnodes, gpu, memMB, image)
 
 
+def nis(
+    config: str,
+    cr: Optional[float] = None,
+    overrides: Optional[List[str]] = None,
+    resume: bool = False,
+    nproc: int = 2,
+    nnodes: int = 1,
+    gpu: int = 0,
+    memMB: int = 16384,
+    image: str = DEFAULT_IMAGE,
+) -> specs.AppDef:
+    """NIS-ME baseline: a REINFORCE controller picks dim blocks per frequency block.
+
+    Args:
+        config: YAML config (``configs/*.yaml``; the ``nis`` section).
+        cr: target compression ratio (default: the config's ``nis.target_cr``).
+        overrides: ``section.key=value`` overrides of the config.
+        resume: continue the run directory's latest checkpoint.
+        nproc: processes (ranks) per node; one per GPU when ``gpu`` > 0.
+        nnodes: nodes.
+        gpu: GPUs per node (0 = CPU with gloo).
+        memMB: memory per node.
+        image: container image (remote schedulers only).
+    """
+    target = [] if cr is None else [f"nis.target_cr={cr}"]
+    return _stage("launch.nis", config, list(overrides or []) + target, resume, nproc, nnodes, gpu, memMB, image)
+
+
 def evaluate(
     run_dir: str,
     split: str = "test",

@@ -88,6 +88,19 @@ def searched_alpha(dmp, blocking, embedding_dim: int) -> torch.Tensor:
     return alphas[0].detach().cpu() if alphas else torch.ones(blocking.num_alpha_rows, embedding_dim)
 
 
+def plan_summary(
+    plan: StructuredPlan, projection: str, target: dict, ranges_per_block: int, wall_s: float
+) -> dict:
+    """``prune.json``: the plan, its CR and bytes for both projections, and what asked for it
+    (also written by ``launch.nis``, so retraining reads either the same way)."""
+    return {
+        "target": target, "projection": projection, "ranges_per_block": ranges_per_block, "tau": plan.tau,
+        "compression_ratio": {p: plan.compression_ratio(p) for p in PROJECTIONS},
+        "embedding_bytes": {p: plan.embedding_bytes(p) for p in PROJECTIONS},
+        "unpruned_bytes": plan.unpruned_bytes(), "wall_s": wall_s, "plan": plan.to_json(),
+    }
+
+
 def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
     alpha = searched_alpha(dmp, blocking, job.cfg.model.embedding_dim)
     groups = group_ranges(blocking, job.layout.num_embeddings, args.ranges_per_block)
@@ -111,13 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
         plan = prune(job, dmp, blocking, args)
     except ValueError as error:  # an unreachable compression ratio
         raise SystemExit(f"dnis prune: {error}") from None
-    summary = {
-        "target": {"cr": args.cr, "tau": args.tau}, "projection": args.projection, "score": score,
-        "ranges_per_block": args.ranges_per_block, "tau": plan.tau,
-        "compression_ratio": {p: plan.compression_ratio(p) for p in PROJECTIONS},
-        "embedding_bytes": {p: plan.embedding_bytes(p) for p in PROJECTIONS},
-        "unpruned_bytes": plan.unpruned_bytes(), "wall_s": job.wall_s, "plan": plan.to_json(),
-    }
+    target = {"cr": args.cr, "tau": args.tau}
+    summary = {**plan_summary(plan, args.projection, target, args.ranges_per_block, job.wall_s), "score": score}
     job.run.write_json("prune.json", summary)
     job.run.log("prune", **{k: v for k, v in summary.items() if k != "plan"})
     job.log(

@@ -10,18 +10,38 @@ Writes ``blocking.json``, ``alpha.pt`` (tensor ``[L, K]``, or ``[F*L, K]`` per f
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from torch import nn
 
 from launch.common import Job, blocking_for, evaluate_test_split, fit, shard, stage_parser, start
+from pipeline.data.batch import Batch
 from pipeline.data.loader import search_batches
 from pipeline.search.alpha_table import alpha_rows, format_alpha_table
 from pipeline.search.blocking import Blocking
-from pipeline.search.dnis import AlphaUpdater
+from pipeline.search.dnis import AlphaUpdater, DNISTask
 from pipeline.tasks import build_search_task
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import all_reduce_mean
+
+
+def alpha_parameter(dmp: nn.Module) -> nn.Parameter:
+    """α of the (sharded) α-EBC inside ``dmp``."""
+    return next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
+
+
+def search_train_batches(job: Job, task: DNISTask) -> tuple[Callable[[int, int, int], Iterator[Batch]], int]:
+    """``fit``'s train batches for a DNIS task (train rows, plus validation rows on its α
+    steps) and the steps per epoch."""
+    train = job.reader("train", train=True)
+    val = job.reader("val", train=True, batch_size=job.cfg.search.val_batch_size)
+
+    def train_batches(epoch: int, start_step: int, global_step: int) -> Iterator[Batch]:
+        task.steps_taken = global_step  # keeps α steps on schedule after a resume
+        return search_batches(train, val, task.alpha_interval, epoch, start_step, global_step)
+
+    return train_batches, train.num_batches()
 
 
 def save_alpha(job: Job, alpha: torch.Tensor, blocking: Blocking) -> None:
@@ -43,16 +63,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     job.run.write_json("blocking.json", blocking.to_json())
     task = build_search_task(cfg, job.layout, blocking, torch.device("meta"))
     dmp, optimizer = shard(job, task)
-    alpha = next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
+    alpha = alpha_parameter(dmp)
     updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
-    train = job.reader("train", train=True)
-    val = job.reader("val", train=True, batch_size=cfg.search.val_batch_size)
-
-    def train_batches(epoch: int, start_step: int, global_step: int):
-        task.steps_taken = global_step  # keeps α steps on schedule after a resume
-        return search_batches(train, val, cfg.search.alpha_interval, epoch, start_step, global_step)
-
-    fit(job, dmp, optimizer, train_batches, train.num_batches(), [updater], resume=args.resume)
+    train_batches, steps_per_epoch = search_train_batches(job, task)
+    fit(job, dmp, optimizer, train_batches, steps_per_epoch, [updater], resume=args.resume)
     save_alpha(job, alpha, blocking)
     evaluate_test_split(job, dmp, "search")
 

@@ -86,6 +86,19 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class NISConfig:
+    """NIS-ME baseline (Joglekar et al. KDD'20): a controller picks dims per frequency block."""
+
+    dim_blocks: int = 4  # S: K splits into S dim blocks of K/S columns (K/S a multiple of 4)
+    warmup_steps: int = 200  # supernet steps with every block on before the first episode
+    steps_per_episode: int = 1  # supernet steps per sampled architecture (ENAS: 1)
+    controller_lr: float = 0.05  # Adam on the controller's logits
+    baseline_decay: float = 0.95  # exponential moving average of rewards (REINFORCE baseline)
+    cost_weight: float = 1.0  # λ in reward = -val_logloss - λ·max(0, bytes/budget - 1)
+    target_cr: float = 10.0  # budget = unpruned embedding bytes / target_cr
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisers, schedule, evaluation, early stopping and checkpoints."""
 
@@ -118,6 +131,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     blocking: BlockingConfig = field(default_factory=BlockingConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    nis: NISConfig = field(default_factory=NISConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
