@@ -8,7 +8,8 @@ stays bounded whatever the file size.
 Each block is split into fields by ``pyarrow.csv`` (all columns binary) and decoded with
 numpy: integers by digit weights, categoricals by a hex lookup table. A bad row (wrong
 field count, non-integer dense value, non-hex category, label not 0/1, empty line, a
-carriage return) is reported by line and field and left out.
+carriage return) is reported by line and field and left out. Lines end at b"\\n" only; an
+integer is an optional ``-`` and digits worth less than 10**18 (leading zeros allowed).
 
 Split: a row's split depends only on its source name (the basename without ``.gz``, so a
 gzipped copy splits like the plain file) and the byte offset of the row in the
