@@ -5,8 +5,9 @@ newline-aligned byte range of a plain file, or a whole ``.gz`` file (not seekabl
 chunk is read as *blocks* of at most ``block_bytes`` ending on line boundaries, so memory
 stays bounded whatever the file size.
 
-Each block is split into fields by ``pyarrow.csv`` (all columns binary) and decoded with
-numpy: integers by digit weights, categoricals by a hex lookup table. A bad row (wrong
+Each block is split into fields by ``pyarrow.csv``: label and integers typed by pyarrow
+(blocks it could misread are read as binary and checked with pyarrow.compute),
+categoricals binary and decoded with a numpy hex lookup table. A bad row (wrong
 field count, non-integer dense value, non-hex category, label not 0/1, empty line, a
 carriage return) is reported by line and field and left out. Lines end at b"\\n" only; an
 integer is an optional ``-`` and digits worth less than 10**18 (leading zeros allowed).
