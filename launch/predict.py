@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.evaluate import binary_metrics
-from pipeline.inference import load_model, read_raw
+from pipeline.inference import RawInputError, load_model, read_raw
 from pipeline.inference.raw import has_label
 from pipeline.loop import BEST
 from pipeline.progress import progress_bar
@@ -62,9 +62,15 @@ def write_scores(path: Path, scores: np.ndarray, labels: Optional[np.ndarray]) -
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Score ``--input``; a row that cannot be scored exits 1 with ``path:line: field F: reason``."""
     args = parse_args(argv)
-    scores, labels = score(args)
-    labelled = _labelled(args.input)
+    try:
+        labelled = _labelled(args.input)  # before the model loads: bad input fails fast
+        scores, labels = score(args)
+    except RawInputError as err:
+        raise SystemExit(f"dnis predict: {err}") from None
+    except pa.ArrowInvalid as err:  # not a parquet file, or a broken one
+        raise SystemExit(f"dnis predict: {args.input}: {err}") from None
     write_scores(Path(args.out), scores, labels if labelled else None)
     result = {"rows": int(scores.size)}
     if labelled:  # rows with a null label (parquet) are scored but not counted

@@ -124,10 +124,19 @@ def _blocks(chunk: Chunk, ctx: ChunkContext):
         yield err.offset, line, None, err.reason
 
 
+def escape_raw(raw: bytes) -> str:
+    r"""Printable ASCII for a raw row: tabs, control bytes, non-ASCII and backslashes escaped,
+    so a reject record holds no separator; ``unicode_escape`` decoding reverses it.
+
+    >>> print(escape_raw(b"1\t\x0b\xff\\"))
+    1\t\x0b\xff\\
+    """
+    return raw.decode("latin-1").encode("unicode_escape").decode("ascii")
+
+
 def _raw_line(block: ParsedBlock, data: bytes, line: int) -> str:
     end = data.find(b"\n", block.line_starts[line])
-    raw = data[block.line_starts[line] : end if end >= 0 else len(data)][: RAW_ROW_CHARS]
-    return raw.decode("ascii", "backslashreplace").replace("\t", "\\t").replace("\r", "\\r")
+    return escape_raw(data[block.line_starts[line] : end if end >= 0 else len(data)][:RAW_ROW_CHARS])
 
 
 def _strict_error(chunk: Chunk, local_line: int, field: str, reason: str, raw: str) -> BadRowError:

@@ -5,10 +5,12 @@ newline-aligned byte range of a plain file, or a whole ``.gz`` file (not seekabl
 chunk is read as *blocks* of at most ``block_bytes`` ending on line boundaries, so memory
 stays bounded whatever the file size.
 
-Each block is split into fields by ``pyarrow.csv`` (all columns binary) and decoded with
-numpy: integers by digit weights, categoricals by a hex lookup table. A bad row (wrong
+Each block is split into fields by ``pyarrow.csv``: label and integers typed by pyarrow
+(blocks it could misread are read as binary and checked with pyarrow.compute),
+categoricals binary and decoded with a numpy hex lookup table. A bad row (wrong
 field count, non-integer dense value, non-hex category, label not 0/1, empty line, a
-carriage return) is reported by line and field and left out.
+carriage return) is reported by line and field and left out. Lines end at b"\\n" only; an
+integer is an optional ``-`` and digits worth less than 10**18 (leading zeros allowed).
 
 Split: a row's split depends only on its source name (the basename without ``.gz``, so a
 gzipped copy splits like the plain file) and the byte offset of the row in the
@@ -30,6 +32,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.data.schema import NUM_DENSE, NUM_SPARSE, RAW_COLUMNS
@@ -39,8 +42,8 @@ DATASETS = ("criteo_kaggle", "criteo_1tb", "synthetic")
 TRAIN, VAL, TEST = 0, 1, 2
 _DAY = re.compile(r"^day_(\d+)$")
 _READ = 1 << 20
-_POW10 = 10 ** np.arange(19, dtype=np.int64)
-_MAX_DIGITS = 18  # longer integers could overflow int64
+_INT_LIMIT = 10**18  # integers must stay below it: int64 without overflow checks
+_INTEGER = r"^-?0*[0-9]{1,18}$"
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,10 @@ class ParsedBlock:
 def parse_block(data: bytes) -> ParsedBlock:
     """Split and decode a block of whole lines; bad lines go to ``rejects``.
 
+    Lines end at b"\\n" only; any other byte is data, so every input ends as good rows
+    plus rejects. Blocks without a bad row take one typed pyarrow read; others go on to a
+    slower path (field counts in numpy, then a read of the remaining lines as binary).
+
     >>> b = parse_block(b"1\\t-3" + b"\\t" * 12 + b"\\t0000000a" * 26 + b"\\n\\n")
     >>> b.rows.tolist(), int(b.dense[0, 0]), int(b.sparse[0, 0]), b.rejects
     ([0], -3, 10, [(1, 'row', 'empty line')])
@@ -229,21 +236,17 @@ def parse_block(data: bytes) -> ParsedBlock:
     rejects: dict[int, tuple[str, str]] = {}
     for line in np.flatnonzero(ends == starts):
         rejects[int(line)] = ("row", "empty line")
-    if data.find(b"\r") >= 0:
+    if data.find(b"\r") >= 0:  # pyarrow would end a row there
         for line in np.unique(np.searchsorted(starts, np.flatnonzero(buf == 13), side="right") - 1):
             rejects[int(line)] = ("row", "carriage return in row")
-    lines = np.arange(ends.size)
-    if rejects:
-        lines = np.setdiff1d(lines, np.fromiter(rejects, dtype=np.int64))
-        data = b"".join(data[starts[i] : ends[i] + 1] for i in lines)
-    try:  # fast path: pyarrow converts label and integers; any bad value -> all binary
-        table, wrong = _split_fields(data, typed=True)
-    except pa.ArrowInvalid:
-        table, wrong = _split_fields(data, typed=False)
-    for number, count in wrong:
-        rejects[int(lines[number - 1])] = ("row", f"{count} fields, expected {len(RAW_COLUMNS)}")
-    if wrong:
-        lines = np.delete(lines, [n - 1 for n, _ in wrong])
+    lines = _kept(np.arange(ends.size), rejects)
+    table = _read_fields(_lines_of(data, starts, ends, lines, rejects))
+    if table is None:  # some line has the wrong number of fields
+        fields = 1 + np.bincount(np.searchsorted(ends, np.flatnonzero(buf == 9)), minlength=ends.size)
+        for line in lines[fields[lines] != len(RAW_COLUMNS)]:
+            rejects[int(line)] = ("row", f"{fields[line]} fields, expected {len(RAW_COLUMNS)}")
+        lines = _kept(lines, rejects)
+        table = _read_fields(_lines_of(data, starts, ends, lines, rejects), typed=False)
     assert table.num_rows == lines.size, (table.num_rows, lines.size)
     block = _decode(table, lines, rejects)
     block.line_starts = starts
@@ -251,29 +254,45 @@ def parse_block(data: bytes) -> ParsedBlock:
     return block
 
 
-def _split_fields(data: bytes, typed: bool) -> tuple[pa.Table, list[tuple[int, int]]]:
-    wrong: list[tuple[int, int]] = []
+def _kept(lines: np.ndarray, rejects: dict) -> np.ndarray:
+    """``lines`` less the rejected ones."""
+    return np.setdiff1d(lines, np.fromiter(rejects, dtype=np.int64)) if rejects else lines
+
+
+def _lines_of(data: bytes, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, rejects: dict) -> bytes:
+    """The bytes of ``lines`` (the whole block when nothing was rejected)."""
+    if not rejects:
+        return data
+    return b"".join(data[starts[i] : ends[i] + 1] for i in lines.tolist())
+
+
+def _read_fields(data: bytes, typed: bool = True) -> pa.Table | None:
+    """Columns of ``data`` (label and integers typed when ``typed`` and pyarrow's integer
+    parser cannot be laxer than ours), or None when a row has a wrong field count."""
     types = {c: pa.binary() for c in RAW_COLUMNS}
-    if typed:
+    if not data:  # pyarrow refuses an empty input
+        return pa.table({c: pa.array([], t) for c, t in types.items()})
+    # pyarrow's int64 parser also takes " 5", "5 " and "0x5": such blocks are read as binary
+    if typed and data.find(b" ") < 0 and data.find(b"x") < 0 and data.find(b"X") < 0:
         types.update({c: pa.int64() for c in RAW_COLUMNS[: 1 + NUM_DENSE]})
-
-    def on_invalid(row) -> str:
-        wrong.append((row.number, row.actual_columns))
-        return "skip"
-
-    table = pacsv.read_csv(
-        io.BytesIO(data),
-        read_options=pacsv.ReadOptions(column_names=list(RAW_COLUMNS), use_threads=False, block_size=1 << 24),
-        parse_options=pacsv.ParseOptions(
-            delimiter="\t", quote_char=False, escape_char=False, newlines_in_values=False,
-            ignore_empty_lines=False, invalid_row_handler=on_invalid,
-        ),
-        convert_options=pacsv.ConvertOptions(
-            column_types=types, null_values=[""],
-            strings_can_be_null=False, quoted_strings_can_be_null=False,
-        ),
-    )
-    return table, wrong
+    try:
+        return pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=list(RAW_COLUMNS), use_threads=False,
+                                           block_size=max(1 << 24, len(data) + 1)),
+            parse_options=pacsv.ParseOptions(
+                delimiter="\t", quote_char=False, escape_char=False, newlines_in_values=False,
+                ignore_empty_lines=False,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types=types, null_values=[""],
+                strings_can_be_null=False, quoted_strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid:
+        if typed:  # a value pyarrow cannot type: read as binary, decode by our rules
+            return _read_fields(data, typed=False)
+        return None
 
 
 def _column(table: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -313,33 +332,21 @@ def _decode(table: pa.Table, lines: np.ndarray, rejects: dict) -> ParsedBlock:
 
 
 def _int_column(table: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(values, missing, bad)`` of an integer column, typed by pyarrow or still binary."""
+    """``(values, missing, bad)`` of an integer column, typed by pyarrow or still binary.
+
+    An integer is an optional ``-`` and decimal digits worth less than 10**18 in absolute
+    value (leading zeros allowed), whichever path the block took.
+    """
     arr = table.column(i).combine_chunks()
     if pa.types.is_integer(arr.type):
         missing = arr.is_null().to_numpy(zero_copy_only=False)
         values = arr.fill_null(0).to_numpy().astype(np.int64, copy=False)
-        return values, missing, np.zeros(len(arr), dtype=bool)
-    return _parse_ints(*_column(table, i))
-
-
-def _parse_ints(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decimal integers (optional leading ``-``): ``(values, missing, bad)``."""
-    lengths = np.diff(offsets)
-    missing = lengths == 0
-    width = min(int(lengths.max(initial=0)), _MAX_DIGITS + 1)
-    if width == 0:
-        return np.zeros(lengths.size, np.int64), missing, np.zeros(lengths.size, bool)
-    pos = np.arange(width)
-    chars = data[np.minimum(offsets[:-1, None] + pos, data.size - 1)].astype(np.int64)
-    inside = pos < lengths[:, None]
-    digits = chars - ord("0")
-    is_digit = (digits >= 0) & (digits <= 9) & inside
-    negative = (chars[:, 0] == ord("-")) & (lengths > 1)
-    sign_ok = (pos == 0) & negative[:, None]
-    bad = (inside & ~is_digit & ~sign_ok).any(axis=1) | (lengths - negative > _MAX_DIGITS)
-    exponents = np.clip(lengths[:, None] - 1 - pos, 0, _MAX_DIGITS)
-    values = np.where(is_digit, digits * _POW10[exponents], 0).sum(axis=1)
-    return np.where(negative, -values, values), missing, bad
+        return values, missing, (values >= _INT_LIMIT) | (values <= -_INT_LIMIT)
+    missing = pc.binary_length(arr).to_numpy() == 0
+    ok = pc.match_substring_regex(arr, _INTEGER).fill_null(False)
+    text = pc.if_else(ok, arr.view(pa.string()), "0")
+    values = pc.cast(text, pa.int64()).to_numpy()
+    return values, missing, ~missing & ~ok.to_numpy(zero_copy_only=False)
 
 
 def _parse_hex_column(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

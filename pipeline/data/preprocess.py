@@ -264,6 +264,15 @@ def merge_counts(chunks: list[Chunk], opts: Options) -> None:
     atomic_write_bytes(merged_path, json.dumps(merged).encode())
 
 
+def check_rows_kept(opts: Options) -> None:
+    """Every rank, after the merge: an input with no rows is an error, not an empty dataset."""
+    rows = json.loads((opts.context().work / "merged.json").read_text())["rows"]
+    read = sum(r["read"] for r in rows.values())
+    if read == sum(r["rejected"] for r in rows.values()):
+        why = f"all {read} lines rejected (see {Path(opts.output) / 'rejects.tsv'})" if read else "no lines"
+        raise PreprocessError(f"no rows in {', '.join(opts.inputs)}: {why}")
+
+
 def _write_rejects(chunks: list[Chunk], ctx: ChunkContext, lines: dict, path: Path) -> None:
     """Concatenate the chunks' reject parts, turning chunk-local into file line numbers."""
     tmp = path.with_name(path.name + ".tmp")
@@ -272,7 +281,8 @@ def _write_rejects(chunks: list[Chunk], ctx: ChunkContext, lines: dict, path: Pa
         f.write("file\tline\tfield\treason\trow\n")
         for chunk in chunks:
             offset = before.get(chunk.path, 0)
-            for rec in rejects_path(ctx, chunk).read_text().splitlines():
+            # records are ASCII with the raw row escaped: b"\\n" ends each, nothing else does
+            for rec in rejects_path(ctx, chunk).read_bytes().decode("ascii").split("\n")[:-1]:
                 local, rest = rec.split("\t", 1)
                 f.write(f"{chunk.path}\t{offset + int(local)}\t{rest}\n")
             before[chunk.path] = offset + lines[chunk.id]
@@ -345,6 +355,7 @@ def run(opts: Options, rank: int = 0, world_size: int = 1, barrier: Callable[[],
     if rank == 0:
         merge_counts(chunks, opts)
     barrier()
+    check_rows_kept(opts)
     write_chunks(mine, opts, show)
     barrier()
     if rank == 0:

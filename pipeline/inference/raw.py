@@ -33,10 +33,12 @@ class RawInputError(ValueError):
 def has_label(path: str) -> bool:
     """40 tab-separated fields: labelled; 39: Criteo's unlabelled test format."""
     chunk = plan_chunks([path], chunk_bytes=1 << 62)[0]
-    first = next(iter_blocks(chunk, block_bytes=1 << 16), (0, b""))[1].split(b"\n", 1)[0]
-    fields = first.count(b"\t") + 1
+    head = next(iter_blocks(chunk, block_bytes=1 << 16), (0, b""))[1]
+    if not head:
+        raise RawInputError(f"{path}: no rows (empty file)")
+    fields = head.split(b"\n", 1)[0].count(b"\t") + 1
     if fields not in (len(RAW_COLUMNS), len(RAW_COLUMNS) - 1):
-        raise RawInputError(f"{path}:1: {fields} fields, expected {len(RAW_COLUMNS)} (or 39 without label)")
+        raise RawInputError(f"{path}:1: field row: {fields} fields, expected {len(RAW_COLUMNS)} (or 39 without label)")
     return fields == len(RAW_COLUMNS)
 
 
