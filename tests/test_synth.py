@@ -8,7 +8,8 @@ import json
 import numpy as np
 import torch
 
-from pipeline.data.synth import BLOCK_ROWS, CATEGORICALS, SyntheticCriteo, latent_dims, main, write
+from pipeline.data.synth import BLOCK_ROWS, CATEGORICALS, SyntheticCriteo, main, write
+from pipeline.data.synth_worlds import WORLDS
 
 
 def test_same_seed_same_bytes_and_chunking_does_not_matter(tmp_path):
@@ -79,6 +80,7 @@ def test_truth_file_describes_the_planted_model(tmp_path):
 
 def test_planted_latent_dims_shrink_with_rank():
     gen = SyntheticCriteo(seed=0, vocab_scale=0.1)
+    latent_dims = WORLDS["longtail"].latent_dims
     head_ranks = np.concatenate([np.arange(n) for n in gen.head_len])
     assert np.array_equal((gen.v_head[:-1] != 0).sum(1), latent_dims(head_ranks))
     tail_ranks = np.concatenate([np.arange(512, 512 + n) for n in gen.tail_len])
