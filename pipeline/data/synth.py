@@ -30,6 +30,18 @@ an FM+MLP reaches AUC 0.66 / 0.70 / 0.76 with K = 2 / 4 / 16, logistic regressio
 Through ``dnis-preprocess`` (200k rows, ``--vocab-scale 0.2``), the project's DeepFM
 (K = 16, paper dense mode, Adam 3e-3, batch 1024) scores test AUC 0.73 after one epoch.
 
+Measured, flat vs longtail (seed 0, 1M rows, 800,550 train rows after ``dnis-preprocess``):
+one core writes 1M rows in 3.5 s (~290k rows/s) in either world; every flat id is seen
+>= 3 times in train (100% of its 207k ids and of occurrences; 68% of ids >= 20 times)
+against 34% of the 661k longtail ids that occur at all (97% of occurrences: the Zipf
+head holds the mass). With the true parameters (30k rows), zeroing the latent vectors
+of ranks >= 4096 costs the true logit (AUC 0.90) 0.004 AUC in longtail, 0.064 in flat.
+The project's DeepFM (``configs/synthetic.yaml``, 1 rank, one epoch) scores test AUC
+0.609 / 0.646 with K = 4 / 32 on flat (longtail 0.678 / 0.706); on 1M flat rows at
+``--vocab-scale 0.2`` (5x the occurrences per id) 0.629 / 0.699, on 200k at 0.2 0.594 /
+0.595. Flat is harder to learn (its signal sits on ids seen tens of times, not
+thousands), and wider tables learn it faster though 4 dims represent it exactly.
+
 Everything is a function of ``(seed, vocab_scale, world)`` and the global row index: rows are
 drawn in blocks of ``BLOCK_ROWS`` with a generator seeded by ``(seed, block)``, so the
 output does not depend on how it is chunked or split into days. ``synth_truth.json``

@@ -16,7 +16,9 @@ says how each field's frequency law is bent and how many latent dims a value of 
   vocabularies are capped at 20k (before ``vocab_scale``) and Zipf exponents multiplied
   by 0.6 (0.63-0.9): in 800k train rows every id is seen >= 3 times and 68% of ids >= 20
   times, 40% of occurrences fall past rank 512 and 18% past rank 4096 (longtail: 18% of
-  ids seen >= 3 times, 3% >= 20 times, 17% and 8% of occurrences past 512 and 4096).
+  the vocabulary seen >= 3 times, 3% >= 20 times, 17% and 8% of occurrences past 512
+  and 4096). ``vocab_scale`` applies after the cap, so rows / vocab_scale sets how often
+  an id is seen in either world.
 
 Example:
     >>> WORLDS["flat"].latent_dims(np.array([0, 100, 5000, 40000])).tolist()
