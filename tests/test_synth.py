@@ -3,28 +3,44 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 
 import numpy as np
+import pytest
 import torch
 
-from pipeline.data.synth import BLOCK_ROWS, CATEGORICALS, SyntheticCriteo, latent_dims, main, write
+from pipeline.data.synth import BLOCK_ROWS, CATEGORICALS, SyntheticCriteo, main, write
+from pipeline.data.synth_worlds import WORLDS
 
 
-def test_same_seed_same_bytes_and_chunking_does_not_matter(tmp_path):
-    main(["--rows", "3000", "--out", str(tmp_path / "a.tsv"), "--seed", "5"])
-    main(["--rows", "3000", "--out", str(tmp_path / "b.tsv"), "--seed", "5"])
-    main(["--rows", "3000", "--out", str(tmp_path / "c.tsv"), "--seed", "6"])
-    main(["--rows", "3000", "--out", str(tmp_path / "days"), "--seed", "5", "--days", "3", "--gzip"])
+@pytest.mark.parametrize("world", ["longtail", "flat"])
+def test_same_seed_same_bytes_and_chunking_does_not_matter(tmp_path, world):
+    common = ["--rows", "3000", "--world", world]
+    main([*common, "--out", str(tmp_path / "a.tsv"), "--seed", "5"])
+    main([*common, "--out", str(tmp_path / "b.tsv"), "--seed", "5"])
+    main([*common, "--out", str(tmp_path / "c.tsv"), "--seed", "6"])
+    main([*common, "--out", str(tmp_path / "days"), "--seed", "5", "--days", "3", "--gzip"])
     a = (tmp_path / "a.tsv").read_bytes()
     assert a == (tmp_path / "b.tsv").read_bytes() != (tmp_path / "c.tsv").read_bytes()
     days = b"".join(gzip.decompress((tmp_path / "days" / f"day_{d}.gz").read_bytes()) for d in range(3))
     assert days == a
-    gen = SyntheticCriteo(seed=5)
+    gen = SyntheticCriteo(seed=5, world=world)
     cut = BLOCK_ROWS - 7  # a chunk boundary inside a generation block
     whole, head, tail = gen.rows(0, BLOCK_ROWS + 10), gen.rows(0, cut), gen.rows(cut, BLOCK_ROWS + 10)
     assert np.array_equal(whole.ranks, np.concatenate([head.ranks, tail.ranks]))
     assert np.array_equal(whole.labels, np.concatenate([head.labels, tail.labels]))
+
+
+def test_default_world_output_is_unchanged():
+    """Hashes computed before worlds existed: adding them must not move a byte."""
+    small = SyntheticCriteo(seed=3, vocab_scale=0.1)
+    across_blocks = small.to_tsv(small.rows(BLOCK_ROWS - 500, BLOCK_ROWS + 500))
+    assert hashlib.sha256(across_blocks).hexdigest() == (
+        "820cd39c93c8d95b29cdaa5a7fb28a2c8849b4665c77cf321697bf19337cb7ce")
+    full = SyntheticCriteo(seed=5)
+    assert hashlib.sha256(full.to_tsv(full.rows(0, 2000))).hexdigest() == (
+        "aeb64f41c45c0698e3f77b24b3682bd05e9c53046372fbf454e99560cf393cad")
 
 
 def test_rows_are_valid_criteo_tsv(tmp_path):
@@ -71,6 +87,7 @@ def test_truth_file_describes_the_planted_model(tmp_path):
     write(tmp_path / "x.tsv", 100, seed=2, vocab_scale=0.5)
     truth = json.loads((tmp_path / "synth_truth.json").read_text())
     assert truth["seed"] == 2 and truth["rows"] == 100 and len(truth["categoricals"]) == 26
+    assert truth["world"] == "longtail"
     tiers = truth["categoricals"]["C3"]["tiers"]
     assert tiers[0] == [0, 8, 16] and tiers[-1][1] == truth["categoricals"]["C3"]["vocab"]
     assert [d for *_, d in tiers] == sorted((d for *_, d in tiers), reverse=True)
@@ -79,11 +96,54 @@ def test_truth_file_describes_the_planted_model(tmp_path):
 
 def test_planted_latent_dims_shrink_with_rank():
     gen = SyntheticCriteo(seed=0, vocab_scale=0.1)
+    latent_dims = WORLDS["longtail"].latent_dims
     head_ranks = np.concatenate([np.arange(n) for n in gen.head_len])
     assert np.array_equal((gen.v_head[:-1] != 0).sum(1), latent_dims(head_ranks))
     tail_ranks = np.concatenate([np.arange(512, 512 + n) for n in gen.tail_len])
     assert np.array_equal((gen.v_tail[:-1] != 0).sum(1), latent_dims(tail_ranks))
     assert np.array_equal(latent_dims(np.array([0, 8, 64, 512, 4096, 32768])), [16, 8, 4, 2, 1, 0])
+
+
+def test_flat_world_plants_four_dims_in_every_tier(tmp_path):
+    write(tmp_path / "x.tsv", 100, seed=2, world="flat")
+    truth = json.loads((tmp_path / "synth_truth.json").read_text())
+    assert truth["world"] == "flat" and truth["dims_past_tiers"] == 4
+    assert {d for _, d in truth["tiers"]} == {4}
+    for field in truth["categoricals"].values():
+        assert {d for *_, d in field["tiers"]} == {4} and field["tiers"][-1][1] == field["vocab"]
+    gen = SyntheticCriteo(seed=2, world="flat")
+    assert gen.tail_len.sum() == np.maximum(gen.vocab - 512, 0).sum()  # no rank left without a vector
+    for table in (gen.v_head[:-1], gen.v_tail[:-1]):
+        assert table.shape[1] == 4 and (table != 0).all()
+
+
+def test_flat_world_shows_most_ids_several_times():
+    """Expected counts per id scale with rows / vocab_scale: 80k rows at 0.1 ~ 800k at 1."""
+    seen_thrice = {}
+    for world in ("longtail", "flat"):
+        gen = SyntheticCriteo(seed=0, vocab_scale=0.1, world=world)
+        ranks = gen.rows(0, 80000).ranks
+        counts = [np.bincount(ranks[ranks[:, f] >= 0, f], minlength=v) for f, v in enumerate(gen.vocab)]
+        seen_thrice[world] = sum((c >= 3).sum() for c in counts) / gen.vocab.sum()
+    assert seen_thrice["flat"] > 0.95 and seen_thrice["longtail"] < 0.4, seen_thrice
+
+
+def test_tail_ids_carry_signal_only_in_the_flat_world():
+    """The true logit with the tail's latent vectors zeroed: free in longtail, costly in flat."""
+    auc_drop = {}
+    for world in ("longtail", "flat"):
+        gen = SyntheticCriteo(seed=0, world=world)
+        rows = gen.rows(0, 30000)
+        features = (rows.ranks, rows.ints, rows.ints_missing)
+        if world == "longtail":  # past rank 32768 nothing is planted (flat vocabularies end at 20k)
+            assert np.array_equal(gen.logits(*features, latent_ranks=32768), rows.logits)
+        full = _auc(rows.labels, rows.logits)
+        no_tail_latent = _auc(rows.labels, gen.logits(*features, latent_ranks=4096))
+        no_tail = _auc(rows.labels, gen.logits(np.where(rows.ranks >= 4096, -1, rows.ranks), *features[1:]))
+        auc_drop[world] = (full - no_tail_latent, full - no_tail)
+    print("AUC drop (latent, latent + first order) past rank 4096:", auc_drop)
+    assert max(auc_drop["longtail"]) < 0.01
+    assert min(auc_drop["flat"]) > 0.04
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
