@@ -82,7 +82,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
 
 
 def cells(settings: Settings) -> list[Cell]:
-    return [Cell(settings, d, m, s) for d in settings.data for m in settings.models for s in range(settings.seeds)]
+    """Seed-major, so a compare stopped early has every dataset and model at its first seeds."""
+    return [Cell(settings, d, m, s) for s in range(settings.seeds) for d in settings.data for m in settings.models]
 
 
 def plan_steps(settings: Settings) -> list[Step]:
