@@ -100,7 +100,10 @@ def plan_steps(settings: Settings) -> list[Step]:
 def execute(step: Step) -> None:
     """Run a step's command, its output in its log; a failure names the log."""
     if step.prepare:
-        step.prepare()
+        try:
+            step.prepare()
+        except ValueError as error:  # a budget no plan of this method can meet
+            raise SystemExit(f"dnis compare: {step.name}: {error}") from None
     if not step.command:
         return
     step.log.parent.mkdir(parents=True, exist_ok=True)

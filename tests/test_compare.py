@@ -65,7 +65,7 @@ def test_random_plans_descend_per_block_and_fill_the_budget():
     seen = set()
     for seed in range(5):
         plan = random_plan(gs, K, unpruned() / 6, np.random.default_rng(seed))
-        assert 0.9 * unpruned() / 6 <= plan.embedding_bytes("selection") <= unpruned() / 6
+        assert 0.8 * unpruned() / 6 <= plan.embedding_bytes("selection") <= unpruned() / 6
         per_block = {}
         for g in plan.groups:
             assert per_block.setdefault(g.group.block, g.width) == g.width  # one width per block
