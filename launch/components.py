@@ -206,6 +206,7 @@ def prune(
     ranges_per_block: int = 8,
     projection: str = "selection",
     mode: str = "structured",
+    allocation: str = "threshold",
     nproc: int = 2,
     nnodes: int = 1,
     gpu: int = 0,
@@ -221,6 +222,7 @@ def prune(
         ranges_per_block: id ranges per (feature, block), each with its own width (structured).
         projection: ``selection`` (fixed) or ``learned`` (NIS-ME) (structured).
         mode: ``structured`` (what ships) or ``fine`` (paper eq. 9, COO bytes, evaluated).
+        allocation: ``threshold`` (one τ) or ``value`` (worth per byte, any width) (structured).
         nproc: processes (ranks) per node; the ranks that held the search's shards.
         nnodes: nodes.
         gpu: GPUs per node (0 = CPU with gloo).
@@ -228,7 +230,7 @@ def prune(
         image: container image (remote schedulers only).
     """
     args = ["--run-dir", run_dir, "--cr", str(cr), "--ranges-per-block", str(ranges_per_block)]
-    args += ["--projection", projection, "--mode", mode]
+    args += ["--projection", projection, "--mode", mode, "--allocation", allocation]
     return _ddp("launch.prune", args, nproc, nnodes, gpu, memMB, image, "dnis-prune")
 
 

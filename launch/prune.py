@@ -32,7 +32,9 @@ from launch.common import Job, blocking_for, load_run
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
 from pipeline.prune.fine import FinePrune, apply_epsilon, epsilon_for_cr, table_bytes
-from pipeline.prune.plan import StructuredPlan, group_ranges, plan_for_cr, plan_for_tau
+from pipeline.prune.bytes import unpruned_bytes
+from pipeline.prune.knapsack import plan_by_value
+from pipeline.prune.plan import StructuredPlan, group_mass, group_ranges, plan_for_cr, plan_for_tau
 from pipeline.tasks import retrained_plan
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import init_distributed
@@ -40,6 +42,7 @@ from sharding.repack import PROJECTIONS
 from sharding.table_stats import group_sum_sq
 
 MODES = ("structured", "fine")
+ALLOCATIONS = ("threshold", "value")
 FINE_RESULTS = "fine_prune.json"
 
 
@@ -53,6 +56,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--mode", choices=MODES, default="structured",
         help="structured: drop columns of groups (what ships); fine: zero single entries (eq. 9, COO bytes)",
+    )
+    parser.add_argument(
+        "--allocation", choices=ALLOCATIONS, default="threshold",
+        help="threshold: one τ on α × RMS, widths in steps of 4; value: columns by worth per byte "
+             "(occurrences × α × RMS), any width, every group one column first (structured, --cr)",
     )
     parser.add_argument(
         "--ranges-per-block", type=int, default=8,
@@ -105,6 +113,10 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
     alpha = searched_alpha(dmp, blocking, job.cfg.model.embedding_dim)
     groups = group_ranges(blocking, job.layout.num_embeddings, args.ranges_per_block)
     sum_sq = group_sum_sq(dmp, groups, job.cfg.model.embedding_dim)
+    if args.cr is not None and args.allocation == "value":
+        budget = unpruned_bytes(sum(g.rows for g in groups), job.cfg.model.embedding_dim) / args.cr
+        mass = group_mass(groups, job.layout.counts)
+        return plan_by_value(groups, sum_sq, alpha, mass, budget, args.projection)
     if args.cr is not None:
         return plan_for_cr(groups, sum_sq, alpha, args.cr, args.projection)
     return plan_for_tau(groups, sum_sq, alpha, args.tau)
@@ -125,7 +137,10 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
     except ValueError as error:  # an unreachable compression ratio
         raise SystemExit(f"dnis prune: {error}") from None
     target = {"cr": args.cr, "tau": args.tau}
-    summary = {**plan_summary(plan, args.projection, target, args.ranges_per_block, job.wall_s), "score": score}
+    summary = {
+        **plan_summary(plan, args.projection, target, args.ranges_per_block, job.wall_s),
+        "score": score, "allocation": args.allocation,
+    }
     job.run.write_json("prune.json", summary)
     job.run.log("prune", **{k: v for k, v in summary.items() if k != "plan"})
     job.log(

@@ -150,3 +150,42 @@ def test_plan_json_round_trip():
     groups = group_ranges(b, vocab, 3)
     plan = plan_for_cr(groups, column_sum_sq(groups, 8), torch.rand(6, 8), 3.0)
     assert StructuredPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+
+
+def test_value_allocation_lands_within_ten_percent_of_every_budget_never_over():
+    from pipeline.prune.knapsack import plan_by_value
+
+    groups, sum_sq, alpha = _value_case()
+    unpruned = sum(g.rows for g in groups) * 16 * 4
+    mass = [1000 // (i + 1) * g.rows for i, g in enumerate(groups)]
+    for cr in (1.5, 2, 5, 10, 20, 50):
+        for projection in ("selection", "learned"):
+            plan = plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, projection)
+            spent = plan.embedding_bytes(projection)
+            assert 0.9 * unpruned / cr <= spent <= unpruned / cr, (cr, projection, spent)
+
+
+def test_value_allocation_keeps_every_id_when_the_budget_pays_one_column_each():
+    from pipeline.prune.knapsack import plan_by_value
+
+    groups, sum_sq, alpha = _value_case()
+    rows = sum(g.rows for g in groups)
+    mass = [10_000] + [g.rows for g in groups[1:]]  # one hot group, every other id seen once
+    one_column_each = rows * 4 + len(groups) * (8 + 1)
+    plan = plan_by_value(groups, sum_sq, alpha, mass, one_column_each * 1.2)
+    assert all(g.width >= 1 for g in plan.groups)
+    assert plan.groups[0].width > 1  # the rest of the budget goes where the lookups are
+    # The τ rule at the same bytes drops groups to width 0 (its widths move in steps of 4).
+    from pipeline.prune.plan import plan_for_cr
+
+    tau_plan = plan_for_cr(groups, sum_sq, alpha, 16 * 4 * rows / (one_column_each * 1.2))
+    assert any(g.width == 0 for g in tau_plan.groups)
+
+
+def _value_case():
+    """Twelve groups of one feature, sizes 1..~4000 ids, K=16, random column energies."""
+    g = torch.Generator().manual_seed(0)
+    edges = [0, 1, 3, 7, 15, 40, 100, 250, 600, 1200, 2000, 3000, 4000]
+    groups = [Group("a", i, lo, hi) for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
+    sum_sq = torch.rand(len(groups), 16, generator=g) * torch.tensor([float(x.rows) for x in groups])[:, None]
+    return groups, sum_sq, torch.rand(len(groups), 16, generator=g)

@@ -27,26 +27,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.prune.bytes import group_bytes
-from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, group_ranges
+from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, group_mass, group_ranges
 
 __all__ = ["group_ranges", "group_mass", "mde_plan", "random_plan", "width_plan"]
-
-
-def group_mass(groups: list[Group], counts: dict[str, list[list[int]]]) -> np.ndarray:
-    """Train occurrences of each group's ids, from run-length encoded counts per key."""
-    edges, totals = {}, {}
-    for key, runs in counts.items():
-        runs_arr = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-        edges[key] = np.r_[0, np.cumsum(runs_arr[:, 1])]
-        totals[key] = np.r_[0, np.cumsum(runs_arr[:, 0] * runs_arr[:, 1])]
-
-    def mass_before(key: str, stop: int) -> int:
-        e, t = edges[key], totals[key]
-        run = min(int(np.searchsorted(e, stop, side="right")) - 1, len(e) - 2)
-        per_id = (t[run + 1] - t[run]) // max(e[run + 1] - e[run], 1)
-        return int(t[run] + per_id * (min(stop, e[-1]) - e[run]))
-
-    return np.array([mass_before(g.key, g.stop) - mass_before(g.key, g.start) for g in groups])
 
 
 def width_plan(groups: list[Group], widths, dim: int) -> StructuredPlan:

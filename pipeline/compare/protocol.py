@@ -29,7 +29,10 @@ Methods and their stages (``E`` = epochs, ``s`` = search_epochs):
 ``magnitude_fine``      train s, entry-wise magnitude prune (COO bytes), no retrain
 ``qr``                  QR embeddings with collisions for the budget, trained E
 ``int8`` / ``int4``     ``full`` quantised row-wise after training (CR ≈ 4 / 8)
-``dnis``                search s, structured prune, retrain E - s
+``dnis``                search s, structured prune (one τ, widths in steps of 4),
+                        retrain E - s
+``dnis_value``          as ``dnis``, the prune allocating columns by worth per byte
+                        (``pipeline.prune.knapsack``, any width)
 ``dnis_fine``           search s, eq. 9 prune (COO bytes), no retrain
 ``dnis_int8``           ``dnis``'s retrained model quantised to int8 (compound CR)
 ======================  ==============================================================
@@ -43,7 +46,7 @@ from typing import Callable, Optional
 
 METHODS = (
     "full", "grid", "random", "mde", "nis_me", "magnitude", "magnitude_fine", "qr",
-    "int8", "int4", "dnis", "dnis_fine", "dnis_int8",
+    "int8", "int4", "dnis", "dnis_value", "dnis_fine", "dnis_int8",
 )
 # Methods whose CR is set by their number format, not by the budget.
 FIXED_CR = {"full": 1.0, "int8": None, "int4": None}

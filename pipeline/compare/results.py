@@ -77,10 +77,10 @@ def method_row(cell: Cell, method: str, cr: float, unpruned: int, dim: int) -> O
         row = _run_row(cell.dir(method, tag, "run"))
         if row and method == "nis_me":
             row["wall_s"] += _wall(cell.dir(method, tag, "search"))
-    elif method in ("dnis", "magnitude"):
+    elif method in ("dnis", "dnis_value", "magnitude"):
         row = _run_row(cell.dir(method, tag))
         if row:
-            row["wall_s"] += _wall(cell.dir("search" if method == "dnis" else "warm"))
+            row["wall_s"] += _wall(cell.dir("warm" if method == "magnitude" else "search"))
     elif method in ("dnis_fine", "magnitude_fine"):
         row = _fine_row(cell.dir("search" if method == "dnis_fine" else "warm"), cr)
     elif method == "qr":

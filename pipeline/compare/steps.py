@@ -64,19 +64,25 @@ def train_step(cell: Cell, name: str, run_dir: Path, epochs: int, *extra: str, s
     )
 
 
-def structured_done(source: Path, cr: float) -> bool:
-    """Whether the source's ``prune.json`` is the plan of target ``cr``."""
+def structured_done(source: Path, cr: float, allocation: str) -> bool:
+    """Whether the source's ``prune.json`` is the plan of target ``cr`` by ``allocation``."""
     path = source / "prune.json"
-    return path.is_file() and json.loads(path.read_text())["target"]["cr"] == cr
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    return doc.get("target", {}).get("cr") == cr and doc.get("allocation") == allocation
 
 
-def prune_step(cell: Cell, name: str, source: Path, cr: float, mode: str, done=None) -> Step:
+def prune_step(
+    cell: Cell, name: str, source: Path, cr: float, mode: str, done=None, allocation: str = "threshold",
+) -> Step:
     """``dnis prune`` of ``source``; a structured one is done when ``done()`` (its retrain)."""
-    wrote = (lambda: fine_done(source, cr)) if mode == "fine" else (lambda: structured_done(source, cr))
-    return Step(
-        name, done or wrote, torchx(cell, "prune", "--run_dir", str(source), "--cr", f"{cr:g}", "--mode", mode),
-        log=source.parent / f"{source.name}.prune-{mode}-{cr_tag(cr)}.log", succeeded=wrote,
-    )
+    if mode == "fine":
+        wrote = lambda: fine_done(source, cr)  # noqa: E731
+    else:
+        wrote = lambda: structured_done(source, cr, allocation)  # noqa: E731
+    command = torchx(cell, "prune", "--run_dir", str(source), "--cr", f"{cr:g}", "--mode", mode,
+                     "--allocation", allocation)
+    return Step(name, done or wrote, command, succeeded=wrote,
+                log=source.parent / f"{source.name}.prune-{mode}-{allocation}-{cr_tag(cr)}.log")
 
 
 def retrain_step(cell: Cell, name: str, source: Path, out: Path, epochs: int, init: str) -> Step:
@@ -142,11 +148,12 @@ def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
                 for k in s.grid]
     if method in ("int8", "int4"):
         return [full_step, quantize_step(f"full/{method}", full, int(method[3:]))]
-    if method in ("dnis", "dnis_int8", "magnitude"):
+    if method in ("dnis", "dnis_int8", "dnis_value", "magnitude"):
         source, first = (warm, warm_step) if method == "magnitude" else (search, search_step)
-        name = f"{'magnitude' if method == 'magnitude' else 'dnis'}/{tag}"
+        name = f"{'dnis' if method == 'dnis_int8' else method}/{tag}"
         out = cell.dir(name)
-        steps = [first, prune_step(cell, f"{name}/prune", source, cr, "structured", lambda: finished(out)),
+        allocation = "value" if method == "dnis_value" else "threshold"
+        steps = [first, prune_step(cell, f"{name}/prune", source, cr, "structured", lambda: finished(out), allocation),
                  retrain_step(cell, name, source, out, R, "source")]
         return steps + ([quantize_step(f"{name}/int8", out, 8)] if method == "dnis_int8" else [])
     if method in ("dnis_fine", "magnitude_fine"):

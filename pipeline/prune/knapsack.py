@@ -1,0 +1,76 @@
+"""Structured prune by value per byte: every group's width from one budget (a knapsack).
+
+The τ rule (``plan.plan_for_cr``) keeps a column when ``α × RMS`` clears one global
+threshold, whatever the column costs and however often its ids are looked up, in steps
+of 4 columns; on data where every id carries signal it can only reach a high CR by
+dropping whole groups of ids to zero (DESIGN.md, "Prune, repack, compression ratio").
+
+Here a column is worth ``mass_g × score_gj``, where ``mass_g`` is the train occurrences
+of the group's ids (how many lookups the column serves) and ``score_gj = α × RMS`` as
+before, and costs ``rows_g × 4`` bytes plus its projection entry. The allocation is
+greedy on worth per byte, each group's columns best first, so a group's marginal value
+only falls as it widens and the greedy prefix is the fractional knapsack optimum:
+
+1. first every group whose best column scores above zero gets one column (dropping an
+   id to width 0 loses everything it learned), if the budget pays for that floor;
+2. then the remaining columns by worth per byte until the budget is spent.
+
+Widths are any number of columns (``multiple=1``: narrow tables are data-parallel, see
+``sharding.dmp``), so the bytes land within one column of one group of the budget.
+
+Example:
+    >>> import torch
+    >>> g = [Group("a", 0, 0, 2), Group("a", 1, 2, 100)]
+    >>> sum_sq = torch.tensor([[8.0, 2.0, 0.0, 0.0], [49.0, 9.8, 0.0, 0.0]])
+    >>> p = plan_by_value(g, sum_sq, torch.ones(2, 4), mass=[200, 98], budget=500)
+    >>> [(gp.columns, gp.width) for gp in p.groups], p.embedding_bytes("selection")
+    ([((0, 1), 2), ((0,), 1)], 427)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.prune.bytes import RANGE_START_BYTES, SELECTION_INDEX_BYTES, VALUE_BYTES
+from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, column_scores
+
+
+def plan_by_value(
+    groups: list[Group], sum_sq, alpha, mass, budget: float, projection: str = "selection"
+) -> StructuredPlan:
+    """The plan of most total worth within ``budget`` bytes (see the module docstring).
+
+    Raises:
+        ValueError: when the budget does not pay for the groups' range starts and one
+            column of the most valuable group.
+    """
+    scores = column_scores(groups, sum_sq, alpha)
+    num, dim = scores.shape
+    rows = np.array([g.rows for g in groups], dtype=np.int64)
+    per_column = rows * VALUE_BYTES + (SELECTION_INDEX_BYTES if projection == "selection" else dim * VALUE_BYTES)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(scores, order, axis=1)
+    worth = np.asarray(mass, dtype=np.float64)[:, None] * ranked / per_column[:, None]
+    left = budget - RANGE_START_BYTES * num
+    if left < per_column.min():
+        raise ValueError(f"a budget of {budget:,.0f} bytes does not pay for one column of any group")
+    widths = np.zeros(num, dtype=np.int64)
+    floor = ranked[:, 0] > 0
+    if per_column[floor].sum() <= left:
+        widths[floor] = 1
+        left -= per_column[floor].sum()
+    # The rest by worth per byte; a group's columns come best first, so taking the best
+    # remaining items in order never skips a column of a group.
+    rest = [(worth[g, k], g) for g in range(num) for k in range(widths[g], dim) if ranked[g, k] > 0]
+    for _, g in sorted(rest, key=lambda item: -item[0]):
+        if per_column[g] <= left:
+            widths[g] += 1
+            left -= per_column[g]
+    plans = tuple(
+        GroupPlan(g, tuple(sorted(int(j) for j in order[i, : widths[i]])), multiple=1)
+        for i, g in enumerate(groups)
+    )
+    plan = StructuredPlan(plans, dim, tau=0.0)
+    assert plan.embedding_bytes(projection) <= budget, (plan.embedding_bytes(projection), budget)
+    return plan
+
