@@ -72,7 +72,8 @@ def pareto_plot(summary: list[dict], path: Path) -> None:
             x = [r["bytes"] for r in mine]
             for ax, key in ((ax_auc, "auc"), (ax_loss, "logloss")):
                 ax.errorbar(x, [r[key] for r in mine], yerr=[r[f"{key}_std"] for r in mine],
-                            marker=markers[i % len(markers)], capsize=3, label=method)
+                            marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20),
+                            capsize=3, label=method)
         for ax, label in ((ax_auc, "test AUC"), (ax_loss, "test logloss")):
             ax.set_xscale("log")
             ax.set_xlabel("shipped embedding bytes")
