@@ -193,9 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 model.task, cluster, model.batch_size, optimizer, model.constraints, args.max_world_size
             )
             if smallest is None:
+                device = cluster.topology().devices[0].storage
                 raise SystemExit(
-                    f"{model.name}: no plan on any world size up to {args.max_world_size} of these devices "
-                    f"({cluster.compute_device}, --hbm-gb {args.hbm_gb}, --ddr-gb {args.ddr_gb})"
+                    f"{model.name}: no plan on any world size up to {args.max_world_size} of {cluster.compute_device} "
+                    f"devices with {device.hbm / GIB:.2f} GiB HBM and {device.ddr / GIB:.2f} GiB DDR each"
                 )
         if plan is None:
             hint = f"the smallest that fits is {smallest}" if smallest else "try --min-world-size or a bigger --hbm-gb"
