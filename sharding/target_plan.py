@@ -149,6 +149,8 @@ class _ShardStorage(Stats):
         self.hbm: dict[int, int] = {}
         self.ddr: dict[int, int] = {}
 
+    # ``Stats.log``'s keywords; older TorchRec passes fewer (hence the defaults), a
+    # version passing a new one fails here loudly rather than being ignored.
     def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals,
             num_plans, run_time, best_plan, constraints=None, sharders=None, enumerator=None,
             debug=False, debug_stats=None) -> None:
