@@ -27,6 +27,7 @@ STAGES = {
     "predict": "launch.predict",
     "compare": "launch.compare",
     "quantize": "launch.quantize",
+    "plan": "launch.plan",
 }
 
 

@@ -37,6 +37,9 @@ class DataConfig:
     dense_mode: str = "embedding"  # embedding (paper) | mlp (DLRM bottom MLP) | bucket
     shuffle: bool = True
     prefetch: int = 2  # batches prepared ahead by a background thread
+    # Rows of the tables of C1..Cn when the dataset at ``path`` is absent: ``dnis plan``
+    # plans from these (e.g. Criteo 1TB's published sizes); training always reads metadata.
+    table_sizes: tuple[int, ...] = ()
 
 
 EMBEDDINGS = ("full", "qr")

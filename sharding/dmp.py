@@ -130,9 +130,27 @@ def plan_model(
     """A sharding plan from TorchRec's planner (the same on every rank); narrow tables
     are always data-parallel (``narrow_table_constraints``)."""
     topology = Topology(world_size=env.world_size, compute_device=env.device.type)
-    constraints = {**(constraints or {}), **narrow_table_constraints(model)}
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints or None)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=planner_constraints(model, constraints))
     return planner.collective_plan(model, sharders(env.device), env.process_group)
+
+
+def planner_constraints(
+    model: nn.Module, constraints: Optional[dict[str, ParameterConstraints]] = None
+) -> Optional[dict[str, ParameterConstraints]]:
+    """``constraints`` plus data-parallel for narrow tables; ``None`` when there are none."""
+    return {**(constraints or {}), **narrow_table_constraints(model)} or None
+
+
+def fuse_table_optimizer(model: nn.Module, sparse_optimizer: str, sparse_lr: float) -> None:
+    """Give every EBC table of ``model`` its fused (in-backward) optimizer; the planner
+    reads it from the parameters to count optimizer state in its storage estimates."""
+    if sparse_optimizer not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"sparse optimizer {sparse_optimizer!r}; known: {sorted(SPARSE_OPTIMIZERS)}")
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            apply_optimizer_in_backward(
+                SPARSE_OPTIMIZERS[sparse_optimizer], module.parameters(), {"lr": sparse_lr}
+            )
 
 
 def shard_model(
@@ -149,13 +167,7 @@ def shard_model(
     everything else (dense layers) is replicated and synchronised by DDP. Parameters
     with ``requires_grad=False`` (α) stay out of DDP.
     """
-    if sparse_optimizer not in SPARSE_OPTIMIZERS:
-        raise ValueError(f"sparse optimizer {sparse_optimizer!r}; known: {sorted(SPARSE_OPTIMIZERS)}")
-    for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
-            apply_optimizer_in_backward(
-                SPARSE_OPTIMIZERS[sparse_optimizer], module.parameters(), {"lr": sparse_lr}
-            )
+    fuse_table_optimizer(model, sparse_optimizer, sparse_lr)
     if plan is None:
         plan = plan_model(model, env, constraints)
     return DistributedModelParallel(

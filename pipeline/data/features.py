@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Sequence
+
 from pipeline.data.metadata import DatasetMeta
+from pipeline.data.schema import DENSE_FIELDS, SPARSE_FIELDS
 
 DENSE_MODES = ("embedding", "mlp", "bucket")
 
@@ -74,6 +77,37 @@ class FeatureLayout:
             num_embeddings=num_embeddings,
             counts=counts,
             num_dense=len(meta.dense_fields),
+            dense_mode=dense_mode,
+            dense_keys=dense_keys,
+            id_columns=id_columns,
+        )
+
+    @classmethod
+    def from_table_sizes(cls, table_sizes: Sequence[int], dense_mode: str) -> "FeatureLayout":
+        """The layout of a Criteo-shaped dataset that is not on disk: ``C1..Cn`` with
+        ``table_sizes`` rows (``data.table_sizes``), for planning only.
+
+        Without train counts every id counts once, so blocking cuts equal id ranges;
+        table shapes (all a planner needs) do not depend on the cuts.
+
+        Example:
+            >>> FeatureLayout.from_table_sizes([40, 3], "mlp").num_embeddings
+            {'C1': 40, 'C2': 3}
+        """
+        if dense_mode not in ("embedding", "mlp"):
+            raise ValueError(f"data.dense_mode {dense_mode!r}: data.table_sizes supports embedding or mlp")
+        if len(table_sizes) > len(SPARSE_FIELDS) or min(table_sizes, default=0) < 1:
+            raise ValueError(f"data.table_sizes: expected 1..{len(SPARSE_FIELDS)} positive sizes, got {list(table_sizes)}")
+        dense_keys = DENSE_FIELDS if dense_mode == "embedding" else ()
+        id_columns = SPARSE_FIELDS[: len(table_sizes)]
+        num_embeddings = {k: 1 for k in dense_keys}
+        num_embeddings.update(zip(id_columns, (int(n) for n in table_sizes)))
+        return cls(
+            keys=dense_keys + id_columns,
+            weighted=bool(dense_keys),
+            num_embeddings=num_embeddings,
+            counts={k: [[1, n]] for k, n in num_embeddings.items()},
+            num_dense=len(DENSE_FIELDS),
             dense_mode=dense_mode,
             dense_keys=dense_keys,
             id_columns=id_columns,
