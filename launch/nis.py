@@ -92,7 +92,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         episodes.unlink(missing_ok=True)
     search = NISSearch(controller, grid, alpha, cfg, all_reduce_mean, EpisodeLog(episodes))
     train_batches, steps_per_epoch = search_train_batches(job, task)
+    scheduled = min(steps_per_epoch, job.cfg.train.max_steps or steps_per_epoch) * job.cfg.train.epochs
+    if cfg.warmup_steps >= scheduled:
+        raise SystemExit(
+            f"dnis nis: nis.warmup_steps {cfg.warmup_steps} leaves no episode in the {scheduled} steps "
+            "of the schedule (train.epochs x steps per epoch); lower it"
+        )
     fit(job, dmp, optimizer, train_batches, steps_per_epoch, [search], resume=args.resume)
+    if search.episodes == 0:
+        raise SystemExit("dnis nis: early stopping ended the run inside the warm-up: no episode ran "
+                         "(raise train.patience or lower nis.warmup_steps)")
 
     state = controller.state_dict()
     if not same_on_all_ranks(torch.cat([state["logits"].flatten(), state["generator"].double()])):
