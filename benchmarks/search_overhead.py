@@ -134,11 +134,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds over all settings")
     parser.add_argument("--batch", type=int, default=4096, help="train rows per rank")
     parser.add_argument("--val", type=int, default=1024, help="validation rows per α step (default setting)")
+    parser.add_argument("--ranks", type=int, default=2, help="local ranks (NCCL takes one per GPU)")
     args = parser.parse_args()
     settings = [(args.val, 1), (args.batch, 1), (args.val, 2)]
-    result = run_ranks(bench, 2, args.steps, args.rounds, args.batch, settings)[0]
+    result = run_ranks(bench, args.ranks, args.steps, args.rounds, args.batch, settings)[0]
     plain = result["plain"]
-    print(f"26 tables, K=64, DeepFM, 2 CPU ranks, train batch {args.batch}/rank, mean of {args.steps * args.rounds} steps")
+    device = "CUDA" if torch.cuda.is_available() else "CPU"
+    print(f"26 tables, K=64, DeepFM, {args.ranks} {device} ranks, train batch {args.batch}/rank, "
+          f"mean of {args.steps * args.rounds} steps")
     print(f"plain step: {plain * 1e3:.1f} ms")
     for rows, interval in settings:
         name = setting_name(rows, interval)
