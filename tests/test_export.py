@@ -151,6 +151,12 @@ def test_truncated_changed_or_missing_files_are_refused_by_name(retrain_run, art
     (copy / MODEL_FILE).write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])  # same size
     with pytest.raises(ArtifactError, match=rf"^{copy / MODEL_FILE}: sha256 differs from manifest.json"):
         load_model(copy)
+    doc = json.loads(text)
+    doc["config"]["model"]["dims"] = 8  # a key no config has, under a manifest that matches it
+    (copy / MODEL_FILE).write_text(json.dumps(doc))
+    resign(copy, MODEL_FILE)
+    with pytest.raises(ArtifactError, match=rf"^{copy / MODEL_FILE}: unknown key model.dims"):
+        load_model(copy)
 
     copy = broken("missing")
     (copy / VOCAB_FILE).unlink()

@@ -108,6 +108,8 @@ def write_artifact(directory: str | Path, artifact: Artifact) -> Path:
         arrays[f"{name}.keys"] = np.ascontiguousarray(vocab.keys, dtype=np.int64)
         arrays[f"{name}.ids"] = np.ascontiguousarray(vocab.ids, dtype=np.int32)
     safetensors.numpy.save_file(arrays, tmp / VOCAB_FILE)
+    for name in (WEIGHTS_FILE, VOCAB_FILE):  # safetensors creates files readable by their owner alone
+        (tmp / name).chmod((tmp / MODEL_FILE).stat().st_mode)
     files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)} for name in FILES}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -159,23 +161,26 @@ def read_artifact(directory: str | Path) -> Artifact:
     listed = manifest.get("files")
     for name in FILES:
         _verify(directory / name, listed.get(name) if isinstance(listed, dict) else None)
-    doc = _read_json(directory / MODEL_FILE)
     model_path = directory / MODEL_FILE
+    doc = _read_json(model_path)
     try:
         config = config_from_dict(_key(doc, "config", model_path), str(model_path))
-        layout_doc = _key(doc, "layout", model_path)
         layout = FeatureLayout(**{
-            k: tuple(v) if isinstance(v, list) else v for k, v in layout_doc.items()
+            k: tuple(v) if isinstance(v, list) else v for k, v in _key(doc, "layout", model_path).items()
         }, counts={})
         plan_doc = _key(doc, "plan", model_path)
         plan = StructuredPlan.from_json(plan_doc) if plan_doc is not None else None
-    except ConfigError as error:
+        dense_fields = tuple(_key(doc, "dense_fields", model_path))
+        oov_ids = {str(name): int(oov_id) for name, oov_id in _key(doc, "vocab_oov_ids", model_path).items()}
+    except ArtifactError:
+        raise
+    except ConfigError as error:  # already names the file and key
         raise ArtifactError(str(error)) from None
-    except (TypeError, ValueError, KeyError) as error:  # a document of the wrong shape
+    except (AttributeError, TypeError, ValueError, KeyError) as error:  # a document of the wrong shape
         raise ArtifactError(f"{model_path}: {type(error).__name__}: {error}") from None
     return Artifact(
-        config=config, layout=layout, dense_fields=tuple(_key(doc, "dense_fields", model_path)),
-        vocab=_read_vocab(directory / VOCAB_FILE, _key(doc, "vocab_oov_ids", model_path)),
+        config=config, layout=layout, dense_fields=dense_fields,
+        vocab=_read_vocab(directory / VOCAB_FILE, oov_ids),
         weights=_read_safetensors(directory / WEIGHTS_FILE, safetensors.torch.load_file),
         plan=plan, projection=_key(doc, "projection", model_path), source=doc.get("source", {}),
         directory=directory,
@@ -246,9 +251,9 @@ def _read_vocab(path: Path, oov_ids: dict[str, int]) -> Vocabulary:
         for part, dtype in (("keys", np.int64), ("ids", np.int32)):
             array = arrays.get(f"{name}.{part}")
             if array is None or array.dtype != dtype or array.ndim != 1:
-                raise ArtifactError(f"{path}: no 1-d {np.dtype(dtype)} array {name}.{part!s}")
+                raise ArtifactError(f"{path}: no 1-d {np.dtype(dtype)} array {name}.{part}")
         keys, ids = arrays[f"{name}.keys"], arrays[f"{name}.ids"]
         if keys.size != ids.size:
             raise ArtifactError(f"{path}: {name}.keys and {name}.ids differ in length")
-        fields[name] = FieldVocab(keys=keys, ids=ids, oov_id=int(oov_id))
+        fields[name] = FieldVocab(keys=keys, ids=ids, oov_id=oov_id)
     return Vocabulary(fields)

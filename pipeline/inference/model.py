@@ -39,7 +39,7 @@ from pipeline.data.features import FeatureLayout
 from pipeline.data.loader import rows_batch, table_rows
 from pipeline.data.vocab import Vocabulary
 from pipeline.inference.artifact import (
-    EXPORT_DIR, MANIFEST_FILE, WEIGHTS_FILE, Artifact, ArtifactError, check_weights, read_artifact,
+    EXPORT_DIR, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE, Artifact, ArtifactError, check_weights, read_artifact,
 )
 from pipeline.prune.bytes import QUANT_ROW_ALIGNMENT, QUANTIZED_BITS
 from pipeline.prune.plan import StructuredPlan
@@ -118,14 +118,19 @@ def serve_artifact(artifact: Artifact, bits: Optional[int] = None, fuse: bool = 
     ``launch.export.load_run``) on CPU, ready to serve; ``bits`` and ``fuse`` as ``load_model``.
 
     Raises:
-        ArtifactError: naming the tensor whose name, dtype or shape the model does not have.
+        ArtifactError: naming ``model.json`` if no model can be built from it, or the tensor
+            whose name, dtype or shape the model does not have.
     """
-    cfg, layout = artifact.config, artifact.layout
-    if artifact.plan is not None:
-        task = build_retrain_task(cfg, layout, artifact.plan, artifact.projection, torch.device("cpu"))
-    else:
-        task = build_train_task(cfg, layout, torch.device("cpu"))
-    check_weights(Path(artifact.directory or ".") / WEIGHTS_FILE, artifact.weights, task.state_dict())
+    cfg, layout, directory = artifact.config, artifact.layout, Path(artifact.directory or ".")
+    try:
+        if artifact.plan is not None:
+            task = build_retrain_task(cfg, layout, artifact.plan, artifact.projection, torch.device("cpu"))
+        else:
+            task = build_train_task(cfg, layout, torch.device("cpu"))
+    except (IndexError, KeyError, TypeError, ValueError) as error:  # values of the wrong kind in model.json
+        reason = f"{type(error).__name__}: {error}"
+        raise ArtifactError(f"{directory / MODEL_FILE}: no model can be built from it ({reason})") from None
+    check_weights(directory / WEIGHTS_FILE, artifact.weights, task.state_dict())
     task.load_state_dict(artifact.weights)
     return serving_model(task.model, layout, artifact.vocab, artifact.dense_fields, artifact.plan, bits, fuse)
 
