@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -38,7 +39,6 @@ import safetensors
 import safetensors.numpy
 import safetensors.torch
 import torch
-import torchrec
 
 from pipeline.config import Config, ConfigError, config_from_dict, config_to_dict
 from pipeline.data.features import FeatureLayout
@@ -127,9 +127,7 @@ def _model_doc(artifact: Artifact) -> dict[str, Any]:
         "plan": artifact.plan.to_json() if artifact.plan is not None else None,
         "projection": artifact.projection,
         "source": artifact.source,
-        "versions": {
-            "torch": torch.__version__, "torchrec": torchrec.__version__, "safetensors": safetensors.__version__,
-        },
+        "versions": {name: importlib_metadata.version(name) for name in ("torch", "torchrec", "safetensors")},
     }
 
 
