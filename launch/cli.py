@@ -25,6 +25,7 @@ STAGES = {
     "retrain": "launch.retrain",
     "report": "launch.report",
     "predict": "launch.predict",
+    "export": "launch.export",
     "compare": "launch.compare",
     "quantize": "launch.quantize",
     "plan": "launch.plan",

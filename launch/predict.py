@@ -1,4 +1,4 @@
-"""Score raw Criteo rows (TSV, gzip or parquet) with a finished run, in one process.
+"""Score raw Criteo rows (TSV, gzip or parquet) with an exported model, in one process.
 
     python -m launch.predict --run-dir runs/synthetic/search/retrain --input day_23.gz --out scores.tsv
     dnis predict --run-dir runs/synthetic/search/retrain --input rows.parquet --out scores.parquet --int8
@@ -6,6 +6,8 @@
 Writes one probability per input row, in input order (``.parquet``: columns ``score``
 and, when the input has labels, ``label``; otherwise one number per line), atomically:
 a file at ``--out`` is always complete. With labels it also prints AUC and logloss.
+The model is read from the artifact ``dnis export`` writes (a run directory stands for
+its ``model/``), which nothing unpickles.
 """
 
 from __future__ import annotations
@@ -21,27 +23,27 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.evaluate import binary_metrics
-from pipeline.inference import RawInputError, load_model, read_raw
+from pipeline.inference import ArtifactError, RawInputError, load_model, read_raw
 from pipeline.inference.raw import has_label
-from pipeline.loop import BEST
 from pipeline.progress import progress_bar
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, help="a finished retrain, train or search run")
+    parser.add_argument(
+        "--run-dir", required=True,
+        help="an exported model (dnis export), or a finished retrain or train run holding one in model/",
+    )
     parser.add_argument("--input", required=True, help="raw rows: TSV (40 or 39 fields, .gz ok) or .parquet")
     parser.add_argument("--out", required=True, help="scores: .parquet, or text (one per line)")
-    parser.add_argument("--checkpoint", default=BEST, help="checkpoint name under <run-dir>/checkpoints")
     parser.add_argument("--int8", action="store_true", help="row-wise int8 tables (quantize_inference_model)")
-    parser.add_argument("--data-path", help="dataset directory with the vocabulary (default: the run's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
 def score(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, labels)`` of every input row, in order."""
-    model = load_model(args.run_dir, args.checkpoint, 8 if args.int8 else None, args.data_path)
+    model = load_model(args.run_dir, 8 if args.int8 else None)
     scores, labels = [], []
     with progress_bar(desc="predict", unit="row", disable=args.no_progress) as bar:
         for _, block in read_raw(args.input):
@@ -62,12 +64,13 @@ def write_scores(path: Path, scores: np.ndarray, labels: Optional[np.ndarray]) -
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Score ``--input``; a row that cannot be scored exits 1 with ``path:line: field F: reason``."""
+    """Score ``--input``; a row that cannot be scored exits 1 with ``path:line: field F: reason``,
+    a missing, changed or malformed model file with ``path: reason``."""
     args = parse_args(argv)
     try:
         labelled = _labelled(args.input)  # before the model loads: bad input fails fast
         scores, labels = score(args)
-    except RawInputError as err:
+    except (RawInputError, ArtifactError) as err:
         raise SystemExit(f"dnis predict: {err}") from None
     except pa.ArrowInvalid as err:  # not a parquet file, or a broken one
         raise SystemExit(f"dnis predict: {args.input}: {err}") from None

@@ -4,7 +4,7 @@
     dnis quantize --run-dir runs/synthetic/search/retrain --bits 4 --split test
 
 Post-training quantisation (TorchRec's ``quantize_inference_model``, as served by
-``pipeline.inference.load_model``) of a plain train run (the full tables: the baseline)
+``pipeline.inference.serve_artifact``) of a plain train run (the full tables: the baseline)
 or of a retrain run (the repacked DNIS model: pruning and quantisation compound). No
 process group: the model is rebuilt on the CPU from the run's config and checkpoint and
 scored on the dataset's split through the project's loader (with the repacked model's
@@ -26,9 +26,10 @@ from typing import Optional, Sequence
 import torch
 
 from launch.common import open_job
+from launch.export import load_run
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate
-from pipeline.inference import load_model
+from pipeline.inference.model import serve_artifact
 from pipeline.loop import BEST
 from pipeline.prune.bytes import QUANTIZED_BITS, quantized_table_bytes, unpruned_bytes
 from pipeline.run_dir import RunDir
@@ -75,8 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "retrain run (dnis prune, then dnis retrain)"
         )
     try:
-        served = load_model(run.path, args.checkpoint, bits=args.bits)
-    except ValueError as error:  # a table width FBGEMM cannot quantize to these bits
+        served = serve_artifact(load_run(run.path, args.checkpoint), bits=args.bits)
+    except ValueError as error:  # a table width FBGEMM cannot quantize to these bits, or no checkpoint
         raise SystemExit(f"dnis quantize: {error}") from None
     job.transform = served.rewrite  # the repacked model's key rewrite, as in training
     metrics = evaluate(

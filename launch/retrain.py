@@ -13,7 +13,8 @@ The source run directory holds ``prune.json`` and decides where the weights come
 
 The new run directory gets the usual config, metrics, checkpoints and ``result.json``
 with the test metrics before retraining (the pruned model as repacked: equal to the
-structurally pruned model) and after. Rank 0 reads the source's tables whole to repack
+structurally pruned model) and after, and ``model/``: the best model exported for
+serving (``launch.export``). Rank 0 reads the source's tables whole to repack
 them (memory: one copy of the unpruned tables on that host).
 """
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from launch.common import Job, add_run_options, evaluate_test_split, fit, new_run, open_job, shard_run_task
+from launch.export import export_run
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
@@ -134,7 +136,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "compression_ratio": plan.compression_ratio(projection),
         "embedding_bytes": plan.embedding_bytes(projection), "unpruned_bytes": plan.unpruned_bytes(),
     }
-    return evaluate_test_split(job, dmp, "retrain", extra)
+    metrics = evaluate_test_split(job, dmp, "retrain", extra)
+    if env.is_main:  # the run ships: its best model as a weights-only artifact
+        job.log(f"exported the best model to {export_run(job.run.path)}")
+    barrier()
+    return metrics
 
 
 if __name__ == "__main__":

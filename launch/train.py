@@ -4,6 +4,8 @@ every search and retrain is compared with; or on the QR baseline's tables
 
     python -m launch.train --config configs/synthetic.yaml
     torchx run -s local_cwd launch/components.py:train --config configs/synthetic.yaml --nproc 2
+
+A full-table run exports its best model into ``<run>/model`` (``launch.export``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Optional, Sequence
 import torch
 
 from launch.common import evaluate_test_split, fit, shard_run_task, stage_parser, start
+from launch.export import export_run
 from pipeline.tasks import RunTask, build_train_task, qr_plan
+from sharding.dmp import barrier
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -27,6 +31,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     plan = qr_plan(job.cfg, job.layout)
     evaluate_test_split(job, dmp, "train", plan.bytes_record() if plan else None)
+    if plan is None and job.env.is_main:  # full tables ship as the baseline; QR tables are not served
+        job.log(f"exported the best model to {export_run(job.run.path)}")
+    barrier()
 
 
 if __name__ == "__main__":

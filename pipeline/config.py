@@ -158,6 +158,14 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
 
 
+def config_from_dict(doc: dict[str, Any], source: str) -> Config:
+    """The Config of ``config_to_dict``'s output; ``source`` names it in errors (an
+    unknown key fails like a YAML file's)."""
+    if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+        raise ConfigError(f"{source}: config must be a mapping of sections")
+    return _build(Config, {section: {k: (v, source) for k, v in values.items()} for section, values in doc.items()})
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, loadable by ``load_config``."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -94,7 +94,7 @@ def load_checkpoint(
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
-    return torch.load(directory / EXTRA_FILE, weights_only=False)
+    return torch.load(directory / EXTRA_FILE, weights_only=True)  # tensors and plain values only
 
 
 def latest_checkpoint(checkpoints: str | Path) -> Optional[Path]:

@@ -1,6 +1,11 @@
-"""Serving: ``load_model(run_dir)`` scores raw Criteo rows in one process (see ``model``)."""
+"""Serving: ``load_model(path)`` scores raw Criteo rows in one process (see ``model``),
+from an exported artifact (see ``artifact``)."""
 
-from pipeline.inference.model import ServingModel, load_model, quantize_tables, serving_model
+from pipeline.inference.artifact import Artifact, ArtifactError, read_artifact, write_artifact
+from pipeline.inference.model import ServingModel, load_model, quantize_tables, serve_artifact, serving_model
 from pipeline.inference.raw import RawInputError, read_parquet, read_raw, read_tsv
 
-__all__ = ["RawInputError", "ServingModel", "load_model", "quantize_tables", "serving_model", "read_parquet", "read_raw", "read_tsv"]
+__all__ = [
+    "Artifact", "ArtifactError", "RawInputError", "ServingModel", "load_model", "quantize_tables", "serve_artifact",
+    "serving_model", "read_artifact", "read_parquet", "read_raw", "read_tsv", "write_artifact",
+]

@@ -1,7 +1,8 @@
 """The shipped model as one ``nn.Module``, from raw Criteo rows to click probabilities.
 
-``load_model(run_dir)`` rebuilds a finished run (retrain: the repacked mixed-width
-tables; train or search: full tables) from its config, prune plan and checkpoint in this
+``load_model(path)`` rebuilds an exported model (``dnis export``: a retrain run's repacked
+mixed-width tables, or a train run's full tables) from its artifact directory
+(``pipeline.inference.artifact``: JSON and safetensors, nothing unpickled) in this
 process alone: no process group, no sharding. The module owns every step the training
 data went through: vocabulary lookup (hex -> frequency rank, OOV), the dense transform
 (``log(1 + max(x, 0))``), the key rewrite into the repacked tables, the tables and their
@@ -31,19 +32,18 @@ from torchrec.inference.modules import quantize_inference_model
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from pipeline.config import load_config
 from pipeline.data.batch import Batch
 from pipeline.data.chunk_passes import encode_block
 from pipeline.data.criteo_reader import ParsedBlock
 from pipeline.data.features import FeatureLayout
 from pipeline.data.loader import rows_batch, table_rows
-from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
-from pipeline.loop import BEST
+from pipeline.inference.artifact import (
+    EXPORT_DIR, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE, Artifact, ArtifactError, check_weights, read_artifact,
+)
 from pipeline.prune.bytes import QUANT_ROW_ALIGNMENT, QUANTIZED_BITS
 from pipeline.prune.plan import StructuredPlan
-from pipeline.tasks import build_run_task
-from sharding.checkpoint import load_checkpoint
+from pipeline.tasks import build_retrain_task, build_train_task
 from sharding.fused_lookup import FusedLookup
 from sharding.repack import KeyRewriter
 
@@ -94,24 +94,60 @@ class ServingModel(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def load_model(
-    run_dir: str | Path, checkpoint: str = BEST, bits: Optional[int] = None, data_path: Optional[str] = None,
-    fuse: bool = True,
-) -> ServingModel:
-    """The run's model on CPU in this process, ready to score raw rows.
+def load_model(path: str | Path, bits: Optional[int] = None, fuse: bool = True) -> ServingModel:
+    """The exported model (``dnis export``) on CPU in this process, ready to score raw rows.
 
-    ``bits`` (8 or 4) quantizes its tables (``quantize_tables``); ``data_path`` overrides the dataset directory in the run's config (its metadata and
-    vocabulary are read, never its shards); ``fuse=False`` keeps repacked tables in their
-    training form (an EBC behind the key rewrite).
+    ``path`` is an artifact directory or a run directory holding one in ``model/``
+    (a finished retrain or train run exports its best model there). Only JSON and
+    safetensors are read, each file checked against the manifest first: nothing is
+    unpickled. ``bits`` (8 or 4) quantizes its tables (``quantize_tables``);
+    ``fuse=False`` keeps repacked tables in their training form (an EBC behind the key
+    rewrite).
+
+    Raises:
+        ArtifactError: naming the missing, changed or malformed file (and key).
+
+    Example:
+        >>> model = load_model("runs/synthetic/search/retrain", bits=8)  # doctest: +SKIP
     """
-    run_dir = Path(run_dir)
-    cfg = load_config([run_dir / "config.yaml"], [f"data.path={data_path}"] if data_path else [])
-    meta = DatasetMeta.load(cfg.data.path)
-    layout = FeatureLayout.from_meta(meta, cfg.data.dense_mode)
-    built = build_run_task(run_dir, cfg, layout, torch.device("cpu"))
-    load_checkpoint(run_dir / "checkpoints" / checkpoint, built.task, local=True)
-    vocab = Vocabulary.load(Path(cfg.data.path) / "vocab")
-    return serving_model(built.task.model, layout, vocab, meta.dense_fields, built.plan, bits, fuse)
+    return serve_artifact(read_artifact(artifact_directory(path)), bits, fuse)
+
+
+def serve_artifact(artifact: Artifact, bits: Optional[int] = None, fuse: bool = True) -> ServingModel:
+    """The model of ``artifact`` (read from disk, or a run's checkpoint in memory:
+    ``launch.export.load_run``) on CPU, ready to serve; ``bits`` and ``fuse`` as ``load_model``.
+
+    Raises:
+        ArtifactError: naming ``model.json`` if no model can be built from it, or the tensor
+            whose name, dtype or shape the model does not have.
+    """
+    cfg, layout, directory = artifact.config, artifact.layout, Path(artifact.directory or ".")
+    try:
+        if artifact.plan is not None:
+            task = build_retrain_task(cfg, layout, artifact.plan, artifact.projection, torch.device("cpu"))
+        else:
+            task = build_train_task(cfg, layout, torch.device("cpu"))
+    except (IndexError, KeyError, TypeError, ValueError) as error:  # values of the wrong kind in model.json
+        reason = f"{type(error).__name__}: {error}"
+        raise ArtifactError(f"{directory / MODEL_FILE}: no model can be built from it ({reason})") from None
+    check_weights(directory / WEIGHTS_FILE, artifact.weights, task.state_dict())
+    task.load_state_dict(artifact.weights)
+    return serving_model(task.model, layout, artifact.vocab, artifact.dense_fields, artifact.plan, bits, fuse)
+
+
+def artifact_directory(path: str | Path) -> Path:
+    """``path`` if it holds an exported model, else its ``model/`` (a run directory's export).
+
+    Raises:
+        ArtifactError: for a run directory that was never exported.
+    """
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file() or not (path / "config.yaml").is_file():
+        return path  # an artifact, or a path whose error read_artifact names
+    exported = path / EXPORT_DIR
+    if not (exported / MANIFEST_FILE).is_file():
+        raise ArtifactError(f"{path}: no exported model in {exported}; run `dnis export --run-dir {path}`")
+    return exported
 
 
 def serving_model(
