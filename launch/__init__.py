@@ -1,8 +1,48 @@
-"""TorchX components and the entry points they run (the only code that owns process groups)."""
+"""TorchX components and the entry points they run (the only code that owns process groups).
 
+Importing this package filters, in this one place, the upstream notices that a user of
+these entry points cannot act on; each is named, nothing else is silenced.
+"""
+
+import logging
 import warnings
 
-# Upstream deprecation notices (ShardedTensor -> DTensor in DCP, planner storage
-# reservation, fbgemm invokers) that a user of these entry points cannot act on.
+# Deprecation notices of the libraries (ShardedTensor -> DTensor in DCP, planner storage
+# reservation, fbgemm invokers).
 for _category in (FutureWarning, DeprecationWarning):
     warnings.filterwarnings("ignore", category=_category, module=r"(torch|torchrec|fbgemm_gpu)(\.|$)")
+
+# Notices raised from inside the libraries about their own internals.
+UPSTREAM_WARNINGS = (
+    # FBGEMM's dense (data-parallel) kernel registers its backward outside autograd's key.
+    r"fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered",
+    # torchmetrics' own gather indexes with a list.
+    r"Using a non-tuple sequence for multidimensional indexing is deprecated",
+    # DCP loading a checkpoint without a process group (evaluation in one process).
+    r"torch.distributed is disabled, unavailable or uninitialized",
+)
+for _message in UPSTREAM_WARNINGS:
+    warnings.filterwarnings("ignore", message=_message)
+
+# Log lines of TorchRec and torch that describe their own defaults, not the user's job,
+# by the logger that emits them ("root": TorchRec logs some through logging.warning).
+UPSTREAM_LOG_NOTICES = {
+    "torchrec.distributed.planner.types": ("The topology was constructed directly rather than via TopologyFactory",),
+    "torchrec.distributed.planner.storage_reservations": ("There is a known issue with TorchRec's dense tensor size",),
+    "root": ("Sharding spec not found for",),
+    "torchrec.distributed.utils": ("Sharding Type is data_parallel, caching params will be ignored",),
+    "torch.fx._symbolic_trace": ("is_fx_tracing will return true for both",),
+}
+
+
+class _DropNotices(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+for _name, _prefixes in UPSTREAM_LOG_NOTICES.items():
+    logging.getLogger(None if _name == "root" else _name).addFilter(_DropNotices(_prefixes))
