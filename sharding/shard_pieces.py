@@ -39,13 +39,19 @@ def local_pieces(tensor: torch.Tensor, counted_once: bool) -> Iterator[tuple[int
 
     Raises:
         TypeError: a ``DTensor`` whose local tensor is not TorchRec's ``LocalShardsWrapper``
-            (its pieces' offsets are not known).
+            (its pieces' offsets are not known), or one replicated over a mesh dimension
+            (2-D parallel: sums over all ranks would count each replica).
     """
     if isinstance(tensor, ShardedTensor):
         for shard in tensor.local_shards():
             row, col = shard.metadata.shard_offsets
             yield row, col, shard.tensor
     elif isinstance(tensor, DTensor):
+        replicated = [
+            i for i, p in enumerate(tensor.placements) if p.is_replicate() and tensor.device_mesh.size(i) > 1
+        ]
+        if replicated:
+            raise TypeError(f"a DTensor table replicated over mesh dimensions {replicated} is not supported")
         local = tensor.to_local()
         if not isinstance(local, LocalShardsWrapper):
             raise TypeError(f"a DTensor table must wrap TorchRec's LocalShardsWrapper, got {type(local).__name__}")

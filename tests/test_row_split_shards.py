@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor import Shard as DTensorShard
 from torchrec.distributed.shards_wrapper import LocalShardsWrapper
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -27,6 +27,7 @@ from sharding.checkpoint import load_checkpoint, load_full_state, save_checkpoin
 from sharding.field_embedding import table_configs, table_name
 from sharding.local_ranks import run_ranks
 from sharding.repack import repacked_weights
+from sharding.shard_pieces import local_pieces
 from sharding.table_stats import group_sum_sq
 from tests.test_prune_fine import exact_epsilon, pruned_reference, tied
 from tests.test_repack import K, META, NUMS, Probe, searched, skewed_blocking
@@ -157,9 +158,34 @@ def pieces_equal_the_whole_table(env) -> list[str]:
     return failures
 
 
+def unknown_dtensor_forms_refused(env) -> list[str]:
+    """DTensor tables whose pieces' offsets are unknown (no ``LocalShardsWrapper``) or
+    that are replicated (2-D parallel): what is read without the error it should raise."""
+    piece = torch.zeros(3, K)
+    wrapped = LocalShardsWrapper([piece], [(3 * env.rank, 0)])
+    forms = {
+        "plain local tensor": DTensor.from_local(piece, init_device_mesh("cpu", (env.world_size,)), (DTensorShard(0),)),
+        "replicated": DTensor.from_local(
+            wrapped, init_device_mesh("cpu", (env.world_size, 1)), (Replicate(), DTensorShard(0)),
+            shape=torch.Size((3, K)), stride=(K, 1), run_check=False),
+    }
+    missed = []
+    for name, tensor in forms.items():
+        try:
+            list(local_pieces(tensor, counted_once=True))
+            missed.append(f"{name} DTensor read without an error")
+        except TypeError:
+            pass
+    return missed
+
+
+def row_split_checks(env) -> list[str]:
+    return pieces_equal_the_whole_table(env) + unknown_dtensor_forms_refused(env)
+
+
 @pytest.mark.multirank
 def test_stats_epsilon_pruning_and_full_loads_of_row_split_pieces_equal_the_whole_table():
-    assert run_ranks(pieces_equal_the_whole_table, 2) == [[], []]
+    assert run_ranks(row_split_checks, 2) == [[], []]
 
 
 def saved_models() -> dict[str, AlphaEmbeddingBagCollection]:
