@@ -37,7 +37,8 @@ FORMS = ("sharded_tensor", "dtensor")
 TWO_RANKS = {
     "a": [(0, (0, 7), (0, K)), (1, (7, 40), (0, K)), (0, (40, 60), (0, K))],  # uneven rows; rank 0 twice
     "b": [(1, (0, 9), (0, 4)), (0, (0, 9), (4, K)), (0, (9, 17), (0, 4)), (1, (9, 17), (4, K))],  # grid
-    "c": [(1, (0, 2), (0, K)), (1, (2, 5), (0, K))],  # table-row-wise on rank 1; none on rank 0
+    # Table-row-wise on rank 1; rank 0 gets no rows (as row-wise gives a rank past a small table's end).
+    "c": [(1, (0, 2), (0, K)), (1, (2, 5), (0, K)), (0, (5, 5), (0, K))],
 }
 THREE_RANKS = {  # three pieces per table, none where a piece of TWO_RANKS is
     "a": [(2, (0, 25), (0, K)), (0, (25, 26), (0, K)), (1, (26, 60), (0, K))],
