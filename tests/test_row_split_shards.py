@@ -40,7 +40,7 @@ TWO_RANKS = {
     # Table-row-wise on rank 1; rank 0 gets no rows (as row-wise gives a rank past a small table's end).
     "c": [(1, (0, 2), (0, K)), (1, (2, 5), (0, K)), (0, (5, 5), (0, K))],
 }
-THREE_RANKS = {  # three pieces per table, none where a piece of TWO_RANKS is
+THREE_RANKS = {  # three pieces per table, cut elsewhere than TWO_RANKS: reads span stored pieces
     "a": [(2, (0, 25), (0, K)), (0, (25, 26), (0, K)), (1, (26, 60), (0, K))],
     "b": [(2, (0, 12), (0, 4)), (0, (0, 12), (4, K)), (2, (12, 17), (0, K))],
     "c": [(1, (0, 1), (0, K)), (0, (1, 4), (0, K)), (2, (4, 5), (0, K))],
@@ -91,7 +91,7 @@ class HandSharded(nn.Module):
         return DTensor.from_local(
             wrapper, mesh, placements=(DTensorShard(0),), shape=torch.Size(size), stride=(K, 1), run_check=False)
 
-    def state_dict(self, *args, **kwargs):
+    def state_dict(self, *args, **kwargs):  # callers here pass no prefix or destination
         state = self.dense.state_dict()
         state.update(self.tables)
         return state
@@ -145,8 +145,9 @@ def pieces_equal_the_whole_table(env) -> list[str]:
                 failures.append(f"{case}: group_sum_sq off by {(got - expected).abs().max()}")
             for cr in (1.0, 7.0):
                 found = epsilon_for_cr(sharded, blocking, full.alpha, cr)
-                if (found.epsilon, found.nnz) != exact_epsilon(full, cr):
-                    failures.append(f"{case} CR {cr}: {found} vs {exact_epsilon(full, cr)}")
+                unsharded = epsilon_for_cr(full, blocking, full.alpha, cr)
+                if found != unsharded or (found.epsilon, found.nnz) != exact_epsilon(full, cr):
+                    failures.append(f"{case} CR {cr}: {found} vs {unsharded}, sorted {exact_epsilon(full, cr)}")
             nnz = apply_epsilon(sharded, blocking, full.alpha, found.epsilon)
             if nnz != found.nnz:
                 failures.append(f"{case}: apply_epsilon kept {nnz}, not {found.nnz}")
