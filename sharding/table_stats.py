@@ -57,6 +57,7 @@ def group_sum_sq(model: nn.Module, groups: Sequence[Group], embedding_dim: int) 
                                 (values.detach().double() ** 2).cumsum(0)])
             for index in by_key[key]:
                 lo, hi = group_rows(groups[index], row, values.shape[0])
+                # Pieces may sit on a GPU; the result (all-reduced below) is on the CPU.
                 out[index, col : col + values.shape[1]] += (prefix[hi] - prefix[lo]).cpu()
     return all_reduce_sum(out)
 
