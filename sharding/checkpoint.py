@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from sharding.shard_pieces import is_sharded, local_pieces
+
 EXTRA_FILE = "extra.pt"
 LATEST_FILE = "latest"
 
@@ -107,16 +109,20 @@ def latest_checkpoint(checkpoints: str | Path) -> Optional[Path]:
 
 
 def load_full_state(model: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
-    """Copy whole (unsharded) tensors into ``model``, sharded or not: each local shard
-    of a sharded table takes its rectangle, everything else is copied as is."""
+    """Copy whole (unsharded) tensors into ``model``, sharded or not: each local piece
+    of a sharded table takes its rectangle, everything else is copied as is.
+
+    Raises:
+        ValueError: a full tensor whose shape is not its entry's global shape.
+    """
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name not in full_state:
                 continue
             source = full_state[name]
-            if hasattr(tensor, "local_shards"):
-                for shard in tensor.local_shards():
-                    (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(source[row : row + rows, col : col + cols])
-            else:
+            if source.shape != tensor.shape:  # slicing or broadcasting would hide it
+                raise ValueError(f"{name}: full shape {tuple(source.shape)}, the model's {tuple(tensor.shape)}")
+            if not is_sharded(tensor):
                 tensor.copy_(source)
+            for row, col, values in local_pieces(tensor, counted_once=False):
+                values.copy_(source[row : row + values.shape[0], col : col + values.shape[1]])

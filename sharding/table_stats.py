@@ -1,7 +1,8 @@
 """Statistics of embedding tables read from whatever shards this rank holds.
 
 Every sharding type TorchRec offers leaves each rank with rectangular pieces of some
-tables (whole tables, column slices, row slices) and their global offsets; data-parallel
+tables (whole tables, column slices, row slices, grid rectangles; several pieces of one
+table may sit on one rank) at global offsets (``sharding.shard_pieces``); data-parallel
 tables are whole on every rank. The statistics here add up what the pieces hold and sum
 over ranks, so no table is ever gathered on one rank. The pieces alias the tables, so
 ``pipeline.prune.fine`` also edits them in place.
@@ -10,7 +11,7 @@ over ranks, so no table is ever gathered on one rank. The pieces alias the table
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,24 +19,11 @@ from torch import nn
 
 from pipeline.prune.plan import Group
 from sharding.field_embedding import table_name
-
-
-def local_pieces(tensor, counted_once: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(row offset, column offset, values)`` of the parts of ``tensor`` on this rank.
-
-    ``values`` alias the table (in-place edits reach the model). A tensor that is not
-    sharded (unsharded model, data-parallel table) is yielded only if ``counted_once``.
-    """
-    if hasattr(tensor, "local_shards"):
-        for shard in tensor.local_shards():
-            row, col = shard.metadata.shard_offsets
-            yield row, col, shard.tensor
-    elif counted_once:
-        yield 0, 0, tensor
+from sharding.shard_pieces import local_pieces
 
 
 def feature_tables(model: nn.Module, keys: Sequence[str]) -> dict[str, object]:
-    """Per feature key, its table ``t_<key>`` in ``model``'s state: a tensor or ShardedTensor."""
+    """Per feature key, its table ``t_<key>`` in ``model``'s state: a tensor, ShardedTensor or DTensor."""
     state = model.state_dict()
     out = {}
     for key in keys:
@@ -69,7 +57,8 @@ def group_sum_sq(model: nn.Module, groups: Sequence[Group], embedding_dim: int) 
                                 (values.detach().double() ** 2).cumsum(0)])
             for index in by_key[key]:
                 lo, hi = group_rows(groups[index], row, values.shape[0])
-                out[index, col : col + values.shape[1]] += prefix[hi] - prefix[lo]
+                # Pieces may sit on a GPU; the result (all-reduced below) is on the CPU.
+                out[index, col : col + values.shape[1]] += (prefix[hi] - prefix[lo]).cpu()
     return all_reduce_sum(out)
 
 

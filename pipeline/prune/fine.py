@@ -44,7 +44,8 @@ from pipeline.prune.bytes import (
 )
 from pipeline.prune.plan import group_ranges
 from pipeline.search.blocking import Blocking
-from sharding.table_stats import all_reduce_sum, feature_tables, group_rows, is_rank0, local_pieces
+from sharding.shard_pieces import local_pieces
+from sharding.table_stats import all_reduce_sum, feature_tables, group_rows, is_rank0
 
 CHUNK_ROWS = 1 << 15
 # (shift, bits) of the digits of a non-negative float32's 31 bits, most significant first.
