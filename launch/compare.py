@@ -97,13 +97,17 @@ def plan_steps(settings: Settings) -> list[Step]:
     return list(steps.values())
 
 
+class StepFailed(Exception):
+    """A stage of the compare failed; the message names it and why."""
+
+
 def execute(step: Step) -> None:
     """Run a step's command, its output in its log; a failure names the log."""
     if step.prepare:
         try:
             step.prepare()
         except ValueError as error:  # a budget no plan of this method can meet
-            raise SystemExit(f"dnis compare: {step.name}: {error}") from None
+            raise StepFailed(f"{step.name}: {error}") from None
     if not step.command:
         return
     step.log.parent.mkdir(parents=True, exist_ok=True)
@@ -112,14 +116,16 @@ def execute(step: Step) -> None:
     with open(step.log, "w") as log:
         code = subprocess.call(step.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if code != 0 or not (step.succeeded or step.done)():
-        raise SystemExit(f"dnis compare: {step.name} failed (exit {code}); {step.log}: {_cause(step.log)}")
+        raise StepFailed(f"{step.name} failed (exit {code}): {_cause(step.log)} (log: {step.log})")
 
 
 def _cause(log: Path) -> str:
-    """The last line of a failed stage's log that says why (not torchx's status)."""
+    """The line of a failed stage's log that says why: its own one-line error if it
+    printed one, else the last error line (not torchx's status lines)."""
     lines = [line for line in log.read_text().splitlines() if line.strip() and not line.startswith(("torchx ", "  "))]
-    said = [line for line in lines if "error" in line.lower() or "dnis" in line]
-    return (said or lines or ["(empty log)"])[-1]
+    said = [line for line in lines if "dnis " in line and ":" in line] or [
+        line for line in lines if "error" in line.lower() and "elastic" not in line]
+    return (said or lines or ["(empty log)"])[-1].split("]:", 1)[-1].strip()
 
 
 def rows(settings: Settings) -> list[dict]:
@@ -136,14 +142,14 @@ def rows(settings: Settings) -> list[dict]:
     return out
 
 
-def write_outputs(settings: Settings) -> dict:
+def write_outputs(settings: Settings, failures: Sequence[str] = ()) -> dict:
     found = rows(settings)
     summary = aggregate(found)
     out = Path(settings.out)
-    doc = {"settings": asdict(settings), "summary": summary, "rows": found}
+    doc = {"settings": asdict(settings), "summary": summary, "rows": found, "failures": list(failures)}
     tmp = out / "compare.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1))
-    (out / "compare.md").write_text(markdown(summary))
+    (out / "compare.md").write_text(markdown(summary, failures))
     if summary:
         pareto_plot(summary, out / "pareto.png")
     tmp.replace(out / "compare.json")  # last: a complete compare.json means the rest is written
@@ -154,11 +160,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     settings = parse_args(argv)
     Path(settings.out).mkdir(parents=True, exist_ok=True)
     todo = [s for s in plan_steps(settings) if not s.done()]
+    failures = []
     for step in tqdm(todo, desc="compare", unit="run", dynamic_ncols=True):
         tqdm.write(f"== {step.name}")
-        execute(step)
-    doc = write_outputs(settings)
-    print(markdown(doc["summary"]))
+        try:
+            execute(step)
+        except StepFailed as failure:  # e.g. a budget a method cannot reach: the rest goes on
+            failures.append(f"{step.log.parent if step.log else settings.out}: {failure}")
+            tqdm.write(f"failed: {failure}")
+    doc = write_outputs(settings, failures)
+    print(markdown(doc["summary"], failures))
+    if failures:
+        raise SystemExit(f"dnis compare: {len(failures)} run(s) failed (listed in compare.md); rerun to retry them")
     return doc
 
 

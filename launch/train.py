@@ -23,13 +23,16 @@ from sharding.dmp import barrier
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)
     job = start(args)
+    try:
+        plan = qr_plan(job.cfg, job.layout)  # an unreachable QR budget is a config error
+    except ValueError as error:
+        raise SystemExit(f"dnis train: model.qr_target_cr: {error}") from None
     dmp, optimizer = shard_run_task(job, RunTask(build_train_task(job.cfg, job.layout, torch.device("meta"))))
     train = job.reader("train", train=True)
     fit(
         job, dmp, optimizer, lambda epoch, start, _: train.batches(epoch, start),
         train.num_batches(), resume=args.resume,
     )
-    plan = qr_plan(job.cfg, job.layout)
     evaluate_test_split(job, dmp, "train", plan.bytes_record() if plan else None)
     if plan is None and job.env.is_main:  # full tables ship as the baseline; QR tables are not served
         job.log(f"exported the best model to {export_run(job.run.path)}")

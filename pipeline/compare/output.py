@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -41,8 +42,8 @@ def winners(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(summary: list[dict]) -> str:
-    """One table per (dataset, model) and the winner of each budget."""
+def markdown(summary: list[dict], failures: Sequence[str] = ()) -> str:
+    """One table per (dataset, model), the winner of each budget, and the runs that failed."""
     out = ["# dnis compare", ""]
     for (data, model), rows in _cells(summary).items():
         out += [f"## {data} / {model}", "",
@@ -56,6 +57,8 @@ def markdown(summary: list[dict]) -> str:
                 f"{r['wall_s']:.0f} | {r['seeds']} |"
             )
         out += ["", *winners(rows), ""]
+    if failures:
+        out += ["## Failed runs (rerun the compare to retry)", "", *[f"- {f}" for f in failures], ""]
     return "\n".join(out)
 
 
