@@ -168,7 +168,7 @@ def prepare(opts: Options) -> None:
             raise PreprocessError(f"{out} holds an unfinished run with other options or changed "
                                   "inputs; pass --overwrite to start over")
         _clear(out)
-    for sub in ("counts", "rejects", "shards"):
+    for sub in ("counts", "rejects", "coded", "shards"):
         (out / "_work" / sub).mkdir(parents=True, exist_ok=True)
     chunks = plan_chunks(list(opts.inputs), opts.chunk_mb << 20)
     plan = {"options": recorded, "sources": _sources(opts.inputs), "chunks": [asdict(c) for c in chunks]}
