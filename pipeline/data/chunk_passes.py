@@ -1,7 +1,8 @@
 """The two passes over one chunk, as worker-process functions writing into the work dir.
 
 Pass 1 (``count_chunk``) parses and validates every row, counts the train split's values
-per field and writes ``_work/counts/<chunk>.npz``, ``_work/rejects/<chunk>.tsv`` (line
+per field and writes ``_work/counts/<chunk>.{keys,counts}.npy`` (see ``count_merge``)
+and ``.npz`` (row, missing and dense counts), ``_work/rejects/<chunk>.tsv`` (line
 numbers local to the chunk) and ``_work/coded/<chunk>.npy``: the good rows' splits,
 labels and dictionary codes, so that pass 2 never parses text again. Pass 2
 (``write_chunk``) maps each block's dictionary entries to ids with the vocabulary and
@@ -201,15 +202,18 @@ def count_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
             splits = all_splits[block.rows]
             save_coded(coded, splits, block)
             missing += _count_block(block, splits == TRAIN, accs, dense_counts)
-    arrays = {"missing": missing, "dense_counts": dense_counts, "rows": rows,
-              "lines": np.int64(lines), "crc32": np.int64(crc)}
-    for name, acc in zip(SPARSE_FIELDS + BUCKET_FIELDS, accs):
-        arrays[f"{name}.keys"], arrays[f"{name}.counts"] = acc.result()
     text = "".join(f"{line + 1}\t{field}\t{reason}\t{raw}\n" for line, field, reason, raw in rejects)
     atomic_write_bytes(rejects_path(ctx, chunk), text.encode())
     os.replace(coded_tmp, coded_path(ctx, chunk))
+    keys, counts = zip(*(acc.result() for acc in accs))
+    for name, parts in (("keys", keys), ("counts", counts)):  # fields back to back, mmap-able
+        tmp = counts_path(ctx, chunk).with_suffix(f".{name}.tmp.npy")
+        np.save(tmp, np.concatenate(parts))
+        os.replace(tmp, counts_path(ctx, chunk).with_suffix(f".{name}.npy"))
+    sizes = np.array([k.size for k in keys], dtype=np.int64)
     tmp = counts_path(ctx, chunk).with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, missing=missing, dense_counts=dense_counts, rows=rows, lines=np.int64(lines),
+             crc32=np.int64(crc), sizes=sizes, offsets=np.r_[0, np.cumsum(sizes)])
     os.replace(tmp, counts_path(ctx, chunk))  # last: its presence marks the chunk counted
     return chunk.id
 
