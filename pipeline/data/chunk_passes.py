@@ -31,7 +31,7 @@ from pipeline.data.schema import (
     BUCKET_FIELDS, DENSE_FIELDS, LABEL, NUM_DENSE, SPARSE_FIELDS, SPLITS, bucket_key,
     dense_transform,
 )
-from pipeline.data.vocab import MISSING_BUCKET, Vocabulary
+from pipeline.data.vocab import INDEX_FILE, MISSING_BUCKET, Vocabulary
 
 SHARD_SCHEMA = pa.schema(
     [(LABEL, pa.float32())]
@@ -241,14 +241,18 @@ def bucket_keys(dense: np.ndarray, missing: np.ndarray) -> np.ndarray:
     return np.where(missing, MISSING_BUCKET, bucket_key(dense))
 
 
-_VOCABS: dict[str, Vocabulary] = {}
+_VOCABS: dict[tuple, Vocabulary] = {}
 
 
 def _vocabulary(output: str) -> Vocabulary:
-    """The dataset's vocabulary, memory-mapped once per process."""
-    if output not in _VOCABS:
-        _VOCABS[output] = Vocabulary.load(Path(output) / "vocab")
-    return _VOCABS[output]
+    """The dataset's vocabulary, memory-mapped once per process (and again when a new run
+    on the same output wrote another one: workers outlive a stage)."""
+    index = os.stat(Path(output) / "vocab" / INDEX_FILE)
+    key = (output, index.st_ino, index.st_mtime_ns)
+    if key not in _VOCABS:
+        _VOCABS.clear()
+        _VOCABS[key] = Vocabulary.load(Path(output) / "vocab")
+    return _VOCABS[key]
 
 
 def encode_block(block: ParsedBlock, vocab: Vocabulary) -> pa.Table:

@@ -210,43 +210,52 @@ def assign_chunks(chunks: list[Chunk], rank: int, world_size: int) -> list[Chunk
     return [c for c in chunks if owner[c.id] == rank]
 
 
-def _run_parallel(fn: Callable, items: list, sizes: list[int], opts: Options, desc: str, show: bool) -> None:
-    """``fn(item)`` for every item, on ``opts.workers`` processes; ``sizes`` drive the bar."""
-    bar = progress_bar(total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=not show,
-                       file=sys.stderr)
-    workers = min(opts.workers, len(items))
-    if workers <= 1:
-        for item, size in zip(items, sizes):
-            fn(item)
-            bar.update(size)
-    else:  # spawn: safe whatever threads the parent runs (gloo under torchrun)
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(fn, item): size for item, size in zip(items, sizes)}
-            try:
-                for future in as_completed(futures):
-                    future.result()
-                    bar.update(futures[future])
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    bar.close()
+class WorkerPool:
+    """``workers`` spawned processes kept for every stage of a run (a spawn costs an
+    interpreter and the numpy/pyarrow imports, about 0.5 CPU s), started on first need."""
+
+    def __init__(self, workers: int):
+        self.workers, self.pool = workers, None
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, fn: Callable, items: list, sizes: list[int], desc: str, show: bool) -> None:
+        """``fn(item)`` for every item; ``sizes`` drive the progress bar."""
+        bar = progress_bar(total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=not show,
+                           file=sys.stderr)
+        if min(self.workers, len(items)) <= 1:
+            for item, size in zip(items, sizes):
+                fn(item)
+                bar.update(size)
+        else:
+            if self.pool is None:  # spawn: safe whatever threads the parent runs (gloo under torchrun)
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+            futures = {self.pool.submit(fn, item): size for item, size in zip(items, sizes)}
+            for future in as_completed(futures):
+                future.result()
+                bar.update(futures[future])
+        bar.close()
 
 
-def count_chunks(chunks: list[Chunk], opts: Options, show: bool) -> None:
+def count_chunks(chunks: list[Chunk], opts: Options, pool: WorkerPool, show: bool) -> None:
     """Pass 1 over the chunks not counted yet."""
     todo = [c for c in chunks if not counts_path(opts.context(), c).is_file()]
-    _run_parallel(partial(count_chunk, ctx=opts.context()), todo, [c.nbytes for c in todo], opts,
-                  "pass 1 (count)", show)
+    pool.run(partial(count_chunk, ctx=opts.context()), todo, [c.nbytes for c in todo], "pass 1 (count)", show)
 
 
-def write_chunks(chunks: list[Chunk], opts: Options, show: bool) -> None:
+def write_chunks(chunks: list[Chunk], opts: Options, pool: WorkerPool, show: bool) -> None:
     """Pass 2 over the chunks without finished shards."""
     todo = [c for c in chunks if not shard_marker(opts.context(), c).is_file()]
-    _run_parallel(partial(write_chunk, ctx=opts.context()), todo, [c.nbytes for c in todo], opts,
-                  "pass 2 (write)", show)
+    pool.run(partial(write_chunk, ctx=opts.context()), todo, [c.nbytes for c in todo], "pass 2 (write)", show)
 
 
-def sum_counts(chunks: list[Chunk], opts: Options, rank: int, world_size: int, show: bool) -> None:
+def sum_counts(chunks: list[Chunk], opts: Options, pool: WorkerPool, rank: int, world_size: int,
+               show: bool) -> None:
     """Every rank: sum this rank's share of the (field, key range) merge tasks."""
     work = opts.context().work
     if (work / "merged.json").is_file():
@@ -254,8 +263,8 @@ def sum_counts(chunks: list[Chunk], opts: Options, rank: int, world_size: int, s
     ids = [c.id for c in chunks]
     tasks = plan_merge(work, ids, SPARSE_FIELDS + BUCKET_FIELDS, opts.budget_bytes // 2)
     todo = [t for t in tasks[rank::world_size] if not spill_path(work, t).is_file()]
-    _run_parallel(partial(merge_range, work=work, chunk_ids=ids, min_count=opts.min_count), todo,
-                  [1] * len(todo), opts, "merge counts", show)
+    pool.run(partial(merge_range, work=work, chunk_ids=ids, min_count=opts.min_count), todo,
+             [1] * len(todo), "merge counts", show)
 
 
 def merge_counts(chunks: list[Chunk], opts: Options) -> None:
@@ -373,15 +382,16 @@ def run(opts: Options, rank: int = 0, world_size: int = 1, barrier: Callable[[],
         return DatasetMeta.load(opts.output)
     chunks = load_chunks(opts)
     mine = assign_chunks(chunks, rank, world_size)
-    count_chunks(mine, opts, show)
-    barrier()
-    sum_counts(chunks, opts, rank, world_size, show)
-    barrier()
-    if rank == 0:
-        merge_counts(chunks, opts)
-    barrier()
-    check_rows_kept(opts)
-    write_chunks(mine, opts, show)
+    with WorkerPool(opts.workers) as pool:
+        count_chunks(mine, opts, pool, show)
+        barrier()
+        sum_counts(chunks, opts, pool, rank, world_size, show)
+        barrier()
+        if rank == 0:
+            merge_counts(chunks, opts)
+        barrier()
+        check_rows_kept(opts)
+        write_chunks(mine, opts, pool, show)
     barrier()
     if rank == 0:
         _, line = finalize(chunks, opts)
