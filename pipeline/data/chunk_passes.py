@@ -296,7 +296,7 @@ class ShardWriter:
         return self.rows
 
     def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.buffer).combine_chunks()
+        table = pa.concat_tables(self.buffer)  # no combine_chunks: it would copy the row group
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(self.tmp, SHARD_SCHEMA)

@@ -49,9 +49,10 @@ from pipeline.progress import progress_bar
 
 OUTPUT_ENTRIES = ("train", "val", "test", "vocab", "_work", "rejects.tsv", METADATA_FILE)
 CHECKSUM = "sha256 over the crc32 of each chunk's uncompressed bytes (chunks of --chunk-mb)"
-# Peak RSS of a pass-1 worker over its block size (raw bytes, pyarrow's binary columns,
-# their dictionary codes, the coded copy), measured on Criteo-like rows.
-BLOCK_RSS_FACTOR = 6
+# Pass-1 memory per block byte. A parsed row costs ~900 B whatever its width (pyarrow's
+# 40 offsets and dictionary codes, our codes and temporaries), so the worst case is the
+# narrowest row (~45 B, fields empty): ~20x, measured; Criteo-like rows (~240 B) need ~4x.
+BLOCK_RSS_FACTOR = 24
 
 
 class PreprocessError(RuntimeError):
@@ -121,7 +122,9 @@ def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
     p.add_argument("--memory-mb", type=int, default=2048,
                    help="memory per process for read blocks and for summing counts: blocks shrink "
                    "and fields with many distinct values are merged in key ranges spilled to disk, "
-                   "so peak RSS does not grow with the input (the output does not depend on it)")
+                   "so peak RSS does not grow with the input (the output does not depend on it); "
+                   "on top come the interpreter (~150 MiB) and pass 2's row-group buffer "
+                   "(--row-group-rows x 212 B)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output made with other options (else that is an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
