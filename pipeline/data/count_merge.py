@@ -29,6 +29,7 @@ from pipeline.data.vocab import VocabularyWriter
 
 MERGE_BYTES_PER_KEY = 64  # summing: concatenated keys and counts, np.unique's sort and inverse
 KEY_BITS = 32  # categorical keys are uint32; bucket keys are small and land in range 0
+MAX_RANGE_BITS = 16  # 65536 ranges of a field: beyond that a task's per-chunk overhead dominates
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,14 @@ def range_bounds(keys: np.ndarray, part: int, bits: int) -> tuple[int, int]:
 
 
 def range_bits(upper_keys: int, memory_bytes: int) -> int:
-    """Fewest range bits whose ranges of ``upper_keys`` keys merge within ``memory_bytes``."""
+    """Fewest range bits (at most 16) whose ranges of ``upper_keys`` keys merge within
+    ``memory_bytes``.
+
+    >>> range_bits(3_000_000, memory_bytes=64 << 20)  # 1M keys per range: 4 ranges
+    2
+    """
     need = upper_keys * MERGE_BYTES_PER_KEY / max(memory_bytes, 1)
-    return min(KEY_BITS, max(0, math.ceil(math.log2(need)))) if need > 1 else 0
+    return min(MAX_RANGE_BITS, math.ceil(math.log2(need))) if need > 1 else 0
 
 
 def plan_merge(work: Path, chunk_ids: list[str], fields: tuple[str, ...], memory_bytes: int) -> list[MergeTask]:

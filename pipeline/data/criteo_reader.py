@@ -232,21 +232,13 @@ class ParsedBlock:
 
     @property
     def dense(self) -> np.ndarray:
+        """Decoded integers ``[rows, 13]`` (0 where empty); ``sparse`` likewise, uint32."""
         return np.stack([self.values[j][self.codes[j]] for j in range(NUM_DENSE)], axis=1)
-
-    @property
-    def dense_missing(self) -> np.ndarray:
-        return np.stack([self.absent[j][self.codes[j]] for j in range(NUM_DENSE)], axis=1)
 
     @property
     def sparse(self) -> np.ndarray:
         cols = range(NUM_DENSE, NUM_DENSE + NUM_SPARSE)
         return np.stack([self.values[c][self.codes[c]] for c in cols], axis=1).astype(np.uint32)
-
-    @property
-    def sparse_missing(self) -> np.ndarray:
-        cols = range(NUM_DENSE, NUM_DENSE + NUM_SPARSE)
-        return np.stack([self.absent[c][self.codes[c]] for c in cols], axis=1)
 
 
 def parse_block(data: bytes) -> ParsedBlock:
