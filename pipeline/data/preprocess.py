@@ -6,9 +6,9 @@ chain on several ranks with barriers in between):
 1. ``prepare``: plan newline-aligned chunks (``_work/plan.json``), or find the output
    finished (a no-op) or half-done (resume).
 2. ``count_chunks``: pass 1, per chunk: validate rows, count train-split values.
-3. ``merge_counts``: sum the counts per field and key range (``count_merge``, every rank
-   and worker), then rank 0: frequency ranks -> ``vocab/``, ``rejects.tsv``,
-   ``_work/merged.json``.
+3. ``sum_counts`` (every rank and worker): sum the counts per field and key range
+   (``count_merge``); ``merge_counts`` (rank 0): frequency ranks -> ``vocab/``,
+   ``rejects.tsv``, ``_work/merged.json``.
 4. ``write_chunks``: pass 2, per chunk: ``train|val|test/<input>.<chunk>.parquet``.
 5. ``finalize``: ``metadata.json`` (last: its presence marks the dataset complete).
 
