@@ -132,21 +132,23 @@ def _blocks(chunk: Chunk, ctx: ChunkContext):
 
 
 def save_coded(f, splits: np.ndarray, block: ParsedBlock) -> None:
-    """Append a block's good rows (split, label, codes, dictionaries) to an open file."""
-    for array in (splits, block.label, block.codes, *block.values, *block.absent):
+    """Append a block's good rows (split, label, codes, dictionaries) to an open file; the
+    dictionaries go back to back (a few np.save calls per block, not one per column)."""
+    sizes = np.array([v.size for v in block.values], dtype=np.int64)
+    for array in (splits, block.label, block.codes, sizes, np.concatenate(block.values),
+                  np.concatenate(block.absent)):
         np.save(f, array, allow_pickle=False)
 
 
 def load_coded(path: Path):
     """Yield ``(splits, block)`` as ``save_coded`` appended them."""
-    columns = NUM_DENSE + len(SPARSE_FIELDS)
     size = path.stat().st_size
     with open(path, "rb") as f:
         while f.tell() < size:
-            splits, label, codes = (np.load(f) for _ in range(3))
-            values = [np.load(f) for _ in range(columns)]
-            absent = [np.load(f) for _ in range(columns)]
-            yield splits, ParsedBlock(np.zeros(0, np.int64), np.arange(label.size), label, codes, values, absent)
+            splits, label, codes, sizes, values, absent = (np.load(f) for _ in range(6))
+            cuts = np.cumsum(sizes)[:-1]
+            yield splits, ParsedBlock(np.zeros(0, np.int64), np.arange(label.size), label, codes,
+                                      np.split(values, cuts), np.split(absent, cuts))
 
 
 def escape_raw(raw: bytes) -> str:
