@@ -1,6 +1,6 @@
-"""Our Criteo preprocessing vs TorchRec's own Criteo path, on one synthetic file.
+"""Our Criteo preprocessing vs TorchRec's own Criteo path, and our peak memory.
 
-    python benchmarks/preprocess.py [--rows 2000000] [--min-count 3] [--workers N]
+    python benchmarks/preprocess.py [--rows 2000000] [--min-count 3] [--workers N] [--quick]
 
 TorchRec side (installed torchrec): ``BinaryCriteoUtils.tsv_to_npys`` (TSV -> dense,
 sparse, label .npy) then ``BinaryCriteoUtils.sparse_to_contiguous`` with the same
@@ -8,9 +8,16 @@ frequency threshold (what its ``contiguous_preproc_criteo`` script runs). It is 
 process; ours uses ``--workers`` processes. Each side runs in its own subprocess; peak
 RSS is the largest single process of its tree (``wait4`` rusage, which covers reaped
 workers) and the sampled sum over the tree (``/proc``, workers running together).
-Ours also runs on half the rows: its peak memory follows the vocabulary, not the input.
+CPU seconds are the tree's user + system time (the 2 cores may be shared: rows per CPU
+second is the number that does not depend on the load; rows/s/core divides by wall).
 
-Prints a table and ``ratio <ours rows/s per core / torchrec rows/s per core>``.
+Then the memory table: ours with ``--memory-mb`` (default 256) and 200k-row row groups
+(pass 2's buffer is outside the budget) on 1/4, 1/2 and all of
+``--rows`` (peak RSS must not grow with the input), and on narrow rows whose C1 takes
+``--distinct`` values (1M and 5M; must not grow with the distinct values either).
+``--quick`` divides every size by 8.
+
+Prints the tables and ``ratio <ours rows/s per core / torchrec rows/s per core>``.
 """
 
 from __future__ import annotations
@@ -83,6 +90,21 @@ def measure(cmd: list[str]) -> dict:
             "max_rss": usage.ru_maxrss * 1024, "sum_rss": peak_sum[0], "output": output}
 
 
+def distinct_file(distinct: int, path: Path) -> None:
+    """Narrow Criteo rows (only label and C1 set): C1 takes ``distinct`` values, one per row."""
+    if path.exists():
+        return
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    values = rng.permutation(np.unique(rng.integers(0, 2**32, distinct + distinct // 50 + 100))[:distinct])
+    rest = "\t" * 25
+    with open(path, "w") as f:
+        for start in range(0, distinct, 1 << 20):
+            f.write("".join(f"{i % 2}{chr(9) * 14}{v:08x}{rest}\n"
+                            for i, v in enumerate(values[start : start + (1 << 20)].tolist())))
+
+
 def synth(rows: int, path: Path) -> None:
     if not path.exists():
         subprocess.run([sys.executable, "-m", "pipeline.data.synth", "--rows", str(rows), "--out",
@@ -90,48 +112,70 @@ def synth(rows: int, path: Path) -> None:
                        cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
+def table(title: str, results: dict) -> None:
+    print(title)
+    print(f"{'run':<34}{'wall s':>8}{'cpu s':>8}{'cores':>6}{'rows/s/core':>13}{'rows/cpu-s':>12}"
+          f"{'max RSS MiB':>13}{'sum RSS MiB':>13}")
+    for name, r in results.items():
+        r["per_core"] = r["rows"] / r["wall"] / r["cores"]
+        print(f"{name:<34}{r['wall']:>8.1f}{r['cpu']:>8.1f}{r['cores']:>6}{r['per_core']:>13,.0f}"
+              f"{r['rows'] / r['cpu']:>12,.0f}{r['max_rss'] / 2**20:>13,.0f}{r['sum_rss'] / 2**20:>13,.0f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--min-count", type=int, default=3, help="our --min-count = TorchRec's frequency_threshold")
     p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--memory-mb", type=int, default=256, help="our --memory-mb in the memory table")
+    p.add_argument("--distinct", type=int, nargs="+", default=[1_000_000, 5_000_000],
+                   help="distinct C1 values of the memory table's narrow files")
+    p.add_argument("--quick", action="store_true", help="every size / 8")
     p.add_argument(
         "--dir", default=str(Path(tempfile.gettempdir()) / "dnis-preprocess-bench"),
-        help="scratch directory (the input file is reused between runs)",
+        help="scratch directory (input files are reused between runs)",
     )
     args = p.parse_args()
+    scale = 8 if args.quick else 1
+    rows, distinct = args.rows // scale, [d // scale for d in args.distinct]
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
-    full, half = work / f"criteo_{args.rows}.txt", work / f"criteo_{args.rows // 2}.txt"
-    synth(args.rows, full)
-    synth(args.rows // 2, half)
 
-    def ours(src: Path, rows: int) -> dict:
-        cmd = [sys.executable, "-m", "pipeline.data.preprocess", "--output", str(work / f"ours_{rows}"),
-               "--dataset", "synthetic", "--min-count", str(args.min_count), "--workers",
-               str(args.workers), "--no-progress", "--overwrite", str(src)]
-        subprocess.run(["rm", "-rf", str(work / f"ours_{rows}")], check=True)
-        return {**measure(cmd), "rows": rows, "cores": args.workers}
+    def ours(src: Path, n: int, *extra: str, min_count: int = args.min_count) -> dict:
+        out = work / f"ours_{src.stem}"
+        cmd = [sys.executable, "-m", "pipeline.data.preprocess", "--output", str(out), "--dataset",
+               "synthetic", "--min-count", str(min_count), "--workers", str(args.workers),
+               "--no-progress", "--overwrite", *extra, str(src)]
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        return {**measure(cmd), "rows": n, "cores": args.workers}
 
-    results = {f"ours {args.rows // 2:,} rows": ours(half, args.rows // 2),
-               f"ours {args.rows:,} rows": ours(full, args.rows)}
+    full = work / f"criteo_{rows}.txt"
+    synth(rows, full)
+    speed = {f"ours {rows:,} rows": ours(full, rows)}
     tr_dir = work / "torchrec"
     tr_dir.mkdir(exist_ok=True)
-    results[f"torchrec {args.rows:,} rows"] = {
+    speed[f"torchrec {rows:,} rows"] = {
         **measure([sys.executable, "-c", TORCHREC, str(full), str(tr_dir), str(args.min_count)]),
-        "rows": args.rows, "cores": 1}
-
+        "rows": rows, "cores": 1}
     print(f"input: {full} ({full.stat().st_size / 2**20:.0f} MiB), min_count {args.min_count}, "
-          f"{os.cpu_count()} cores")
-    print(f"{'run':<26}{'wall s':>8}{'cpu s':>8}{'cores':>6}{'rows/s':>11}{'rows/s/core':>13}"
-          f"{'max RSS MiB':>13}{'sum RSS MiB':>13}")
-    for name, r in results.items():
-        r["per_core"] = r["rows"] / r["wall"] / r["cores"]
-        print(f"{name:<26}{r['wall']:>8.1f}{r['cpu']:>8.1f}{r['cores']:>6}{r['rows'] / r['wall']:>11,.0f}"
-              f"{r['per_core']:>13,.0f}{r['max_rss'] / 2**20:>13,.0f}{r['sum_rss'] / 2**20:>13,.0f}")
-    ours_full = results[f"ours {args.rows:,} rows"]
-    print(f"ours: {ours_full['output'].strip().splitlines()[-1]}")
-    print(f"ratio {ours_full['per_core'] / results[f'torchrec {args.rows:,} rows']['per_core']:.2f}")
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+    table("speed (both passes, parquet written)", speed)
+    print(f"ours: {speed[f'ours {rows:,} rows']['output'].strip().splitlines()[-1]}")
+    print(f"ratio {speed[f'ours {rows:,} rows']['per_core'] / speed[f'torchrec {rows:,} rows']['per_core']:.2f}")
+
+    # row groups of 200k rows: pass 2 buffers one per split (212 B a row), outside the budget
+    budget = ["--memory-mb", str(args.memory_mb), "--row-group-rows", "200000"]
+    memory = {}
+    for n in (rows // 4, rows // 2, rows):
+        src = work / f"criteo_{n}.txt"
+        synth(n, src)
+        memory[f"{n:,} rows"] = ours(src, n, *budget)
+    for d in distinct:
+        src = work / f"distinct_{d}.txt"
+        distinct_file(d, src)
+        memory[f"C1 {d:,} distinct (min-count 1)"] = ours(src, d, *budget, min_count=1)
+    table(f"memory: ours, --memory-mb {args.memory_mb} --row-group-rows 200000 (max RSS = largest "
+          "single process)", memory)
 
 
 if __name__ == "__main__":

@@ -248,7 +248,7 @@ def test_help_documents_every_option(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--output", "--dataset", "--min-count", "--seed", "--strict", "--workers",
-                   "--chunk-mb", "--row-group-rows", "--overwrite", "--no-progress"):
+                   "--chunk-mb", "--row-group-rows", "--memory-mb", "--overwrite", "--no-progress"):
         assert option in text
     module = subprocess.run([sys.executable, "-m", "pipeline.data.preprocess", "--help"],
                             capture_output=True, text=True, cwd=REPO)

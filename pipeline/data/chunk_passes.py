@@ -1,11 +1,14 @@
 """The two passes over one chunk, as worker-process functions writing into the work dir.
 
-Pass 1 (``count_chunk``) validates every row, counts the train split's values per field
-and writes ``_work/counts/<chunk>.npz`` plus ``_work/rejects/<chunk>.tsv`` (line numbers
-local to the chunk). Pass 2 (``write_chunk``) maps values to ids with the vocabulary and
-writes ``<split>/<chunk>.parquet`` per split, then ``_work/shards/<chunk>.json``. Every
-file appears by rename, so a killed run leaves finished chunks reusable and nothing
-half-written under its final name.
+Pass 1 (``count_chunk``) parses and validates every row, counts the train split's values
+per field and writes ``_work/counts/<chunk>.{keys,counts}.npy`` (see ``count_merge``)
+and ``.npz`` (row, missing and dense counts), ``_work/rejects/<chunk>.tsv`` (line
+numbers local to the chunk) and ``_work/coded/<chunk>.npy``: the good rows' splits,
+labels and dictionary codes, so that pass 2 never parses text again. Pass 2
+(``write_chunk``) maps each block's dictionary entries to ids with the vocabulary and
+writes ``<split>/<chunk>.parquet`` per split, then ``_work/shards/<chunk>.json``, then
+drops the coded file. Every file appears by rename, so a killed run leaves finished
+chunks reusable and nothing half-written under its final name.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pipeline.data.schema import (
     BUCKET_FIELDS, DENSE_FIELDS, LABEL, NUM_DENSE, SPARSE_FIELDS, SPLITS, bucket_key,
     dense_transform,
 )
-from pipeline.data.vocab import MISSING_BUCKET, Vocabulary
+from pipeline.data.vocab import INDEX_FILE, MISSING_BUCKET, Vocabulary
 
 SHARD_SCHEMA = pa.schema(
     [(LABEL, pa.float32())]
@@ -111,6 +114,10 @@ def shard_file(split: str, chunk: Chunk) -> str:
     return f"{split}/{chunk.id}.parquet"
 
 
+def coded_path(ctx: ChunkContext, chunk: Chunk) -> Path:
+    return ctx.work / "coded" / f"{chunk.id}.npy"
+
+
 def _blocks(chunk: Chunk, ctx: ChunkContext):
     """``(block offset, first line index in chunk, parsed block, raw bytes)``, then a
     final ``(offset, line, None, reason)`` if a gzip stream breaks."""
@@ -122,6 +129,26 @@ def _blocks(chunk: Chunk, ctx: ChunkContext):
             line += block.num_lines
     except StreamError as err:
         yield err.offset, line, None, err.reason
+
+
+def save_coded(f, splits: np.ndarray, block: ParsedBlock) -> None:
+    """Append a block's good rows (split, label, codes, dictionaries) to an open file; the
+    dictionaries go back to back (a few np.save calls per block, not one per column)."""
+    sizes = np.array([v.size for v in block.values], dtype=np.int64)
+    for array in (splits, block.label, block.codes, sizes, np.concatenate(block.values),
+                  np.concatenate(block.absent)):
+        np.save(f, array, allow_pickle=False)
+
+
+def load_coded(path: Path):
+    """Yield ``(splits, block)`` as ``save_coded`` appended them."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            splits, label, codes, sizes, values, absent = (np.load(f) for _ in range(6))
+            cuts = np.cumsum(sizes)[:-1]
+            yield splits, ParsedBlock(np.zeros(0, np.int64), np.arange(label.size), label, codes,
+                                      np.split(values, cuts), np.split(absent, cuts))
 
 
 def escape_raw(raw: bytes) -> str:
@@ -145,52 +172,70 @@ def _strict_error(chunk: Chunk, local_line: int, field: str, reason: str, raw: s
 
 
 def count_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
-    """Pass 1 over ``chunk``: validate rows, count train values; returns the chunk id."""
-    sparse = [CountAccumulator() for _ in SPARSE_FIELDS]
-    bucket = [CountAccumulator() for _ in BUCKET_FIELDS]
+    """Pass 1 over ``chunk``: validate rows, count train values, keep the coded rows;
+    returns the chunk id."""
+    accs = [CountAccumulator() for _ in SPARSE_FIELDS + BUCKET_FIELDS]
     missing = np.zeros(len(SPARSE_FIELDS), dtype=np.int64)
     dense_counts = np.zeros(NUM_DENSE, dtype=np.int64)
     rows = np.zeros((len(SPLITS), 2), dtype=np.int64)  # per split: read, rejected
     lines, crc, rejects = 0, 0, []
-    for offset, first_line, block, data in _blocks(chunk, ctx):
-        if block is None:  # broken gzip: the partial line at the break is one bad row
-            split = assign_splits(ctx.dataset, ctx.seed, chunk.name, np.array([offset]))[0]
-            rows[split] += 1
-            rejects.append((first_line, "row", data, ""))
-            if ctx.strict:
-                raise _strict_error(chunk, first_line, "row", data, "")
-            lines = first_line + 1
-            break
-        crc = zlib.crc32(data, crc)
-        lines = first_line + block.num_lines
-        bad_lines = np.array([r[0] for r in block.rejects], dtype=np.int64)
-        if block.rejects:
-            line, field, reason = block.rejects[0]
-            if ctx.strict:
-                raise _strict_error(chunk, first_line + line, field, reason, _raw_line(block, data, line))
-            rejects += [(first_line + ln, f, r, _raw_line(block, data, ln)) for ln, f, r in block.rejects]
-        all_splits = assign_splits(ctx.dataset, ctx.seed, chunk.name, offset + block.line_starts)
-        np.add.at(rows[:, 0], all_splits, 1)
-        np.add.at(rows[:, 1], all_splits[bad_lines], 1)
-        train = all_splits[block.rows] == TRAIN
-        for j, acc in enumerate(sparse):
-            present = block.sparse[train & ~block.sparse_missing[:, j], j]
-            missing[j] += int(train.sum()) - present.size
-            acc.add(*np.unique(present, return_counts=True))
-        keys = bucket_keys(block.dense[train], block.dense_missing[train])
-        for j, acc in enumerate(bucket):
-            acc.add(*np.unique(keys[:, j], return_counts=True))
-        dense_counts += (~block.dense_missing[train]).sum(axis=0)
-    arrays = {"missing": missing, "dense_counts": dense_counts, "rows": rows,
-              "lines": np.int64(lines), "crc32": np.int64(crc)}
-    for name, acc in zip(SPARSE_FIELDS + BUCKET_FIELDS, sparse + bucket):
-        arrays[f"{name}.keys"], arrays[f"{name}.counts"] = acc.result()
+    coded_tmp = coded_path(ctx, chunk).with_suffix(".tmp")
+    with open(coded_tmp, "wb") as coded:
+        for offset, first_line, block, data in _blocks(chunk, ctx):
+            if block is None:  # broken gzip: the partial line at the break is one bad row
+                split = assign_splits(ctx.dataset, ctx.seed, chunk.name, np.array([offset]))[0]
+                rows[split] += 1
+                rejects.append((first_line, "row", data, ""))
+                if ctx.strict:
+                    raise _strict_error(chunk, first_line, "row", data, "")
+                lines = first_line + 1
+                break
+            crc = zlib.crc32(data, crc)
+            lines = first_line + block.num_lines
+            bad_lines = np.array([r[0] for r in block.rejects], dtype=np.int64)
+            if block.rejects:
+                line, field, reason = block.rejects[0]
+                if ctx.strict:
+                    raise _strict_error(chunk, first_line + line, field, reason, _raw_line(block, data, line))
+                rejects += [(first_line + ln, f, r, _raw_line(block, data, ln)) for ln, f, r in block.rejects]
+            all_splits = assign_splits(ctx.dataset, ctx.seed, chunk.name, offset + block.line_starts)
+            np.add.at(rows[:, 0], all_splits, 1)
+            np.add.at(rows[:, 1], all_splits[bad_lines], 1)
+            splits = all_splits[block.rows]
+            save_coded(coded, splits, block)
+            missing += _count_block(block, splits == TRAIN, accs, dense_counts)
     text = "".join(f"{line + 1}\t{field}\t{reason}\t{raw}\n" for line, field, reason, raw in rejects)
     atomic_write_bytes(rejects_path(ctx, chunk), text.encode())
+    os.replace(coded_tmp, coded_path(ctx, chunk))
+    keys, counts = zip(*(acc.result() for acc in accs))
+    for name, parts in (("keys", keys), ("counts", counts)):  # fields back to back, mmap-able
+        tmp = counts_path(ctx, chunk).with_suffix(f".{name}.tmp.npy")
+        np.save(tmp, np.concatenate(parts))
+        os.replace(tmp, counts_path(ctx, chunk).with_suffix(f".{name}.npy"))
+    sizes = np.array([k.size for k in keys], dtype=np.int64)
     tmp = counts_path(ctx, chunk).with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, counts_path(ctx, chunk))
+    np.savez(tmp, missing=missing, dense_counts=dense_counts, rows=rows, lines=np.int64(lines),
+             crc32=np.int64(crc), sizes=sizes, offsets=np.r_[0, np.cumsum(sizes)])
+    os.replace(tmp, counts_path(ctx, chunk))  # last: its presence marks the chunk counted
     return chunk.id
+
+
+def _count_block(block: ParsedBlock, train: np.ndarray, accs: list, dense_counts: np.ndarray) -> np.ndarray:
+    """Add a block's train rows to the accumulators (``C*`` then ``B*`` fields) and
+    ``dense_counts``; returns the train rows missing each ``C*`` field."""
+    missing = np.zeros(len(SPARSE_FIELDS), dtype=np.int64)
+    for c in range(block.codes.shape[0]):
+        counts = np.bincount(block.codes[c][train], minlength=block.values[c].size)
+        absent = block.absent[c]
+        if c < NUM_DENSE:
+            dense_counts[c] += counts[~absent].sum()
+            seen = counts > 0
+            accs[len(SPARSE_FIELDS) + c].add(bucket_keys(block.values[c], absent)[seen], counts[seen])
+        else:
+            missing[c - NUM_DENSE] = counts[absent].sum()
+            seen = (counts > 0) & ~absent
+            accs[c - NUM_DENSE].add(block.values[c][seen], counts[seen])
+    return missing
 
 
 def bucket_keys(dense: np.ndarray, missing: np.ndarray) -> np.ndarray:
@@ -198,26 +243,31 @@ def bucket_keys(dense: np.ndarray, missing: np.ndarray) -> np.ndarray:
     return np.where(missing, MISSING_BUCKET, bucket_key(dense))
 
 
-_VOCABS: dict[str, Vocabulary] = {}
+_VOCABS: dict[tuple, Vocabulary] = {}
 
 
 def _vocabulary(output: str) -> Vocabulary:
-    """The dataset's vocabulary, memory-mapped once per process."""
-    if output not in _VOCABS:
-        _VOCABS[output] = Vocabulary.load(Path(output) / "vocab")
-    return _VOCABS[output]
+    """The dataset's vocabulary, memory-mapped once per process (and again when a new run
+    on the same output wrote another one: workers outlive a stage)."""
+    index = os.stat(Path(output) / "vocab" / INDEX_FILE)
+    key = (output, index.st_ino, index.st_mtime_ns)
+    if key not in _VOCABS:
+        _VOCABS.clear()
+        _VOCABS[key] = Vocabulary.load(Path(output) / "vocab")
+    return _VOCABS[key]
 
 
 def encode_block(block: ParsedBlock, vocab: Vocabulary) -> pa.Table:
-    """The shard columns of a block's good rows."""
+    """The shard columns of a block's good rows: each dictionary entry is transformed or
+    looked up once, then gathered by the rows' codes."""
     columns = {LABEL: block.label}
-    dense = dense_transform(np.where(block.dense_missing, 0, block.dense))
-    columns.update({f: dense[:, j] for j, f in enumerate(DENSE_FIELDS)})
+    for j, f in enumerate(DENSE_FIELDS):  # an empty integer's entry is 0, which maps to 0
+        columns[f] = dense_transform(block.values[j])[block.codes[j]]
     for j, f in enumerate(SPARSE_FIELDS):
-        columns[f] = vocab.fields[f].ids_of(block.sparse[:, j].astype(np.int64), block.sparse_missing[:, j])
-    keys = bucket_keys(block.dense, block.dense_missing)
+        c = NUM_DENSE + j
+        columns[f] = vocab.fields[f].ids_of(block.values[c], block.absent[c])[block.codes[c]]
     for j, f in enumerate(BUCKET_FIELDS):
-        columns[f] = vocab.fields[f].ids_of(keys[:, j])
+        columns[f] = vocab.fields[f].ids_of(bucket_keys(block.values[j], block.absent[j]))[block.codes[j]]
     return pa.table(columns, schema=SHARD_SCHEMA)
 
 
@@ -248,7 +298,7 @@ class ShardWriter:
         return self.rows
 
     def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.buffer).combine_chunks()
+        table = pa.concat_tables(self.buffer)  # no combine_chunks: it would copy the row group
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(self.tmp, SHARD_SCHEMA)
@@ -258,13 +308,10 @@ class ShardWriter:
 
 
 def write_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
-    """Pass 2 over ``chunk``: write its rows' ids per split; returns the chunk id."""
+    """Pass 2 over ``chunk``'s coded rows: write their ids per split; returns the chunk id."""
     vocab = _vocabulary(ctx.output)
     writers = [ShardWriter(Path(ctx.output) / shard_file(s, chunk), ctx.row_group_rows) for s in SPLITS]
-    for offset, _, block, _ in _blocks(chunk, ctx):
-        if block is None:
-            break
-        splits = assign_splits(ctx.dataset, ctx.seed, chunk.name, offset + block.line_starts[block.rows])
+    for splits, block in load_coded(coded_path(ctx, chunk)):
         table = encode_block(block, vocab)
         for s, writer in enumerate(writers):
             mask = splits == s
@@ -272,4 +319,5 @@ def write_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
                 writer.write(table.filter(pa.array(mask)))
     rows = {split: writer.close() for split, writer in zip(SPLITS, writers)}
     atomic_write_bytes(shard_marker(ctx, chunk), json.dumps(rows).encode())
+    coded_path(ctx, chunk).unlink()
     return chunk.id

@@ -5,9 +5,10 @@ newline-aligned byte range of a plain file, or a whole ``.gz`` file (not seekabl
 chunk is read as *blocks* of at most ``block_bytes`` ending on line boundaries, so memory
 stays bounded whatever the file size.
 
-Each block is split into fields by ``pyarrow.csv``: label and integers typed by pyarrow
-(blocks it could misread are read as binary and checked with pyarrow.compute),
-categoricals binary and decoded with a numpy hex lookup table. A bad row (wrong
+Each block is split into binary fields by ``pyarrow.csv``; every column is
+dictionary-coded (pyarrow's hash kernel) and only its distinct values are decoded:
+integers checked and cast with pyarrow.compute, categoricals with a numpy hex lookup
+table. A bad row (wrong
 field count, non-integer dense value, non-hex category, label not 0/1, empty line, a
 carriage return) is reported by line and field and left out. Lines end at b"\\n" only; an
 integer is an optional ``-`` and digits worth less than 10**18 (leading zeros allowed).
@@ -42,8 +43,7 @@ DATASETS = ("criteo_kaggle", "criteo_1tb", "synthetic")
 TRAIN, VAL, TEST = 0, 1, 2
 _DAY = re.compile(r"^day_(\d+)$")
 _READ = 1 << 20
-_INT_LIMIT = 10**18  # integers must stay below it: int64 without overflow checks
-_INTEGER = r"^-?0*[0-9]{1,18}$"
+_INTEGER = r"^-?0*[0-9]{1,18}$"  # below 10**18: int64 without overflow checks
 
 
 @dataclass(frozen=True)
@@ -198,32 +198,55 @@ def _gzip_pieces(path: str) -> Iterator[bytes]:
 
 @dataclass
 class ParsedBlock:
-    """The good rows of a block, decoded, and the bad lines.
+    """The good rows of a block, dictionary-coded per column, and the bad lines.
 
     ``line_starts[i]`` is where line ``i`` starts in the block; ``rows`` are the line
-    indices of the good rows, to which every other array is aligned.
+    indices of the good rows, to which ``label`` and the columns of ``codes`` are aligned.
+    Column ``c`` (``I1..I13`` then ``C1..C26``) of row ``i`` is entry ``codes[c, i]`` of
+    that column's dictionary: ``values[c]`` (int64; a categorical's uint32; 0 when empty)
+    and ``absent[c]`` (the value is empty). Each distinct raw value is decoded, counted
+    and looked up once per block, not once per row.
     """
 
     line_starts: np.ndarray
     rows: np.ndarray
     label: np.ndarray
-    dense: np.ndarray
-    dense_missing: np.ndarray
-    sparse: np.ndarray
-    sparse_missing: np.ndarray
+    codes: np.ndarray
+    values: list[np.ndarray]
+    absent: list[np.ndarray]
     rejects: list[tuple[int, str, str]] = field(default_factory=list)
+
+    @classmethod
+    def from_arrays(cls, label, dense, dense_missing, sparse, sparse_missing) -> "ParsedBlock":
+        """A block of already decoded rows (each row its own dictionary entry)."""
+        n = label.size
+        columns = [(dense[:, j], dense_missing[:, j]) for j in range(NUM_DENSE)]
+        columns += [(sparse[:, j], sparse_missing[:, j]) for j in range(NUM_SPARSE)]
+        return cls(np.zeros(0, np.int64), np.arange(n), label,
+                   np.tile(np.arange(n, dtype=np.int32), (len(columns), 1)),
+                   [np.where(m, 0, v).astype(np.int64) for v, m in columns], [m for _, m in columns])
 
     @property
     def num_lines(self) -> int:
         return int(self.line_starts.size)
+
+    @property
+    def dense(self) -> np.ndarray:
+        """Decoded integers ``[rows, 13]`` (0 where empty); ``sparse`` likewise, uint32."""
+        return np.stack([self.values[j][self.codes[j]] for j in range(NUM_DENSE)], axis=1)
+
+    @property
+    def sparse(self) -> np.ndarray:
+        cols = range(NUM_DENSE, NUM_DENSE + NUM_SPARSE)
+        return np.stack([self.values[c][self.codes[c]] for c in cols], axis=1).astype(np.uint32)
 
 
 def parse_block(data: bytes) -> ParsedBlock:
     """Split and decode a block of whole lines; bad lines go to ``rejects``.
 
     Lines end at b"\\n" only; any other byte is data, so every input ends as good rows
-    plus rejects. Blocks without a bad row take one typed pyarrow read; others go on to a
-    slower path (field counts in numpy, then a read of the remaining lines as binary).
+    plus rejects. Blocks whose every line has 40 fields take one pyarrow read; others go on
+    to field counts in numpy, then a read of the remaining lines.
 
     >>> b = parse_block(b"1\\t-3" + b"\\t" * 12 + b"\\t0000000a" * 26 + b"\\n\\n")
     >>> b.rows.tolist(), int(b.dense[0, 0]), int(b.sparse[0, 0]), b.rejects
@@ -246,7 +269,7 @@ def parse_block(data: bytes) -> ParsedBlock:
         for line in lines[fields[lines] != len(RAW_COLUMNS)]:
             rejects[int(line)] = ("row", f"{fields[line]} fields, expected {len(RAW_COLUMNS)}")
         lines = _kept(lines, rejects)
-        table = _read_fields(_lines_of(data, starts, ends, lines, rejects), typed=False)
+        table = _read_fields(_lines_of(data, starts, ends, lines, rejects))
     assert table.num_rows == lines.size, (table.num_rows, lines.size)
     block = _decode(table, lines, rejects)
     block.line_starts = starts
@@ -266,15 +289,11 @@ def _lines_of(data: bytes, starts: np.ndarray, ends: np.ndarray, lines: np.ndarr
     return b"".join(data[starts[i] : ends[i] + 1] for i in lines.tolist())
 
 
-def _read_fields(data: bytes, typed: bool = True) -> pa.Table | None:
-    """Columns of ``data`` (label and integers typed when ``typed`` and pyarrow's integer
-    parser cannot be laxer than ours), or None when a row has a wrong field count."""
-    types = {c: pa.binary() for c in RAW_COLUMNS}
+def _read_fields(data: bytes) -> pa.Table | None:
+    """Binary columns of ``data`` (values are judged by our rules, never pyarrow's), or
+    None when a row has a wrong field count."""
     if not data:  # pyarrow refuses an empty input
-        return pa.table({c: pa.array([], t) for c, t in types.items()})
-    # pyarrow's int64 parser also takes " 5", "5 " and "0x5": such blocks are read as binary
-    if typed and data.find(b" ") < 0 and data.find(b"x") < 0 and data.find(b"X") < 0:
-        types.update({c: pa.int64() for c in RAW_COLUMNS[: 1 + NUM_DENSE]})
+        return pa.table({c: pa.array([], pa.binary()) for c in RAW_COLUMNS})
     try:
         return pacsv.read_csv(
             io.BytesIO(data),
@@ -285,19 +304,16 @@ def _read_fields(data: bytes, typed: bool = True) -> pa.Table | None:
                 ignore_empty_lines=False,
             ),
             convert_options=pacsv.ConvertOptions(
-                column_types=types, null_values=[""],
+                column_types={c: pa.binary() for c in RAW_COLUMNS}, null_values=[],
                 strings_can_be_null=False, quoted_strings_can_be_null=False,
             ),
         )
     except pa.ArrowInvalid:
-        if typed:  # a value pyarrow cannot type: read as binary, decode by our rules
-            return _read_fields(data, typed=False)
         return None
 
 
-def _column(table: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(offsets, data)`` of a binary column, as numpy views."""
-    arr = table.column(i).combine_chunks()
+def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets, data)`` of a binary array, as numpy views."""
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
     data_buf = arr.buffers()[2]
     data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
@@ -305,43 +321,47 @@ def _column(table: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _decode(table: pa.Table, lines: np.ndarray, rejects: dict) -> ParsedBlock:
+    """Dictionary-code every column (a hash pass in pyarrow), judge each distinct value
+    once, and reject the rows that hold a bad one (naming their first bad field)."""
     n = table.num_rows
-    bad = np.zeros((n, len(RAW_COLUMNS)), dtype=bool)
-    label, label_missing, label_bad = _int_column(table, 0)
-    bad[:, 0] = label_missing | label_bad | ((label != 0) & (label != 1))
-    dense = np.zeros((n, NUM_DENSE), dtype=np.int64)
-    dense_missing = np.zeros((n, NUM_DENSE), dtype=bool)
-    for j in range(NUM_DENSE):
-        dense[:, j], dense_missing[:, j], bad[:, 1 + j] = _int_column(table, 1 + j)
-    sparse = np.zeros((n, NUM_SPARSE), dtype=np.uint32)
-    sparse_missing = np.zeros((n, NUM_SPARSE), dtype=bool)
-    for j in range(NUM_SPARSE):
-        col = 1 + NUM_DENSE + j
-        sparse[:, j], sparse_missing[:, j], bad[:, col] = _parse_hex_column(*_column(table, col))
-    rows_bad = bad.any(axis=1)
+    codes = np.empty((NUM_DENSE + NUM_SPARSE, n), dtype=np.int32)
+    values, absent = [], []
+    first_bad = np.full(n, len(RAW_COLUMNS))
+    for col in range(len(RAW_COLUMNS)):
+        coded = table.column(col).combine_chunks().dictionary_encode()
+        index = coded.indices.to_numpy()
+        if col <= NUM_DENSE:
+            entry, missing, bad = _int_entries(coded.dictionary)
+        else:
+            entry, missing, bad = _hex_entries(*_buffers(coded.dictionary))
+        if col == 0:
+            bad |= missing | ((entry != 0) & (entry != 1))
+            label = entry[index]
+        else:
+            codes[col - 1] = index
+            values.append(entry)
+            absent.append(missing)
+        if bad.any():
+            rows_bad = bad[index] & (first_bad == len(RAW_COLUMNS))
+            first_bad[rows_bad] = col
+    rows_bad = first_bad < len(RAW_COLUMNS)
     for i in np.flatnonzero(rows_bad):
-        col = int(bad[i].argmax())
+        col = int(first_bad[i])
         reason = "label not 0 or 1" if col == 0 else (
             "not an integer" if col <= NUM_DENSE else "not 8 hex chars")
         rejects[int(lines[i])] = (RAW_COLUMNS[col], reason)
-    good = ~rows_bad
-    return ParsedBlock(
-        np.zeros(0, np.int64), lines[good], label[good].astype(np.float32), dense[good],
-        dense_missing[good], sparse[good], sparse_missing[good],
-    )
+    if rows_bad.any():
+        good = ~rows_bad
+        codes, label, lines = codes[:, good], label[good], lines[good]
+    return ParsedBlock(np.zeros(0, np.int64), lines, label.astype(np.float32), codes, values, absent)
 
 
-def _int_column(table: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(values, missing, bad)`` of an integer column, typed by pyarrow or still binary.
+def _int_entries(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(values, missing, bad)`` of binary integer texts.
 
     An integer is an optional ``-`` and decimal digits worth less than 10**18 in absolute
-    value (leading zeros allowed), whichever path the block took.
+    value (leading zeros allowed); values are 0 where missing or bad.
     """
-    arr = table.column(i).combine_chunks()
-    if pa.types.is_integer(arr.type):
-        missing = arr.is_null().to_numpy(zero_copy_only=False)
-        values = arr.fill_null(0).to_numpy().astype(np.int64, copy=False)
-        return values, missing, (values >= _INT_LIMIT) | (values <= -_INT_LIMIT)
     missing = pc.binary_length(arr).to_numpy() == 0
     ok = pc.match_substring_regex(arr, _INTEGER).fill_null(False)
     text = pc.if_else(ok, arr.view(pa.string()), "0")
@@ -349,25 +369,15 @@ def _int_column(table: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return values, missing, ~missing & ~ok.to_numpy(zero_copy_only=False)
 
 
-def _parse_hex_column(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """8-hex-char categoricals: ``(uint32 values, missing, bad)``."""
+def _hex_entries(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8-hex-char categoricals: ``(int64 values, missing, bad)``; values are 0 where
+    missing or bad."""
     lengths = np.diff(offsets)
     missing = lengths == 0
-    values = np.zeros(lengths.size, dtype=np.uint32)
-    present = int(lengths.size - missing.sum())
-    if present * 8 == data.size and (lengths[~missing] == 8).all():
-        # the usual case: the data buffer is the present values back to back
-        decoded, ok = hex_bytes_to_uint32(data.reshape(present, 8))
-        values[~missing] = decoded
-        bad = np.zeros(lengths.size, dtype=bool)
-        bad[~missing] = ~ok
-    else:
-        idx = np.minimum(offsets[:-1, None] + np.arange(8), max(data.size - 1, 0))
-        decoded, ok = hex_bytes_to_uint32(data[idx] if data.size else np.zeros((lengths.size, 8), np.uint8))
-        bad = ~missing & ((lengths != 8) | ~ok)
-        values = np.where(missing | bad, np.uint32(0), decoded)
-    values[bad] = 0
-    return values, missing, bad
+    idx = np.minimum(offsets[:-1, None] + np.arange(8), max(data.size - 1, 0))
+    decoded, ok = hex_bytes_to_uint32(data[idx] if data.size else np.zeros((lengths.size, 8), np.uint8))
+    bad = ~missing & ((lengths != 8) | ~ok)
+    return np.where(missing | bad, 0, decoded.astype(np.int64)), missing, bad
 
 
 def check_sources(dataset: str, names: list[str]) -> None:

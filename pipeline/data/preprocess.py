@@ -6,7 +6,9 @@ chain on several ranks with barriers in between):
 1. ``prepare``: plan newline-aligned chunks (``_work/plan.json``), or find the output
    finished (a no-op) or half-done (resume).
 2. ``count_chunks``: pass 1, per chunk: validate rows, count train-split values.
-3. ``merge_counts``: frequency ranks -> ``vocab/``, ``rejects.tsv``, ``_work/merged.json``.
+3. ``sum_counts`` (every rank and worker): sum the counts per field and key range
+   (``count_merge``); ``merge_counts`` (rank 0): frequency ranks -> ``vocab/``,
+   ``rejects.tsv``, ``_work/merged.json``.
 4. ``write_chunks``: pass 2, per chunk: ``train|val|test/<input>.<chunk>.parquet``.
 5. ``finalize``: ``metadata.json`` (last: its presence marks the dataset complete).
 
@@ -26,6 +28,7 @@ import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib import metadata as importlib_metadata
 from multiprocessing import get_context
 from pathlib import Path
@@ -35,17 +38,24 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.chunk_passes import (
-    ChunkContext, CountAccumulator, atomic_write_bytes, count_chunk, counts_path,
-    rejects_path, shard_file, shard_marker, write_chunk,
+    ChunkContext, atomic_write_bytes, count_chunk, counts_path, rejects_path, shard_file,
+    shard_marker, write_chunk,
 )
+from pipeline.data.count_merge import merge_range, plan_merge, spill_path, write_vocabulary
 from pipeline.data.criteo_reader import DATASETS, Chunk, check_sources, plan_chunks, source_name, split_rule
-from pipeline.data.metadata import METADATA_FILE, DatasetMeta, encode_counts
+from pipeline.data.metadata import METADATA_FILE, DatasetMeta
 from pipeline.data.schema import BUCKET_FIELDS, DENSE_FIELDS, SPARSE_FIELDS, SPLITS
-from pipeline.data.vocab import FieldVocab, Vocabulary, frequency_rank
 from pipeline.progress import progress_bar
 
 OUTPUT_ENTRIES = ("train", "val", "test", "vocab", "_work", "rejects.tsv", METADATA_FILE)
 CHECKSUM = "sha256 over the crc32 of each chunk's uncompressed bytes (chunks of --chunk-mb)"
+# Pass-1 memory per block byte. A parsed row costs ~900 B whatever its width (pyarrow's
+# 40 offsets and dictionary codes, our codes and temporaries), so the worst case is the
+# narrowest row (~45 B, fields empty): ~20x, measured; Criteo-like rows (~240 B) need ~4x.
+BLOCK_RSS_FACTOR = 24
+# Larger blocks only add page faults and cache misses: 2M rows on 2 workers took 10.5 CPU s
+# (3.2 of them system) with 64 MiB blocks, 7.4 with 8 MiB, 8.1 with 4 MiB.
+MAX_BLOCK_BYTES = 8 << 20
 
 
 class PreprocessError(RuntimeError):
@@ -65,6 +75,7 @@ class Options:
     workers: int = os.cpu_count() or 1
     chunk_mb: int = 64
     row_group_rows: int = 1_000_000
+    memory_mb: int = 2048
     overwrite: bool = False
     progress: bool = True
 
@@ -77,7 +88,14 @@ class Options:
 
     def context(self) -> ChunkContext:
         return ChunkContext(self.output, self.dataset, self.seed, self.strict,
-                            self.chunk_mb << 20, self.row_group_rows)
+                            min(self.chunk_mb << 20, self.budget_bytes // BLOCK_RSS_FACTOR, MAX_BLOCK_BYTES),
+                            self.row_group_rows)
+
+    @property
+    def budget_bytes(self) -> int:
+        """What a process may spend on blocks and on summing counts (the interpreter and
+        libraries come on top, about 150 MiB)."""
+        return self.memory_mb << 20
 
 
 def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
@@ -102,8 +120,14 @@ def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
                    help="worker processes (default: all cores; under torchrun: cores / local ranks)")
     p.add_argument("--chunk-mb", type=int, default=64,
                    help="plain inputs are cut into chunks of about this many MiB (one shard "
-                   "per chunk and split; .gz files are one chunk each); also the read block size")
+                   "per chunk and split; .gz files are one chunk each)")
     p.add_argument("--row-group-rows", type=int, default=1_000_000, help="rows per parquet row group (at most)")
+    p.add_argument("--memory-mb", type=int, default=2048,
+                   help="memory per process for read blocks and for summing counts: blocks shrink "
+                   "and fields with many distinct values are merged in key ranges spilled to disk, "
+                   "so peak RSS does not grow with the input (the output does not depend on it); "
+                   "on top come the interpreter (~150 MiB) and pass 2's row-group buffer "
+                   "(--row-group-rows x 212 B)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output made with other options (else that is an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -113,12 +137,13 @@ def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]], default_workers: int, prog: str = "dnis-preprocess") -> Options:
     a = parser(prog).parse_args(argv)
     for flag, value in (("--min-count", a.min_count), ("--chunk-mb", a.chunk_mb),
-                        ("--row-group-rows", a.row_group_rows), ("--workers", a.workers or 1)):
+                        ("--row-group-rows", a.row_group_rows), ("--workers", a.workers or 1),
+                        ("--memory-mb", a.memory_mb)):
         if value < 1:
             raise SystemExit(f"{prog}: error: {flag} must be >= 1, got {value}")
     return Options(tuple(a.inputs), a.output, a.dataset, a.min_count, a.seed, a.strict,
-                   a.workers or default_workers, a.chunk_mb, a.row_group_rows, a.overwrite,
-                   not a.no_progress)
+                   a.workers or default_workers, a.chunk_mb, a.row_group_rows, a.memory_mb,
+                   a.overwrite, not a.no_progress)
 
 
 def _json(value) -> object:
@@ -168,7 +193,7 @@ def prepare(opts: Options) -> None:
             raise PreprocessError(f"{out} holds an unfinished run with other options or changed "
                                   "inputs; pass --overwrite to start over")
         _clear(out)
-    for sub in ("counts", "rejects", "shards"):
+    for sub in ("counts", "rejects", "coded", "merge", "shards"):
         (out / "_work" / sub).mkdir(parents=True, exist_ok=True)
     chunks = plan_chunks(list(opts.inputs), opts.chunk_mb << 20)
     plan = {"options": recorded, "sources": _sources(opts.inputs), "chunks": [asdict(c) for c in chunks]}
@@ -191,74 +216,87 @@ def assign_chunks(chunks: list[Chunk], rank: int, world_size: int) -> list[Chunk
     return [c for c in chunks if owner[c.id] == rank]
 
 
-def _run_parallel(fn: Callable, chunks: list[Chunk], opts: Options, desc: str, show: bool) -> None:
-    ctx = opts.context()
-    bar = progress_bar(total=sum(c.nbytes for c in chunks), unit="B", unit_scale=True, desc=desc,
-               disable=not show, file=sys.stderr)
-    workers = min(opts.workers, len(chunks))
-    if workers <= 1:
-        for chunk in chunks:
-            fn(chunk, ctx)
-            bar.update(chunk.nbytes)
-    else:  # spawn: safe whatever threads the parent runs (gloo under torchrun)
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(fn, chunk, ctx): chunk for chunk in chunks}
-            try:
-                for future in as_completed(futures):
-                    future.result()
-                    bar.update(futures[future].nbytes)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    bar.close()
+class WorkerPool:
+    """``workers`` spawned processes kept for every stage of a run (a spawn costs an
+    interpreter and the numpy/pyarrow imports, about 0.5 CPU s), started on first need."""
+
+    def __init__(self, workers: int):
+        self.workers, self.pool = workers, None
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, fn: Callable, items: list, sizes: list[int], desc: str, show: bool) -> None:
+        """``fn(item)`` for every item; ``sizes`` drive the progress bar."""
+        bar = progress_bar(total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=not show,
+                           file=sys.stderr)
+        if min(self.workers, len(items)) <= 1:
+            for item, size in zip(items, sizes):
+                fn(item)
+                bar.update(size)
+        else:
+            if self.pool is None:  # spawn: safe whatever threads the parent runs (gloo under torchrun)
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+            futures = {self.pool.submit(fn, item): size for item, size in zip(items, sizes)}
+            for future in as_completed(futures):
+                future.result()
+                bar.update(futures[future])
+        bar.close()
 
 
-def count_chunks(chunks: list[Chunk], opts: Options, show: bool) -> None:
+def count_chunks(chunks: list[Chunk], opts: Options, pool: WorkerPool, show: bool) -> None:
     """Pass 1 over the chunks not counted yet."""
     todo = [c for c in chunks if not counts_path(opts.context(), c).is_file()]
-    _run_parallel(count_chunk, todo, opts, "pass 1 (count)", show)
+    pool.run(partial(count_chunk, ctx=opts.context()), todo, [c.nbytes for c in todo], "pass 1 (count)", show)
 
 
-def write_chunks(chunks: list[Chunk], opts: Options, show: bool) -> None:
+def write_chunks(chunks: list[Chunk], opts: Options, pool: WorkerPool, show: bool) -> None:
     """Pass 2 over the chunks without finished shards."""
     todo = [c for c in chunks if not shard_marker(opts.context(), c).is_file()]
-    _run_parallel(write_chunk, todo, opts, "pass 2 (write)", show)
+    pool.run(partial(write_chunk, ctx=opts.context()), todo, [c.nbytes for c in todo], "pass 2 (write)", show)
+
+
+def sum_counts(chunks: list[Chunk], opts: Options, pool: WorkerPool, rank: int, world_size: int,
+               show: bool) -> None:
+    """Every rank: sum this rank's share of the (field, key range) merge tasks."""
+    work = opts.context().work
+    if (work / "merged.json").is_file():
+        return
+    ids = [c.id for c in chunks]
+    tasks = plan_merge(work, ids, SPARSE_FIELDS + BUCKET_FIELDS, opts.budget_bytes // 2)
+    todo = [t for t in tasks[rank::world_size] if not spill_path(work, t).is_file()]
+    pool.run(partial(merge_range, work=work, chunk_ids=ids, min_count=opts.min_count), todo,
+             [1] * len(todo), "merge counts", show)
 
 
 def merge_counts(chunks: list[Chunk], opts: Options) -> None:
-    """Rank 0: sum the chunks' counts, rank the values, write vocab/ and rejects.tsv."""
+    """Rank 0, after ``sum_counts`` on every rank: rank the values, write vocab/ and rejects.tsv."""
     ctx, out = opts.context(), Path(opts.output)
     merged_path = ctx.work / "merged.json"
     if merged_path.is_file():
         return
-    fields = SPARSE_FIELDS + BUCKET_FIELDS
-    accs = {f: CountAccumulator() for f in fields}
     missing = np.zeros(len(SPARSE_FIELDS), np.int64)
     dense_counts = np.zeros(len(DENSE_FIELDS), np.int64)
     rows = np.zeros((len(SPLITS), 2), np.int64)
     lines, crcs = {}, {}
     for chunk in chunks:
         with np.load(counts_path(ctx, chunk)) as z:
-            for f in fields:
-                accs[f].add(z[f"{f}.keys"], z[f"{f}.counts"])
             missing += z["missing"]
             dense_counts += z["dense_counts"]
             rows += z["rows"]
             lines[chunk.id] = int(z["lines"])
             crcs.setdefault(os.path.abspath(chunk.path), []).append(int(z["crc32"]))
-    vocab, id_counts = {}, {}
-    for j, f in enumerate(fields):
-        keys, counts = accs.pop(f).result()
-        oov = int(missing[j]) if j < len(SPARSE_FIELDS) else 0
-        kept, ids, oov_id, by_id = frequency_rank(keys, counts, oov, opts.min_count)
-        vocab[f] = FieldVocab(kept, ids, oov_id)
-        id_counts[f] = encode_counts(by_id)
-    Vocabulary(vocab).save(out / "vocab")
+    tasks = plan_merge(ctx.work, [c.id for c in chunks], SPARSE_FIELDS + BUCKET_FIELDS, opts.budget_bytes // 2)
+    vocab = write_vocabulary(ctx.work, tasks, dict(zip(SPARSE_FIELDS, missing.tolist())), out / "vocab")
     _write_rejects(chunks, ctx, lines, out / "rejects.tsv")
     checksums = {p: hashlib.sha256(b"".join(c.to_bytes(4, "big") for c in v)).hexdigest()
                  for p, v in crcs.items()}
-    merged = {"id_counts": id_counts, "vocab_sizes": Vocabulary(vocab).sizes,
-              "oov_ids": Vocabulary(vocab).oov_ids, "dense_counts": dict(zip(DENSE_FIELDS, dense_counts.tolist())),
+    merged = {"id_counts": vocab["id_counts"], "vocab_sizes": vocab["vocab_sizes"],
+              "oov_ids": vocab["oov_ids"], "dense_counts": dict(zip(DENSE_FIELDS, dense_counts.tolist())),
               "rows": {s: {"read": int(r[0]), "rejected": int(r[1])} for s, r in zip(SPLITS, rows)},
               "checksums": checksums}
     atomic_write_bytes(merged_path, json.dumps(merged).encode())
@@ -350,13 +388,16 @@ def run(opts: Options, rank: int = 0, world_size: int = 1, barrier: Callable[[],
         return DatasetMeta.load(opts.output)
     chunks = load_chunks(opts)
     mine = assign_chunks(chunks, rank, world_size)
-    count_chunks(mine, opts, show)
-    barrier()
-    if rank == 0:
-        merge_counts(chunks, opts)
-    barrier()
-    check_rows_kept(opts)
-    write_chunks(mine, opts, show)
+    with WorkerPool(opts.workers) as pool:
+        count_chunks(mine, opts, pool, show)
+        barrier()
+        sum_counts(chunks, opts, pool, rank, world_size, show)
+        barrier()
+        if rank == 0:
+            merge_counts(chunks, opts)
+        barrier()
+        check_rows_kept(opts)
+        write_chunks(mine, opts, pool, show)
     barrier()
     if rank == 0:
         _, line = finalize(chunks, opts)

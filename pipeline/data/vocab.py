@@ -165,18 +165,10 @@ class Vocabulary:
 
     def save(self, directory: str | Path) -> None:
         """Write atomically: a sibling temp directory renamed into place."""
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        index = {}
+        writer = VocabularyWriter(directory)
         for name, f in self.fields.items():
-            np.save(tmp / f"{name}.keys.npy", np.ascontiguousarray(f.keys, dtype=np.int64))
-            np.save(tmp / f"{name}.ids.npy", np.ascontiguousarray(f.ids, dtype=np.int32))
-            index[name] = {"size": f.size, "oov_id": f.oov_id}
-        (tmp / INDEX_FILE).write_text(json.dumps({"fields": index}, indent=1))
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+            writer.add_field(name, f.keys.size, f.oov_id, [(f.keys, f.ids)])
+        writer.close()
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "Vocabulary":
@@ -192,3 +184,41 @@ class Vocabulary:
             )
             for name, entry in index.items()
         })
+
+
+class VocabularyWriter:
+    """Writes a vocabulary directory field by field, each field's sorted keys arriving in
+    ascending pieces, so no field has to fit in memory; ``close`` renames it into place.
+
+    >>> w = VocabularyWriter("out/vocab")                              # doctest: +SKIP
+    >>> w.add_field("C1", 3, oov_id=1, pieces=[(np.array([4, 9]), np.array([0, 2])),
+    ...                                        (np.array([70]), np.array([3]))])  # doctest: +SKIP
+    >>> w.close()                                                      # doctest: +SKIP
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.tmp = self.directory.with_name(self.directory.name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.index: dict[str, dict] = {}
+
+    def add_field(self, name: str, num_keys: int, oov_id: int, pieces) -> None:
+        """``pieces``: ``(keys, ids)`` pairs, keys ascending across pieces, ``num_keys`` in all."""
+        header = {"fortran_order": False, "shape": (num_keys,)}
+        with open(self.tmp / f"{name}.keys.npy", "wb") as keys_file, open(self.tmp / f"{name}.ids.npy", "wb") as ids_file:
+            np.lib.format.write_array_header_1_0(keys_file, {**header, "descr": np.lib.format.dtype_to_descr(np.dtype(np.int64))})
+            np.lib.format.write_array_header_1_0(ids_file, {**header, "descr": np.lib.format.dtype_to_descr(np.dtype(np.int32))})
+            written = 0
+            for keys, ids in pieces:
+                np.ascontiguousarray(keys, dtype=np.int64).tofile(keys_file)
+                np.ascontiguousarray(ids, dtype=np.int32).tofile(ids_file)
+                written += len(keys)
+        if written != num_keys:
+            raise ValueError(f"vocabulary field {name}: {written} keys written, {num_keys} announced")
+        self.index[name] = {"size": num_keys + 1, "oov_id": int(oov_id)}
+
+    def close(self) -> None:
+        (self.tmp / INDEX_FILE).write_text(json.dumps({"fields": self.index}, indent=1))
+        shutil.rmtree(self.directory, ignore_errors=True)
+        os.replace(self.tmp, self.directory)

@@ -98,7 +98,7 @@ def _parquet_block(path: str, row: int, table: pa.Table) -> ParsedBlock:
     label = np.zeros(n, np.float32)
     if LABEL in table.column_names:
         label = table.column(LABEL).fill_null(-1).to_numpy().astype(np.float32)
-    return ParsedBlock(np.zeros(0, np.int64), np.arange(n), label, dense, dense_missing, sparse, sparse_missing)
+    return ParsedBlock.from_arrays(label, dense, dense_missing, sparse, sparse_missing)
 
 
 def _is_hex(value) -> bool:
