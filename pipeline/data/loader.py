@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import math
 import queue
 import threading
@@ -271,6 +272,17 @@ def _pad(rows: Optional[Rows], size: int, num_dense: int = 0, num_ids: int = 0) 
 
 
 _DONE = object()
+# Prefetch threads still running, stopped and joined at exit: a daemon thread left inside
+# pyarrow while the interpreter shuts down aborts the process ("terminate called without
+# an active exception"), which happens when a stage ends with an iterator still open.
+_LIVE: dict[threading.Thread, threading.Event] = {}
+
+
+@atexit.register
+def _stop_prefetching() -> None:
+    for thread, stop in list(_LIVE.items()):
+        stop.set()
+        thread.join(timeout=10)
 
 
 def _prefetched(produce: Iterator[Batch], depth: int) -> Iterator[Batch]:
@@ -301,6 +313,7 @@ def _prefetched(produce: Iterator[Batch], depth: int) -> Iterator[Batch]:
             put(error)
 
     thread = threading.Thread(target=work, name="batch-prefetch", daemon=True)
+    _LIVE[thread] = stop
     thread.start()
     try:
         while True:
@@ -313,6 +326,7 @@ def _prefetched(produce: Iterator[Batch], depth: int) -> Iterator[Batch]:
     finally:
         stop.set()
         thread.join()
+        _LIVE.pop(thread, None)
 
 
 def search_batches(
