@@ -1,5 +1,5 @@
-"""Running stage entry points under torchrun from tests (the fixtures using them live
-in ``conftest.py``)."""
+"""Running stage entry points under torchrun, and the preprocess TorchX component, from
+tests (the fixtures using them live in ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 STEPS = 24
+
+
+# What ``torchx run -s local_cwd launch/components.py:preprocess`` does once its arguments
+# are parsed: build the AppDef and hand it to the local_cwd scheduler.
+_RUN_PREPROCESS = """
+import sys
+from torchx.runner import get_runner
+from launch.components import preprocess
+dataset, min_count, out, inputs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+app = preprocess(output=out, inputs=inputs, dataset=dataset, min_count=min_count, nproc=2)
+with get_runner() as runner:
+    status = runner.wait(runner.run(app, scheduler="local_cwd"), wait_interval=0.2)
+    sys.exit(0 if status.state.name == "SUCCEEDED" else f"torchx: {status}")
+"""
+
+
+def preprocess_component(output: Path, inputs: list[str], dataset: str, min_count: int = 1) -> None:
+    """Run the ``preprocess`` TorchX component on 2 local ranks; fail with its output."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_PREPROCESS, dataset, str(min_count), str(output), *inputs],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def torchrun(module: str, *args: str, nproc: int = 2) -> subprocess.Popen:

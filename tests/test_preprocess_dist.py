@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from launch_helpers import preprocess_component
 from pipeline.data import preprocess
 from pipeline.data.schema import SPLITS
-from tests.test_preprocess import REPO, dataset_tables, make_lines, stable_meta, write
-
-# What ``torchx run -s local_cwd launch/components.py:preprocess`` does once its arguments
-# are parsed: build the AppDef and hand it to the local_cwd scheduler.
-RUN_COMPONENT = """
-import sys
-from torchx.runner import get_runner
-from launch.components import preprocess
-out, inputs = sys.argv[1], sys.argv[2:]
-app = preprocess(output=out, inputs=inputs, dataset="synthetic", min_count=2, nproc=2)
-with get_runner() as runner:
-    status = runner.wait(runner.run(app, scheduler="local_cwd"), wait_interval=0.2)
-    sys.exit(0 if status.state.name == "SUCCEEDED" else f"torchx: {status}")
-"""
+from tests.test_preprocess import dataset_tables, make_lines, stable_meta, write
 
 
 @pytest.mark.multirank
@@ -37,10 +20,7 @@ def test_torchx_two_ranks_equal_one_process(tmp_path):
         inputs.append(write(tmp_path / f"part{i}.txt", lines))
     preprocess.main(["--output", str(tmp_path / "one"), "--dataset", "synthetic", "--min-count", "2",
                      "--no-progress", *inputs])
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([sys.executable, "-c", RUN_COMPONENT, str(tmp_path / "two"), *inputs],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    preprocess_component(tmp_path / "two", inputs, dataset="synthetic", min_count=2)
     one, two = tmp_path / "one", tmp_path / "two"
     assert stable_meta(one) == stable_meta(two)
     assert preprocess.DatasetMeta.load(one).files == preprocess.DatasetMeta.load(two).files
