@@ -10,6 +10,7 @@ Example (one process, gloo):
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -74,7 +75,16 @@ def init_distributed(timeout_minutes: int = 60) -> DistEnv:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        # Left to the interpreter's teardown, the process group's threads are destroyed
+        # while joinable: under load a rank then aborts at exit ("terminate called without
+        # an active exception") after its work is done.
+        atexit.register(_destroy_process_group)
     return DistEnv(rank, world_size, local_rank, device, dist.group.WORLD)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
