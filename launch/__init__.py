@@ -5,7 +5,10 @@ these entry points cannot act on; each is named, nothing else is silenced.
 """
 
 import logging
+import os
+import sys
 import warnings
+from typing import Callable
 
 # Deprecation notices of the libraries (ShardedTensor -> DTensor in DCP, planner storage
 # reservation, fbgemm invokers).
@@ -20,6 +23,8 @@ UPSTREAM_WARNINGS = (
     r"Using a non-tuple sequence for multidimensional indexing is deprecated",
     # DCP loading a checkpoint without a process group (evaluation in one process).
     r"torch.distributed is disabled, unavailable or uninitialized",
+    # Every read of a ShardedTensor table (TorchRec's CPU sharding still produces them).
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
 )
 for _message in UPSTREAM_WARNINGS:
     warnings.filterwarnings("ignore", message=_message)
@@ -46,3 +51,21 @@ class _DropNotices(logging.Filter):
 
 for _name, _prefixes in UPSTREAM_LOG_NOTICES.items():
     logging.getLogger(None if _name == "root" else _name).addFilter(_DropNotices(_prefixes))
+
+
+def run_as_process(main: Callable[[], object]) -> None:
+    """Run a stage's ``main`` as the whole process; once it returned, leave without the
+    interpreter's teardown.
+
+    Every output is written (atomically) and every collective finished by then. Left to
+    the teardown, a rank sometimes aborted after finishing its work, under load, with
+    "terminate called without an active exception" (a joinable C++ thread destroyed with
+    its static owner; seen in 2-rank search, structured and fine-grained prune runs, with
+    or without the process group destroyed first), failing a job that had succeeded.
+    Failures (exceptions, ``SystemExit`` with a message) still exit the usual way.
+    """
+    main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)

@@ -14,6 +14,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from launch import run_as_process
+
 STAGES = {
     "preprocess": "pipeline.data.preprocess",
     "synth": "pipeline.data.synth",
@@ -45,5 +47,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     importlib.import_module(STAGES[stage]).main(rest)
 
 
+def console_main() -> None:
+    """The ``dnis`` command: ``main`` as a whole process (see ``launch.run_as_process``)."""
+    run_as_process(main)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

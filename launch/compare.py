@@ -32,6 +32,7 @@ from pipeline.compare.steps import ROOT, method_steps
 from pipeline.config import load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
+from launch import run_as_process
 
 SMOKE = (
     "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=3",
@@ -176,4 +177,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from launch import run_as_process
 from launch.common import add_run_options, load_run
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
@@ -40,4 +41,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -28,6 +28,7 @@ from pipeline.inference.artifact import EXPORT_DIR, MODEL_FILE, WEIGHTS_FILE, VO
 from pipeline.loop import BEST
 from pipeline.tasks import build_run_task
 from sharding.checkpoint import load_checkpoint
+from launch import run_as_process
 
 
 class ExportError(ValueError):
@@ -103,4 +104,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from launch import run_as_process
 from launch.common import Job, blocking_for, evaluate_test_split, fit, shard, stage_parser, start
 from launch.prune import plan_summary
 from launch.search import alpha_parameter, search_train_batches
@@ -137,4 +138,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torchrec.distributed.planner.types import PlannerError
 
+from launch import run_as_process
 from launch.common import add_run_options
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.features import FeatureLayout
@@ -209,4 +210,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -26,6 +26,7 @@ from pipeline.evaluate import binary_metrics
 from pipeline.inference import ArtifactError, RawInputError, load_model, read_raw
 from pipeline.inference.raw import has_label
 from pipeline.progress import progress_bar
+from launch import run_as_process
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -91,4 +92,4 @@ def _labelled(path: str) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

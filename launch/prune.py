@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from launch import run_as_process
 from launch.common import Job, blocking_for, load_run
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
@@ -197,4 +198,4 @@ def fine_prune(job: Job, dmp, blocking, args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

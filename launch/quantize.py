@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from launch import run_as_process
 from launch.common import open_job
 from launch.export import load_run
 from pipeline.config import load_config
@@ -102,4 +103,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

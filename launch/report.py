@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 from pipeline.config import ConfigError
 from pipeline.report import ReportError, build_report, format_summary, write_report
+from launch import run_as_process
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -46,4 +47,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

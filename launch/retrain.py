@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from launch import run_as_process
 from launch.common import Job, add_run_options, evaluate_test_split, fit, new_run, open_job, shard_run_task
 from launch.export import export_run
 from pipeline.config import load_config
@@ -144,4 +145,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from launch import run_as_process
 from launch.common import Job, blocking_for, evaluate_test_split, fit, shard, stage_parser, start
 from pipeline.data.batch import Batch
 from pipeline.data.loader import search_batches
@@ -72,4 +73,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

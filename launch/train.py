@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from launch import run_as_process
 from launch.common import evaluate_test_split, fit, shard_run_task, stage_parser, start
 from launch.export import export_run
 from pipeline.tasks import RunTask, build_train_task, qr_plan
@@ -40,4 +41,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)
