@@ -22,7 +22,7 @@ from launch.cli import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"dnis-synth": "pipeline.data.synth", "dnis-preprocess": "pipeline.data.preprocess"}
-COMMAND = re.compile(r"(?:^|[\s`])((?:dnis(?:-synth|-preprocess)?|torchx run) [^`\n]*)")
+COMMAND = re.compile(r"(?:^|[\s`])((?:dnis(?:-synth|-preprocess)?|torchx run) (?!\|)[^`\n]*)")
 
 
 def documented_commands() -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 
 def _cells(summary: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -79,6 +80,7 @@ def pareto_plot(summary: list[dict], path: Path) -> None:
                             capsize=3, label=method)
         for ax, label in ((ax_auc, "test AUC"), (ax_loss, "test logloss")):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
             ax.set_xlabel("shipped embedding bytes")
             ax.set_ylabel(label)
             ax.set_title(" / ".join(cell))
