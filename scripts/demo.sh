@@ -61,4 +61,3 @@ dnis predict --run-dir "$DIR/retrain" --input "$DIR/raw/fresh.txt" --out "$DIR/s
 
 step "11/11 report: α heat map, kept widths, AUC vs CR, parameters, wall times"
 dnis report --run-dir "$DIR/search" --retrain "$DIR/retrain" --reference "$DIR/train"
-echo "report: $DIR/search/report/ (report.json, alpha.png, dims.png, cr_auc.png, params.png)"
