@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from launch import run_as_process
-from launch.common import Job, blocking_for, evaluate_test_split, fit, shard, stage_parser, start
+from launch.common import blocking_for, evaluate_test_split, fit, shard, stage_parser, start
 from launch.prune import plan_summary
 from launch.search import alpha_parameter, search_train_batches
 from pipeline.search.alpha_table import alpha_rows

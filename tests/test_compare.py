@@ -14,13 +14,13 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from launch.retrain import repacked_state
 from launch_helpers import ROOT, TINY, kill_tree
-from pipeline.compare.plans import group_mass, mde_plan, random_plan, width_plan
+from pipeline.compare.plans import mde_plan, random_plan, width_plan
 from pipeline.compare.protocol import Cell, Settings
 from pipeline.compare.results import method_row
 from pipeline.config import ModelConfig
 from pipeline.data.batch import Batch, single_hot_kjt
 from pipeline.models import build_model
-from pipeline.prune.plan import group_ranges, plan_for_tau
+from pipeline.prune.plan import group_mass, group_ranges, plan_for_tau
 from pipeline.search.blocking import compute_blocking
 from pipeline.tasks import TrainTask
 from sharding.dmp import narrow_table_constraints

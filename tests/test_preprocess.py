@@ -17,7 +17,7 @@ import pytest
 from pipeline.data import preprocess
 from pipeline.data.criteo_reader import TRAIN, assign_splits, source_name
 from pipeline.data.metadata import DatasetMeta
-from pipeline.data.schema import BUCKET_FIELDS, DENSE_FIELDS, SPARSE_FIELDS, SPLITS, bucket_key, dense_transform
+from pipeline.data.schema import BUCKET_FIELDS, SPARSE_FIELDS, SPLITS, bucket_key, dense_transform
 from pipeline.data.vocab import MISSING_BUCKET, Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,9 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.prune.bytes import group_bytes
-from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, group_mass, group_ranges
-
-__all__ = ["group_ranges", "group_mass", "mde_plan", "random_plan", "width_plan"]
+from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, group_mass
 
 
 def width_plan(groups: list[Group], widths, dim: int) -> StructuredPlan:
