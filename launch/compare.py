@@ -26,12 +26,13 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from pipeline.compare.output import markdown, pareto_plot
-from pipeline.compare.protocol import METHODS, Cell, Settings, Step
+from pipeline.compare.protocol import FIXED_CR, METHODS, Cell, Settings, Step
 from pipeline.compare.results import aggregate, method_row
 from pipeline.compare.steps import ROOT, method_steps
 from pipeline.config import load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
+from pipeline.prune.bytes import unpruned_bytes
 from launch import run_as_process
 
 SMOKE = (
@@ -136,9 +137,9 @@ def rows(settings: Settings) -> list[dict]:
         cfg = load_config(list(settings.configs), list(cell.overrides(cell.root, settings.epochs)))
         layout = FeatureLayout.from_meta(DatasetMeta.load(cfg.data.path), cfg.data.dense_mode)
         dim = cfg.model.embedding_dim
-        unpruned = sum(layout.num_embeddings.values()) * dim * 4
+        unpruned = unpruned_bytes(sum(layout.num_embeddings.values()), dim)
         for method in settings.methods:
-            crs = settings.crs if method not in ("full", "int8", "int4") else settings.crs[:1]
+            crs = settings.crs[:1] if method in FIXED_CR else settings.crs  # one row: its own CR
             out += [r for cr in crs if (r := method_row(cell, method, cr, unpruned, dim))]
     return out
 

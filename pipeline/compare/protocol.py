@@ -48,7 +48,8 @@ METHODS = (
     "full", "grid", "random", "mde", "nis_me", "magnitude", "magnitude_fine", "qr",
     "int8", "int4", "dnis", "dnis_value", "dnis_fine", "dnis_int8",
 )
-# Methods whose CR is set by their number format, not by the budget.
+# Methods whose CR is set by their model or number format, not by the budget (None:
+# whatever the quantised rows give).
 FIXED_CR = {"full": 1.0, "int8": None, "int4": None}
 
 

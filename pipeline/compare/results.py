@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.compare.protocol import Cell, cr_tag
+from pipeline.compare.protocol import FIXED_CR, Cell, cr_tag
 
 
 def _json(path: Path) -> Optional[dict]:
@@ -92,7 +92,7 @@ def method_row(cell: Cell, method: str, cr: float, unpruned: int, dim: int) -> O
         raise ValueError(f"unknown method {method!r}")
     if row is None:
         return None
-    target = {"full": 1.0, "int8": None, "int4": None}.get(method, cr)
+    target = FIXED_CR.get(method, cr)
     return {"data": cell.data, "model": cell.model, "method": method, "target_cr": target,
             "seed": cell.seed, "cr": unpruned / row["bytes"], **row}
 

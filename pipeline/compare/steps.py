@@ -21,7 +21,7 @@ from pipeline.compare.protocol import Cell, Step, cr_tag
 from pipeline.config import load_config, save_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
-from pipeline.prune.bytes import PROJECTIONS
+from pipeline.prune.bytes import PROJECTIONS, unpruned_bytes
 from pipeline.prune.plan import group_ranges
 from pipeline.search.blocking import compute_blocking
 
@@ -110,7 +110,7 @@ def plan_step(cell: Cell, name: str, plan_dir: Path, method: str, cr: float, can
         b = cfg.blocking
         groups = group_ranges(compute_blocking(layout.counts, b.num_blocks, b.mode, b.per_field), layout.num_embeddings)
         dim = cfg.model.embedding_dim
-        unpruned = sum(layout.num_embeddings.values()) * dim * 4
+        unpruned = unpruned_bytes(sum(layout.num_embeddings.values()), dim)
         if method == "mde":
             projection = "learned"
             plan = mde_plan(groups, layout.counts, dim, unpruned / cr, cell.settings.mde_temperature)
