@@ -64,6 +64,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
              "(occurrences × α × RMS), any width, every group one column first (structured, --cr)",
     )
     parser.add_argument(
+        "--width-step", type=int, default=1, choices=(1, 2, 4),
+        help="value allocation: widths in steps of this many columns (2: every table quantizes "
+             "to int8, 4: to int4; FBGEMM needs width x bits to be a multiple of 16)",
+    )
+    parser.add_argument(
         "--ranges-per-block", type=int, default=8,
         help="cut each (feature, block) into this many id ranges with their own widths (higher CRs need more)",
     )
@@ -117,7 +122,7 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
     if args.cr is not None and args.allocation == "value":
         budget = unpruned_bytes(sum(g.rows for g in groups), job.cfg.model.embedding_dim) / args.cr
         mass = group_mass(groups, job.layout.counts)
-        return plan_by_value(groups, sum_sq, alpha, mass, budget, args.projection)
+        return plan_by_value(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step)
     if args.cr is not None:
         return plan_for_cr(groups, sum_sq, alpha, args.cr, args.projection)
     return plan_for_tau(groups, sum_sq, alpha, args.tau)

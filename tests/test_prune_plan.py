@@ -165,6 +165,21 @@ def test_value_allocation_lands_within_ten_percent_of_every_budget_never_over():
             assert 0.9 * unpruned / cr <= spent <= unpruned / cr, (cr, projection, spent)
 
 
+def test_value_allocation_in_width_steps_keeps_quantizable_widths_within_budget():
+    from pipeline.prune.knapsack import plan_by_value
+
+    groups, sum_sq, alpha = _value_case()
+    unpruned = sum(g.rows for g in groups) * 16 * 4
+    mass = [1000 // (i + 1) * g.rows for i, g in enumerate(groups)]
+    for step in (2, 4):
+        for cr in (2, 5, 10, 20):
+            plan = plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=step)
+            assert all(g.width % step == 0 and len(g.columns) == g.width for g in plan.groups)
+            assert 0.85 * unpruned / cr <= plan.embedding_bytes("selection") <= unpruned / cr, (step, cr)
+    single = plan_by_value(groups, sum_sq, alpha, mass, unpruned / 10)
+    assert any(g.width % 2 for g in single.groups)  # without steps, odd widths appear
+
+
 def test_value_allocation_keeps_every_id_when_the_budget_pays_one_column_each():
     from pipeline.prune.knapsack import plan_by_value
 

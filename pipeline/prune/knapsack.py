@@ -36,41 +36,47 @@ from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, column_scores
 
 
 def plan_by_value(
-    groups: list[Group], sum_sq, alpha, mass, budget: float, projection: str = "selection"
+    groups: list[Group], sum_sq, alpha, mass, budget: float, projection: str = "selection",
+    multiple: int = 1,
 ) -> StructuredPlan:
-    """The plan of most total worth within ``budget`` bytes (see the module docstring).
+    """The plan of most total worth within ``budget`` bytes (see the module docstring),
+    widths in steps of ``multiple`` columns (2 lets FBGEMM quantize every table to int8,
+    4 to int4).
 
     Raises:
         ValueError: when the budget does not pay for the groups' range starts and one
-            column of the most valuable group.
+            step of the cheapest group.
     """
     scores = column_scores(groups, sum_sq, alpha)
     num, dim = scores.shape
+    if dim % multiple:
+        raise ValueError(f"embedding_dim {dim} is not a multiple of the width step {multiple}")
     rows = np.array([g.rows for g in groups], dtype=np.int64)
     per_column = rows * VALUE_BYTES + (SELECTION_INDEX_BYTES if projection == "selection" else dim * VALUE_BYTES)
+    step_cost = per_column * multiple
     order = np.argsort(-scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(scores, order, axis=1)
-    worth = np.asarray(mass, dtype=np.float64)[:, None] * ranked / per_column[:, None]
+    # Worth of each group's steps, best columns first: it never rises from one step to the next.
+    steps = np.take_along_axis(scores, order, axis=1).reshape(num, dim // multiple, multiple).sum(axis=2)
+    worth = np.asarray(mass, dtype=np.float64)[:, None] * steps / step_cost[:, None]
     left = budget - RANGE_START_BYTES * num
-    if left < per_column.min():
+    if left < step_cost.min():
         raise ValueError(f"a budget of {budget:,.0f} bytes does not pay for one column of any group")
-    widths = np.zeros(num, dtype=np.int64)
-    floor = ranked[:, 0] > 0
-    if per_column[floor].sum() <= left:
-        widths[floor] = 1
-        left -= per_column[floor].sum()
-    # The rest by worth per byte; a group's columns come best first, so taking the best
-    # remaining items in order never skips a column of a group.
-    rest = [(worth[g, k], g) for g in range(num) for k in range(widths[g], dim) if ranked[g, k] > 0]
+    taken = np.zeros(num, dtype=np.int64)
+    floor = steps[:, 0] > 0
+    if step_cost[floor].sum() <= left:
+        taken[floor] = 1
+        left -= step_cost[floor].sum()
+    # The rest by worth per byte; a group's steps come best first, so taking the best
+    # remaining items in order never skips a step of a group.
+    rest = [(worth[g, k], g) for g in range(num) for k in range(taken[g], steps.shape[1]) if steps[g, k] > 0]
     for _, g in sorted(rest, key=lambda item: -item[0]):
-        if per_column[g] <= left:
-            widths[g] += 1
-            left -= per_column[g]
+        if step_cost[g] <= left:
+            taken[g] += 1
+            left -= step_cost[g]
     plans = tuple(
-        GroupPlan(g, tuple(sorted(int(j) for j in order[i, : widths[i]])), multiple=1)
+        GroupPlan(g, tuple(sorted(int(j) for j in order[i, : taken[i] * multiple])), multiple=multiple)
         for i, g in enumerate(groups)
     )
     plan = StructuredPlan(plans, dim, tau=0.0)
     assert plan.embedding_bytes(projection) <= budget, (plan.embedding_bytes(projection), budget)
     return plan
-
