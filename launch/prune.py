@@ -149,8 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
     }
     job.run.write_json("prune.json", summary)
     job.run.log("prune", **{k: v for k, v in summary.items() if k != "plan"})
+    how = "value per byte" if args.cr is not None and args.allocation == "value" else f"τ {plan.tau:.4g}"
     job.log(
-        f"structured prune: τ {plan.tau:.4g}, CR {plan.compression_ratio(args.projection):.2f} "
+        f"structured prune: {how}, CR {plan.compression_ratio(args.projection):.2f} "
         f"({args.projection} projection), {plan.embedding_bytes(args.projection):,} of "
         f"{plan.unpruned_bytes():,} embedding bytes\n" + width_table(plan)
     )

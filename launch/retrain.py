@@ -92,12 +92,12 @@ def repacked_state(task: nn.Module, plan: StructuredPlan, keys: Sequence[str]) -
     return state
 
 
-def initialise(job: Job, dmp, search: RunDir, plan: StructuredPlan) -> None:
-    """Rank 0 repacks the search's weights into ``init.pt``; every rank loads its shards."""
+def initialise(job: Job, dmp, source: RunDir, plan: StructuredPlan) -> None:
+    """Rank 0 repacks the source run's weights into ``init.pt``; every rank loads its shards."""
     path = job.run.path / INIT_FILE
     if job.env.is_main:
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(initial_state(job, search, plan), tmp)
+        torch.save(initial_state(job, source, plan), tmp)
         os.replace(tmp, path)
     barrier()
     load_full_state(dmp, torch.load(path, weights_only=True))
@@ -106,25 +106,25 @@ def initialise(job: Job, dmp, search: RunDir, plan: StructuredPlan) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     env = init_distributed()
-    search = RunDir(args.run_dir, is_main=False)
-    if not (search.path / "prune.json").is_file():
-        raise SystemExit(f"{search.path}: no prune.json; run `dnis prune --run-dir {search.path} --cr N` first")
-    if args.init == "source" and not (search.checkpoints / BEST).exists():
-        raise SystemExit(f"{search.path}: no {BEST} checkpoint to start from; train it, or pass --init scratch")
-    pruned = search.read_json("prune.json")
+    source = RunDir(args.run_dir, is_main=False)
+    if not (source.path / "prune.json").is_file():
+        raise SystemExit(f"{source.path}: no prune.json; run `dnis prune --run-dir {source.path} --cr N` first")
+    if args.init == "source" and not (source.checkpoints / BEST).exists():
+        raise SystemExit(f"{source.path}: no {BEST} checkpoint to start from; train it, or pass --init scratch")
+    pruned = source.read_json("prune.json")
     plan = StructuredPlan.from_json(pruned["plan"])
     projection = args.projection or pruned["projection"]
     out = args.out or str(Path(args.run_dir) / "retrain")
-    cfg = load_config([search.path / "config.yaml"], [*args.set, f"run.dir={out}"])
+    cfg = load_config([source.path / "config.yaml"], [*args.set, f"run.dir={out}"])
     job = open_job(env, cfg, new_run(env, cfg, args.resume), show_progress=not args.no_progress)
     # The retrain run directory stands alone (evaluate, inference): its plan and its origin.
     job.run.write_json("prune.json", {
-        **pruned, "projection": projection, "search_run": str(search.path), "init": args.init,
+        **pruned, "projection": projection, "search_run": str(source.path), "init": args.init,
     })
     task = build_retrain_task(cfg, job.layout, plan, projection, torch.device("meta"))
     dmp, optimizer = shard_run_task(job, RunTask(task, plan=plan, projection=projection))
     if args.init == "source" and not (args.resume and latest_checkpoint(job.run.checkpoints)):
-        initialise(job, dmp, search, plan)  # a resumed run takes its weights from the checkpoint
+        initialise(job, dmp, source, plan)  # a resumed run takes its weights from the checkpoint
     before = evaluate(dmp, job.reader("test", train=False).batches(), env.device, desc="test")
     job.log(f"before retraining: test auc {before['auc']:.5f} logloss {before['logloss']:.5f}")
     train = job.reader("train", train=True)
