@@ -62,10 +62,26 @@ def run_as_process(main: Callable[[], object]) -> None:
     "terminate called without an active exception" (a joinable C++ thread destroyed with
     its static owner; seen in 2-rank search, structured and fine-grained prune runs, with
     or without the process group destroyed first), failing a job that had succeeded.
-    Failures (exceptions, ``SystemExit`` with a message) still exit the usual way.
+    Failures (exceptions, ``SystemExit`` with a message) still exit the usual way,
+    except a ``ConfigError`` (a config key or override, or data too small for it): the
+    user's to fix, so one line ``dnis <stage>: <message>`` and exit 2, no traceback.
     """
-    main()
+    from pipeline.config import ConfigError
+
+    try:
+        main()
+    except ConfigError as error:
+        raise SystemExit(f"{_command(main)}: {error}") from None
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(0)
+
+
+def _command(main: Callable[[], object]) -> str:
+    """``dnis <stage>`` for the stage ``main`` runs, as the user started it."""
+    if sys.argv and sys.argv[0].startswith("dnis "):  # set by the `dnis` command (launch.cli)
+        return sys.argv[0]
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m launch.<stage>`
+    module = spec.name if main.__module__ == "__main__" and spec else main.__module__
+    return "dnis " + module.rsplit(".", 1)[-1]

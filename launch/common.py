@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.batch import Batch
 from pipeline.data.features import FeatureLayout
-from pipeline.data.loader import SplitReader
+from pipeline.data.loader import SplitReader, SplitTooSmall
 from pipeline.data.metadata import DatasetMeta
 from pipeline.evaluate import evaluate
 from pipeline.loop import StepHook, Trainer
@@ -77,17 +77,24 @@ class Job:
         """Seconds since this stage's job opened."""
         return round(time.time() - self.started, 1)
 
-    def reader(self, split: str, train: bool, batch_size: Optional[int] = None) -> SplitReader:
+    def reader(self, split: str, train: bool, batch_key: Optional[str] = None) -> SplitReader:
         """This rank's reader of ``split``: full shuffled train batches, or padded eval
-        batches (every row once over all ranks)."""
+        batches (every row once over all ranks), of the batch size the config key
+        ``batch_key`` holds (``data.batch_size`` or ``data.eval_batch_size`` by default).
+        A split too small for one batch per rank is a ``ConfigError`` naming the key."""
         data = self.cfg.data
-        default = data.batch_size if train else data.eval_batch_size
-        return SplitReader(
-            data.path, split, self.layout, batch_size=batch_size or default,
-            rank=self.env.rank, world_size=self.env.world_size, seed=self.cfg.run.seed,
-            shuffle=data.shuffle and train, drop_last=train, prefetch=data.prefetch,
-            transform=self.transform,
-        )
+        batch_key = batch_key or ("data.batch_size" if train else "data.eval_batch_size")
+        section, name = batch_key.split(".")
+        batch_size = getattr(getattr(self.cfg, section), name)
+        try:
+            return SplitReader(
+                data.path, split, self.layout, batch_size=batch_size,
+                rank=self.env.rank, world_size=self.env.world_size, seed=self.cfg.run.seed,
+                shuffle=data.shuffle and train, drop_last=train, prefetch=data.prefetch,
+                transform=self.transform,
+            )
+        except SplitTooSmall as error:
+            raise ConfigError(f"{error}: lower {batch_key} (now {batch_size})") from None
 
     def log(self, message: str) -> None:
         if self.env.is_main:

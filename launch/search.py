@@ -36,7 +36,7 @@ def search_train_batches(job: Job, task: DNISTask) -> tuple[Callable[[int, int, 
     """``fit``'s train batches for a DNIS task (train rows, plus validation rows on its α
     steps) and the steps per epoch."""
     train = job.reader("train", train=True)
-    val = job.reader("val", train=True, batch_size=job.cfg.search.val_batch_size)
+    val = job.reader("val", train=True, batch_key="search.val_batch_size")
 
     def train_batches(epoch: int, start_step: int, global_step: int) -> Iterator[Batch]:
         task.steps_taken = global_step  # keeps α steps on schedule after a resume

@@ -4,12 +4,14 @@ search (killed with SIGKILL and resumed) -> evaluate on another world size."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from launch_helpers import TINY, finish, kill_tree, search_args, torchrun, val_losses
+from launch_helpers import ROOT, TINY, finish, kill_tree, search_args, torchrun, val_losses
 from pipeline.data import preprocess, synth
 
 pytestmark = pytest.mark.multirank
@@ -109,6 +111,16 @@ def test_train_entry_point_reports_test_metrics(dataset, tmp_path):
     result = json.loads((run / "result.json").read_text())
     assert result["stage"] == "train" and result["test"]["rows"] > 0
     assert 0.0 < result["test"]["auc"] < 1.0
+
+
+def test_a_split_too_small_for_its_batch_is_one_line_naming_the_key(dataset, tmp_path):
+    args = search_args(dataset, tmp_path / "search", "--set", "search.val_batch_size=1000000")
+    done = subprocess.run([sys.executable, "-m", "launch.search", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith("dnis search: ") and "val:" in said
+    assert said.endswith("lower search.val_batch_size (now 1000000)")
 
 
 def test_search_finds_the_planted_signal(tmp_path):

@@ -73,6 +73,10 @@ class Rows:
         return Rows(self.labels[lo:hi], self.dense[lo:hi], self.ids[lo:hi])
 
 
+class SplitTooSmall(ValueError):
+    """A split holds too few rows for one batch on every rank."""
+
+
 class SplitReader:
     """One rank's batches of one split.
 
@@ -114,7 +118,7 @@ class SplitReader:
         self.units = _units([pq.ParquetFile(p).metadata for p in self.paths], world_size)
         self._num_batches = self._count_batches()
         if self._num_batches == 0:
-            raise ValueError(
+            raise SplitTooSmall(
                 f"{self.data_dir} {split}: {sum(u.rows for u in self.units)} rows give no "
                 f"batch of {batch_size} on each of {world_size} ranks"
             )
