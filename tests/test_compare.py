@@ -154,3 +154,11 @@ def test_compare_continues_after_a_kill_without_redoing_finished_runs(dataset, t
     methods = {(r["method"], r["target_cr"]) for r in doc["summary"]}
     assert methods == {("full", 1.0), ("grid", 4.0)}
     assert (out / "compare.md").is_file() and (out / "pareto.png").is_file()
+
+
+def test_grid_offers_the_widest_uniform_width_within_each_budget():
+    settings = Settings(configs=(), data={}, models=(), methods=("grid",), crs=(10.0, 20.0, 50.0),
+                        seeds=1, out="unused", grid=(1, 2, 8))
+    # K = 32: CR 10 fits K' = 3 (CR 10.7), CR 20 and 50 fit K' = 1; K' = 8 stays as listed
+    assert Cell(settings, "d", "deepfm", 0).grid_widths(32) == (1, 2, 3, 8)
+    assert Cell(settings, "d", "deepfm", 0).grid_widths(16) == (1, 2, 8)

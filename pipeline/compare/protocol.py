@@ -18,8 +18,9 @@ Methods and their stages (``E`` = epochs, ``s`` = search_epochs):
 
 ======================  ==============================================================
 ``full``                train E (the unpruned reference, CR 1)
-``grid``                train E at each uniform width K' of ``grid``; per budget the
-                        fitting K' with the lowest validation loss
+``grid``                train E at each uniform width K' of ``grid`` and the widest
+                        that fits each budget (K // CR); per budget the fitting K' with
+                        the lowest validation loss
 ``random``              ``candidates`` random descending per-block width plans per
                         budget, each trained E from scratch; the best on validation
 ``mde``                 the MDE plan for the budget, trained E from scratch
@@ -112,6 +113,13 @@ class Cell:
             f"model.name={self.model}", f"run.seed={self.seed}", f"run.dir={run_dir}",
             f"train.epochs={epochs}", *extra,
         ]
+
+    def grid_widths(self, embedding_dim: int) -> tuple[int, ...]:
+        """The grid baseline's uniform widths K': ``grid`` plus, per budget, the widest
+        that fits (``K // CR``), so uniform is always offered the bytes the others get
+        (K = 32 at CR 10: K' = 3 joins a grid of 1, 2, 4, ...)."""
+        fitting = {int(embedding_dim // cr) for cr in self.settings.crs if embedding_dim >= cr}
+        return tuple(sorted(set(self.settings.grid) | fitting))
 
     @property
     def retrain_epochs(self) -> int:

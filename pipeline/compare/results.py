@@ -62,7 +62,7 @@ def method_row(cell: Cell, method: str, cr: float, unpruned: int, dim: int) -> O
     if method == "full":
         row = _run_row(cell.dir("full"), unpruned)
     elif method == "grid":
-        runs = [(k, _run_row(cell.dir("grid", f"k{k}"), unpruned * k // dim)) for k in cell.settings.grid]
+        runs = [(k, _run_row(cell.dir("grid", f"k{k}"), unpruned * k // dim)) for k in cell.grid_widths(dim)]
         fitting = [dict(r, choice=f"K'={k}") for k, r in runs if r and r["bytes"] <= unpruned / cr]
         row = pick_by_validation(fitting)
         if row:

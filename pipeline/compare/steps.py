@@ -144,8 +144,9 @@ def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
     if method == "full":
         return [full_step]
     if method == "grid":
+        dim = load_config(list(s.configs), cell.overrides(cell.root, E)).model.embedding_dim
         return [train_step(cell, f"grid/k{k}", cell.dir("grid", f"k{k}"), E, f"model.embedding_dim={k}")
-                for k in s.grid]
+                for k in cell.grid_widths(dim)]
     if method in ("int8", "int4"):
         return [full_step, quantize_step(f"full/{method}", full, int(method[3:]))]
     if method in ("dnis", "dnis_int8", "dnis_value", "magnitude"):
