@@ -35,7 +35,7 @@ from pipeline.loop import BEST
 from pipeline.prune.fine import FinePrune, apply_epsilon, epsilon_for_cr, table_bytes
 from pipeline.prune.bytes import unpruned_bytes
 from pipeline.prune.knapsack import plan_by_value
-from pipeline.prune.plan import StructuredPlan, group_mass, group_ranges, plan_for_cr, plan_for_tau
+from pipeline.prune.plan import CR_TOLERANCE, StructuredPlan, group_mass, group_ranges, plan_for_cr, plan_for_tau
 from pipeline.tasks import retrained_plan
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import init_distributed
@@ -122,9 +122,16 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
     if args.cr is not None and args.allocation == "value":
         budget = unpruned_bytes(sum(g.rows for g in groups), job.cfg.model.embedding_dim) / args.cr
         mass = group_mass(groups, job.layout.counts)
-        return plan_by_value(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step)
+        plan = plan_by_value(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step)
+        landed = plan.compression_ratio(args.projection)
+        if landed > args.cr * (1 + CR_TOLERANCE):  # every column scoring above zero fits
+            raise ValueError(
+                f"compression ratio {args.cr:g} is not reachable within {CR_TOLERANCE:.0%}: every "
+                f"column that scores above zero fits and reaches CR {landed:.4g}; ask for CR ≤ {landed:.4g}"
+            )
+        return plan
     if args.cr is not None:
-        return plan_for_cr(groups, sum_sq, alpha, args.cr, args.projection)
+        return plan_for_cr(groups, sum_sq, alpha, args.cr, args.projection, CR_TOLERANCE)
     return plan_for_tau(groups, sum_sq, alpha, args.tau)
 
 

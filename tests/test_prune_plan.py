@@ -15,7 +15,7 @@ import pipeline.prune.plan as prune_plan
 from pipeline.data.metadata import encode_counts
 from pipeline.prune.bytes import fine_grained_bytes, nnz_for_cr
 from pipeline.prune.plan import (
-    Group, GroupPlan, StructuredPlan, column_scores, group_ranges, plan_for_cr, plan_for_tau,
+    CR_TOLERANCE, Group, GroupPlan, StructuredPlan, column_scores, group_ranges, plan_for_cr, plan_for_tau,
 )
 from pipeline.search.blocking import compute_blocking
 
@@ -204,3 +204,20 @@ def _value_case():
     groups = [Group("a", i, lo, hi) for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
     sum_sq = torch.rand(len(groups), 16, generator=g) * torch.tensor([float(x.rows) for x in groups])[:, None]
     return groups, sum_sq, torch.rand(len(groups), 16, generator=g)
+
+
+def test_a_target_the_threshold_plans_jump_over_is_refused_with_the_nearest_reachable_crs():
+    # two groups, width 0 or 4 each: keeping the 1000-row group costs CR ~1, dropping it CR ~100
+    groups = [Group("a", 0, 0, 10), Group("a", 1, 10, 1010)]
+    sum_sq = torch.tensor([[40.0] * 4, [10.0] * 4])
+    alpha = torch.ones(2, 4)
+    with pytest.raises(ValueError, match="not reachable within 10%") as err:
+        plan_for_cr(groups, sum_sq, alpha, 1.5, tolerance=CR_TOLERANCE)
+    below, above = (float(x) for x in re.findall(r"CR ([\d.]+)", str(err.value)))
+    assert below < 1.5 < 1.5 * (1 + CR_TOLERANCE) < above
+    # each named CR (as printed, 4 digits) is a plan the prune lands on
+    for named in (below, above):
+        plan = plan_for_cr(groups, sum_sq, alpha, named * 0.999, tolerance=CR_TOLERANCE)
+        assert plan.compression_ratio("selection") == pytest.approx(named, rel=1e-3)
+    # without a tolerance the largest plan within the budget, however far below it
+    assert plan_for_cr(groups, sum_sq, alpha, 1.5).compression_ratio("selection") == pytest.approx(above, rel=1e-3)

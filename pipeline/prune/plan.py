@@ -32,6 +32,8 @@ from pipeline.prune.bytes import group_bytes, unpruned_bytes
 from pipeline.search.blocking import Blocking
 
 WIDTH_MULTIPLE = 4
+# A structured prune for a target CR lands at most this far above it, or is refused.
+CR_TOLERANCE = 0.10
 
 
 @dataclass(frozen=True)
@@ -192,17 +194,21 @@ def plan_for_tau(groups: list[Group], sum_sq, alpha, tau: float) -> StructuredPl
 
 
 def plan_for_cr(
-    groups: list[Group], sum_sq, alpha, target_cr: float, projection: str = "selection"
+    groups: list[Group], sum_sq, alpha, target_cr: float, projection: str = "selection",
+    tolerance: Optional[float] = None,
 ) -> StructuredPlan:
     """The plan with the smallest τ whose bytes fit ``unpruned / target_cr``.
 
     Bytes never increase with τ, so a bisection over the distinct scores finds it; the
     result is the largest threshold plan within the budget (widths move in steps of 4
-    columns of a group, so it lands below the budget by at most one such step).
+    columns of a group, so it usually lands just below the budget; one τ step can drop
+    a large group at once, and then far below it).
 
     Raises:
         ValueError: when even the plan at the highest score (one group, width 4) is over
-            the budget; the message gives the highest CR reachable.
+            the budget (the message gives the highest CR reachable), or, with
+            ``tolerance``, when the plan's CR is above ``target_cr * (1 + tolerance)``
+            (the message gives the threshold plans' CRs on either side of the target).
     """
     if target_cr <= 0:
         raise ValueError(f"target CR must be > 0, got {target_cr}")
@@ -230,7 +236,17 @@ def plan_for_cr(
             hi = mid
         else:
             lo = mid + 1
-    return _plan(groups, scores, float(taus[lo]))
+    plan = _plan(groups, scores, float(taus[lo]))
+    landed = plan.compression_ratio(projection)
+    if tolerance is not None and landed > target_cr * (1 + tolerance):
+        below = (f"CR {_plan(groups, scores, float(taus[lo - 1])).compression_ratio(projection):.4g} "
+                 f"(over the budget) and " if lo > 0 else "")
+        raise ValueError(
+            f"compression ratio {target_cr:g} is not reachable within {tolerance:.0%} by a threshold: "
+            f"the nearest threshold plans reach {below}CR {landed:.4g}; ask for one of them, or use "
+            f"the value allocation (widths of any number of columns)"
+        )
+    return plan
 
 
 def _widths(scores: np.ndarray, tau: float) -> np.ndarray:

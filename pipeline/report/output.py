@@ -30,9 +30,10 @@ def write_report(report: dict, out: Path) -> None:
 
 def format_summary(report: dict) -> str:
     """The CR table as aligned columns, then parameter counts and wall times."""
-    header = ("method", "source", "CR", "emb MB", "test AUC", "logloss", "wall s")
+    header = ("method", "source", "target CR", "CR", "emb MB", "test AUC", "logloss", "wall s")
     lines = [
-        [r["method"], r["source"], f"{r['compression_ratio']:.2f}", _fmt(r["embedding_bytes"], 1e-6, ".2f"),
+        [r["method"], r["source"], _fmt(r.get("target_cr"), 1, "g"), f"{r['compression_ratio']:.2f}",
+         _fmt(r["embedding_bytes"], 1e-6, ".2f"),
          _fmt(r["auc"], 1, ".5f"), _fmt(r["logloss"], 1, ".5f"), _fmt(r["wall_s"], 1, ".1f")]
         for r in report["cr_table"]
     ]

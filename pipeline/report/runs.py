@@ -61,7 +61,8 @@ def relative_label(path: Path, root: Path) -> str:
 @dataclass(frozen=True)
 class StructuredModel:
     """A structurally pruned model: its plan (found in ``plan_source``), the projection it
-    ships with, its serving bytes, and the wall time of the prune that made the plan."""
+    ships with, its serving bytes, the wall time of the prune that made the plan and the
+    CR that prune was asked for (None: pruned at a given τ)."""
 
     plan_source: str
     plan: StructuredPlan
@@ -69,6 +70,7 @@ class StructuredModel:
     compression_ratio: float
     embedding_bytes: int
     prune_wall_s: Optional[float]
+    target_cr: Optional[float] = None
 
     @classmethod
     def from_prune_json(cls, plan_source: str, doc: dict) -> "StructuredModel":
@@ -76,6 +78,7 @@ class StructuredModel:
         return cls(
             plan_source, StructuredPlan.from_json(doc["plan"]), projection,
             doc["compression_ratio"][projection], doc["embedding_bytes"][projection], doc.get("wall_s"),
+            (doc.get("target") or {}).get("cr"),
         )
 
     def as_retrained(self, result: dict) -> "StructuredModel":

@@ -62,12 +62,14 @@ def distinct_plans(search: SearchRun, retrains: list[RetrainRun]) -> list[Struct
 
 def cr_row(
     method: str, source: str, cr: float, embedding_bytes: Optional[int],
-    test: Optional[dict], wall_s: Optional[float],
+    test: Optional[dict], wall_s: Optional[float], target_cr: Optional[float] = None,
 ) -> dict:
+    """One model of the CR table: the CR it was pruned for (``target_cr``) and reached."""
     test = test or {}
     return {
-        "method": method, "source": source, "compression_ratio": cr, "embedding_bytes": embedding_bytes,
-        "auc": test.get("auc"), "logloss": test.get("logloss"), "wall_s": wall_s,
+        "method": method, "source": source, "target_cr": target_cr, "compression_ratio": cr,
+        "embedding_bytes": embedding_bytes, "auc": test.get("auc"), "logloss": test.get("logloss"),
+        "wall_s": wall_s,
     }
 
 
@@ -80,18 +82,18 @@ def cr_table(search: SearchRun, retrains: list[RetrainRun], reference: Optional[
                            reference["result"]["test"], reference["wall_s"]))
     for r in retrains:
         cr, size = r.result["compression_ratio"], r.result["embedding_bytes"]
-        prune_wall = r.model.prune_wall_s if r.model else None
+        prune_wall, target = (r.model.prune_wall_s, r.model.target_cr) if r.model else (None, None)
         source = f"{r.source}/result.json"
-        rows.append(cr_row("structured", source, cr, size, r.result.get("before_retrain"), prune_wall))
-        rows.append(cr_row("structured+retrain", source, cr, size, r.result["test"], r.wall_s))
+        rows.append(cr_row("structured", source, cr, size, r.result.get("before_retrain"), prune_wall, target))
+        rows.append(cr_row("structured+retrain", source, cr, size, r.result["test"], r.wall_s, target))
     if search.pruned and not any(r.model and r.model.plan == search.pruned.plan for r in retrains):
         p = search.pruned
         rows.append(cr_row(
-            "structured", p.plan_source, p.compression_ratio, p.embedding_bytes, None, p.prune_wall_s
+            "structured", p.plan_source, p.compression_ratio, p.embedding_bytes, None, p.prune_wall_s, p.target_cr
         ))
     for f in search.fine_grained:
         rows.append(cr_row("fine-grained", "fine_prune.json", f["compression_ratio"], f["coo_bytes"],
-                           f["test"], f.get("wall_s")))
+                           f["test"], f.get("wall_s"), f.get("target_cr")))
     return sorted(rows, key=lambda row: (row["compression_ratio"], METHODS.index(row["method"])))
 
 
