@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -35,9 +36,12 @@ from pipeline.data.metadata import DatasetMeta
 from pipeline.prune.bytes import unpruned_bytes
 from launch import run_as_process
 
+# A few steps per run, and sizes that fit the 200-row real samples (~170 train and ~15
+# validation rows: NIS needs episodes after its warm-up within one epoch; tables of tens
+# of rows, which QR only splits when its threshold allows).
 SMOKE = (
     "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=3",
-    "nis.warmup_steps=2",
+    "data.batch_size=16", "nis.warmup_steps=2", "search.val_batch_size=4", "model.qr_min_rows=8",
 )
 
 
@@ -123,9 +127,10 @@ def execute(step: Step) -> None:
 
 def _cause(log: Path) -> str:
     """The line of a failed stage's log that says why: its own one-line error if it
-    printed one, else the last error line (not torchx's status lines)."""
+    printed one, else the last exception, else the last error line (not torchx's status lines)."""
     lines = [line for line in log.read_text().splitlines() if line.strip() and not line.startswith(("torchx ", "  "))]
     said = [line for line in lines if "dnis " in line and ":" in line] or [
+        line for line in lines if re.search(r"\w(Error|Exception): ", line)] or [
         line for line in lines if "error" in line.lower() and "elastic" not in line]
     return (said or lines or ["(empty log)"])[-1].split("]:", 1)[-1].strip()
 
