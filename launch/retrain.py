@@ -113,6 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"{source.path}: no {BEST} checkpoint to start from; train it, or pass --init scratch")
     pruned = source.read_json("prune.json")
     plan = StructuredPlan.from_json(pruned["plan"])
+    if not any(g.width for g in plan.groups):
+        raise SystemExit(f"dnis retrain: {source.path / 'prune.json'} keeps no column of any group: nothing to train")
     projection = args.projection or pruned["projection"]
     out = args.out or str(Path(args.run_dir) / "retrain")
     cfg = load_config([source.path / "config.yaml"], [*args.set, f"run.dir={out}"])

@@ -4,6 +4,7 @@ search (killed with SIGKILL and resumed) -> evaluate on another world size."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -103,6 +104,17 @@ def test_retrain_starts_from_the_searched_model_exactly(search_run, tmp_path):
     assert abs(result["before_retrain"]["logloss"] - searched["logloss"]) < 1e-5
     assert abs(result["before_retrain"]["auc"] - searched["auc"]) < 1e-5
     assert result["test"]["rows"] == searched["rows"]
+
+
+def test_retraining_a_plan_that_keeps_nothing_is_refused_in_one_line(search_run, tmp_path):
+    source = tmp_path / "search"
+    shutil.copytree(search_run, source)
+    finish(torchrun("launch.prune", "--run-dir", str(source), "--tau", "1e9", nproc=1))
+    done = subprocess.run([sys.executable, "-m", "launch.retrain", "--run-dir", str(source), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"dnis retrain: {source / 'prune.json'} keeps no column of any group: nothing to train")
 
 
 def test_train_entry_point_reports_test_metrics(dataset, tmp_path):
