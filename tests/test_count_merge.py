@@ -62,6 +62,7 @@ def test_ranged_merge_equals_frequency_rank_of_the_whole_field(tmp_path, memory_
         assert vocab.fields[field].oov_id == got["oov_ids"][field] == oov_id, field
         assert got["id_counts"][field] == encode_counts(by_id), field
         assert got["vocab_sizes"][field] == kept.size + 1
+        assert got["distinct_values"][field] == keys.size, field
     # the OOV id lands among tied counts somewhere inside the wide field, not at an end
     assert 0 < got["oov_ids"]["wide"] < got["vocab_sizes"]["wide"] - 1
 
