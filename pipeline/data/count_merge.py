@@ -27,7 +27,10 @@ import numpy as np
 
 from pipeline.data.vocab import VocabularyWriter
 
-MERGE_BYTES_PER_KEY = 64  # summing: concatenated keys and counts, np.unique's sort and inverse
+# Peak bytes per key of a range task: summing (concatenated keys and counts, np.unique's
+# sort and inverse) measured 71, ranking it for the vocabulary (``pieces``) 76 (tracemalloc,
+# 2M keys per range).
+MERGE_BYTES_PER_KEY = 80
 KEY_BITS = 32  # categorical keys are uint32; bucket keys are small and land in range 0
 MAX_RANGE_BITS = 16  # 65536 ranges of a field: beyond that a task's per-chunk overhead dominates
 
@@ -63,7 +66,7 @@ def range_bits(upper_keys: int, memory_bytes: int) -> int:
     """Fewest range bits (at most 16) whose ranges of ``upper_keys`` keys merge within
     ``memory_bytes``.
 
-    >>> range_bits(3_000_000, memory_bytes=64 << 20)  # 1M keys per range: 4 ranges
+    >>> range_bits(3_000_000, memory_bytes=80 << 20)  # 1M keys per range: 4 ranges
     2
     """
     need = upper_keys * MERGE_BYTES_PER_KEY / max(memory_bytes, 1)
