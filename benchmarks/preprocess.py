@@ -43,8 +43,8 @@ BinaryCriteoUtils.sparse_to_contiguous([f"{work}/day_0_sparse.npy"], work, frequ
 """
 
 
-def tree_rss(pid: int) -> int:
-    """Summed RSS (bytes) of ``pid`` and its descendants, from /proc."""
+def tree_rss(pid: int) -> dict[int, int]:
+    """RSS (bytes) of ``pid`` and of each of its descendants, from /proc."""
     children: dict[int, list[int]] = {}
     rss = {}
     for entry in os.listdir("/proc"):
@@ -57,24 +57,43 @@ def tree_rss(pid: int) -> int:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
         rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    total, todo = 0, [pid]
+    tree, todo = {}, [pid]
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
+        tree[p] = rss.get(p, 0)
         todo += children.get(p, [])
-    return total
+    return tree
+
+
+def peak_rss(pid: int) -> tuple[int, str]:
+    """High-water RSS (bytes, ``VmHWM``) of a live process and its command line."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return hwm, f.read().replace(b"\0", b" ").decode().strip()
+    except (OSError, StopIteration):  # gone, or a zombie
+        return 0, ""
 
 
 def measure(cmd: list[str]) -> dict:
-    """Run ``cmd``; wall seconds, CPU seconds, peak single-process and summed tree RSS."""
+    """Run ``cmd``; wall seconds, CPU seconds, peak single-process and summed tree RSS, and
+    ``peaks``: each process's high-water RSS by command line (sampled every 50 ms, so a
+    process's last 50 ms may be missed)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak_sum = [0]
+    peaks: dict[int, tuple[int, str]] = {}
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.05):
-            peak_sum[0] = max(peak_sum[0], tree_rss(proc.pid))
+            tree = tree_rss(proc.pid)
+            peak_sum[0] = max(peak_sum[0], sum(tree.values()))
+            for p in tree:
+                hwm, command = peak_rss(p)
+                if hwm > peaks.get(p, (0,))[0]:
+                    peaks[p] = (hwm, command)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -87,7 +106,8 @@ def measure(cmd: list[str]) -> dict:
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
-            "max_rss": usage.ru_maxrss * 1024, "sum_rss": peak_sum[0], "output": output}
+            "max_rss": usage.ru_maxrss * 1024, "sum_rss": peak_sum[0], "output": output,
+            "peaks": list(peaks.values())}
 
 
 def distinct_file(distinct: int, path: Path) -> None:

@@ -49,6 +49,8 @@ def preprocess(
     min_count: int = 1,
     seed: int = 0,
     strict: bool = False,
+    memory_mb: int = 2048,
+    row_group_rows: int = 1_000_000,
     nproc: int = 2,
     nnodes: int = 1,
     memMB: int = 8192,
@@ -67,13 +69,18 @@ def preprocess(
         min_count: train-split values seen fewer times share the OOV id.
         seed: seed of the split hash.
         strict: stop at the first bad row instead of writing it to the reject file.
+        memory_mb: per-process budget for read blocks and summing counts
+            (``dnis-preprocess --memory-mb``).
+        row_group_rows: rows per parquet row group; pass 2 buffers one per split, outside
+            ``memory_mb`` (about 212 B a row).
         nproc: processes per node.
         nnodes: nodes.
         memMB: memory per node.
         image: container image (remote schedulers only).
     """
     args = ["--output", output, "--dataset", dataset, "--min-count", str(min_count)]
-    args += ["--seed", str(seed)] + (["--strict"] if strict else []) + list(inputs)
+    args += ["--seed", str(seed), "--memory-mb", str(memory_mb), "--row-group-rows", str(row_group_rows)]
+    args += (["--strict"] if strict else []) + list(inputs)
     return _ddp("launch.preprocess", args, nproc, nnodes, 0, memMB, image, "dnis-preprocess")
 
 

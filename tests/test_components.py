@@ -21,7 +21,9 @@ class ComponentsTest(ComponentTestCase):
         self.assertIn("--resume", components.train("c.yaml", resume=True).roles[0].args[-1])
 
     def test_preprocess_passes_every_option(self) -> None:
-        app = components.preprocess("out", ["a.txt", "b.txt"], dataset="criteo_1tb", min_count=3, strict=True)
+        app = components.preprocess("out", ["a.txt", "b.txt"], dataset="criteo_1tb", min_count=3, strict=True,
+                                    memory_mb=256, row_group_rows=200000)
         command = app.roles[0].args[-1]
         self.assertIn("-m launch.preprocess --output out --dataset criteo_1tb --min-count 3", command)
+        self.assertIn("--memory-mb 256 --row-group-rows 200000", command)
         self.assertTrue(command.endswith("--strict a.txt b.txt"))

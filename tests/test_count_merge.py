@@ -47,7 +47,8 @@ def test_ranged_merge_equals_frequency_rank_of_the_whole_field(tmp_path, memory_
         write_chunk_counts(tmp_path, cid, per_field)
     tasks = plan_merge(tmp_path, list(chunks), FIELDS, memory_bytes)
     bits = {t.name: t.bits for t in tasks}
-    assert bits["wide"] == range_bits(12000, memory_bytes) and (memory_bytes > 1 << 20 or bits["wide"] >= 2)
+    upper = sum(per_field[0][0].size for per_field in chunks.values())  # the chunks' distinct wide keys
+    assert bits["wide"] == range_bits(upper, memory_bytes) and (memory_bytes > 1 << 20 or bits["wide"] >= 2)
     for task in tasks:
         merge_range(task, tmp_path, list(chunks), min_count=2)
     missing = {"wide": 5, "buckets": 0, "empty": 5}
@@ -62,6 +63,7 @@ def test_ranged_merge_equals_frequency_rank_of_the_whole_field(tmp_path, memory_
         assert vocab.fields[field].oov_id == got["oov_ids"][field] == oov_id, field
         assert got["id_counts"][field] == encode_counts(by_id), field
         assert got["vocab_sizes"][field] == kept.size + 1
+        assert got["distinct_values"][field] == keys.size, field
     # the OOV id lands among tied counts somewhere inside the wide field, not at an end
     assert 0 < got["oov_ids"]["wide"] < got["vocab_sizes"]["wide"] - 1
 

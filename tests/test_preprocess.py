@@ -88,6 +88,7 @@ def test_round_trip_ranks_by_train_frequency_with_ranked_oov(tmp_path):
         for s, split in enumerate(SPLITS):
             np.testing.assert_array_equal(got[split], expect[splits == s], err_msg=name)
         assert meta.oov_ids[name] == oov and meta.counts(name).tolist() == counts, name
+        assert meta.distinct_values[name] == len({k for k, t in zip(keys, train) if t and k is not None}), name
         # ids are frequency ranks of the train split: recount them from the shards
         assert np.bincount(got["train"], minlength=len(counts)).tolist() == counts, name
     assert read_split(out, meta, "val").column("C1").to_numpy().max() == meta.oov_ids["C1"]  # 0000beef

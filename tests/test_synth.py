@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.data.synth import BLOCK_ROWS, CATEGORICALS, SyntheticCriteo, main, write
-from pipeline.data.synth_worlds import WORLDS
+from pipeline.data.synth_worlds import WORLDS, HeavyTail
 
 
 @pytest.mark.parametrize("world", ["longtail", "flat"])
@@ -41,6 +42,41 @@ def test_default_world_output_is_unchanged():
     full = SyntheticCriteo(seed=5)
     assert hashlib.sha256(full.to_tsv(full.rows(0, 2000))).hexdigest() == (
         "aeb64f41c45c0698e3f77b24b3682bd05e9c53046372fbf454e99560cf393cad")
+
+
+def test_heavy_tail_plants_distinct_values_without_signal_or_tables():
+    tail = HeavyTail("C3", rate=0.9, values=1 << 30, zipf=0.5)
+    plain, tailed = SyntheticCriteo(seed=4, vocab_scale=0.1), SyntheticCriteo(seed=4, vocab_scale=0.1, tail=tail)
+    n = 2 * BLOCK_ROWS
+    a, b = plain.rows(0, n), tailed.rows(0, n)
+    c = tail.column
+    in_tail = b.ranks[:, c] >= tailed.vocab[c]
+    assert abs(in_tail.mean() - 0.9) < 0.01 and (b.ranks[:, np.arange(26) != c] < tailed.vocab[c]).all()
+    # every other draw is the plain generator's; the tail's ranks are new values, mostly singletons
+    assert np.array_equal(np.delete(a.ranks, c, 1), np.delete(b.ranks, c, 1)) and np.array_equal(a.ints, b.ints)
+    assert np.array_equal(a.ranks[~in_tail, c], b.ranks[~in_tail, c])
+    hexes = tailed.hex_ids(b.ranks)[in_tail, c]
+    assert len(np.unique(hexes)) > 0.9 * in_tail.sum()
+    assert len(np.intersect1d(hexes, tailed.hex_ids(np.repeat(np.arange(tailed.vocab[c])[:, None], 26, 1))[:, c])) == 0
+    # no label signal: the logit is that of the same row with the tail value missing
+    assert np.allclose(b.logits, tailed.logits(np.where(b.ranks >= tailed.vocab, -1, b.ranks), b.ints, b.ints_missing))
+    assert 0.2 < b.labels.mean() < 0.3  # calibrated with the tail
+    # a function of (seed, tail, global row): any slice equals the whole; no table grew with it
+    cut = BLOCK_ROWS + 11
+    assert np.array_equal(b.ranks[cut:], tailed.rows(cut, n).ranks)
+    assert np.array_equal(b.ranks, SyntheticCriteo(seed=4, vocab_scale=0.1, tail=tail).rows(0, n).ranks)
+    assert tailed.w.size == plain.w.size and tailed.v_tail.shape == plain.v_tail.shape
+
+
+def test_heavy_tail_cli_writes_it_into_the_truth_and_rejects_bad_options(tmp_path):
+    main(["--rows", "100", "--out", str(tmp_path / "x.tsv"), "--tail-field", "C1", "--tail-rate", "1"])
+    truth = json.loads((tmp_path / "synth_truth.json").read_text())
+    assert truth["heavy_tail"] == {"field": "C1", "rate": 1.0, "values": 1 << 30, "zipf": 0.5}
+    for bad, message in ((["--tail-field", "C27"], "choose one of C1..C26"),
+                         (["--tail-field", "C1", "--tail-zipf", "1"], "zipf exponent must lie in [0, 1)"),
+                         (["--tail-field", "C1", "--tail-values", str(2**31 - 10)], "would pass 2^31 ranks")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main(["--rows", "10", "--out", str(tmp_path / "y.tsv"), *bad])
 
 
 def test_rows_are_valid_criteo_tsv(tmp_path):

@@ -27,7 +27,10 @@ import numpy as np
 
 from pipeline.data.vocab import VocabularyWriter
 
-MERGE_BYTES_PER_KEY = 64  # summing: concatenated keys and counts, np.unique's sort and inverse
+# Peak bytes per key of a range task: summing (concatenated keys and counts, np.unique's
+# sort and inverse) measured 71, ranking it for the vocabulary (``pieces``) 76 (tracemalloc,
+# 2M keys per range).
+MERGE_BYTES_PER_KEY = 80
 KEY_BITS = 32  # categorical keys are uint32; bucket keys are small and land in range 0
 MAX_RANGE_BITS = 16  # 65536 ranges of a field: beyond that a task's per-chunk overhead dominates
 
@@ -63,7 +66,7 @@ def range_bits(upper_keys: int, memory_bytes: int) -> int:
     """Fewest range bits (at most 16) whose ranges of ``upper_keys`` keys merge within
     ``memory_bytes``.
 
-    >>> range_bits(3_000_000, memory_bytes=64 << 20)  # 1M keys per range: 4 ranges
+    >>> range_bits(3_000_000, memory_bytes=80 << 20)  # 1M keys per range: 4 ranges
     2
     """
     need = upper_keys * MERGE_BYTES_PER_KEY / max(memory_bytes, 1)
@@ -89,7 +92,8 @@ def spill_path(work: Path, task: MergeTask) -> Path:
 
 def merge_range(task: MergeTask, work: Path, chunk_ids: list[str], min_count: int) -> None:
     """Sum one key range of one field over every chunk; spill kept keys, counts, the
-    histogram of counts and the rare keys' total to ``_work/merge/<field>.<range>.npz``."""
+    histogram of counts, and the rare keys' number and total count to
+    ``_work/merge/<field>.<range>.npz``."""
     key_parts, count_parts = [], []
     for cid in chunk_ids:
         with np.load(work / "counts" / f"{cid}.npz") as z:
@@ -105,22 +109,24 @@ def merge_range(task: MergeTask, work: Path, chunk_ids: list[str], min_count: in
     path = spill_path(work, task)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, keys=keys[kept], counts=counts[kept], rare=np.int64(counts[~kept].sum()),
-             levels=levels, level_sizes=level_sizes)
+             rare_keys=np.int64(keys.size - kept.sum()), levels=levels, level_sizes=level_sizes)
     os.replace(tmp, path)
 
 
 def write_vocabulary(work: Path, tasks: list[MergeTask], missing: dict[str, int], directory: Path) -> dict:
     """Rank every field from the spilled ranges and write ``directory``; returns
-    ``{"vocab_sizes", "oov_ids", "id_counts"}`` (id counts run-length encoded)."""
+    ``{"vocab_sizes", "oov_ids", "id_counts", "distinct_values"}`` (id counts run-length
+    encoded; distinct values: train keys before ``min_count``)."""
     writer = VocabularyWriter(directory)
-    sizes, oov_ids, id_counts = {}, {}, {}
+    sizes, oov_ids, id_counts, distinct = {}, {}, {}, {}
     for name in dict.fromkeys(t.name for t in tasks):
         parts = [t for t in tasks if t.name == name]
         ranking = _FieldRanking(work, parts, missing.get(name, 0))
         writer.add_field(name, ranking.num_keys, ranking.oov_id, ranking.pieces())
         sizes[name], oov_ids[name], id_counts[name] = ranking.num_keys + 1, ranking.oov_id, ranking.runs()
+        distinct[name] = ranking.num_keys + ranking.rare_keys
     writer.close()
-    return {"vocab_sizes": sizes, "oov_ids": oov_ids, "id_counts": id_counts}
+    return {"vocab_sizes": sizes, "oov_ids": oov_ids, "id_counts": id_counts, "distinct_values": distinct}
 
 
 class _FieldRanking:
@@ -128,11 +134,12 @@ class _FieldRanking:
 
     def __init__(self, work: Path, parts: list[MergeTask], missing: int):
         self.paths = [spill_path(work, t) for t in parts]
-        hists, rare = [], 0
+        hists, rare, self.rare_keys = [], 0, 0
         for path in self.paths:
             with np.load(path) as z:
                 hists.append((z["levels"], z["level_sizes"]))
                 rare += int(z["rare"])
+                self.rare_keys += int(z["rare_keys"])
         self.oov_count = missing + rare
         self.levels = np.unique(np.concatenate([h[0] for h in hists]))[::-1]  # counts, descending
         self.sizes = np.zeros((len(hists), self.levels.size), np.int64)  # [range, level]: keys

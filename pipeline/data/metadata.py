@@ -61,6 +61,8 @@ class DatasetMeta:
         files: per split, shard paths relative to the dataset directory.
         sources: per input file: name, bytes, mtime, checksum.
         versions: library versions that wrote the dataset.
+        distinct_values: per ``C*`` and ``B*`` field, distinct values seen on the train split
+            (missing excluded), before ``min_count`` folds the rare ones into OOV.
         options: the preprocessing options (a re-run with equal options is a no-op).
     """
 
@@ -78,6 +80,7 @@ class DatasetMeta:
     files: dict[str, list[str]]
     sources: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    distinct_values: dict[str, int] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 

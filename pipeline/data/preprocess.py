@@ -296,7 +296,7 @@ def merge_counts(chunks: list[Chunk], opts: Options) -> None:
     checksums = {p: hashlib.sha256(b"".join(c.to_bytes(4, "big") for c in v)).hexdigest()
                  for p, v in crcs.items()}
     merged = {"id_counts": vocab["id_counts"], "vocab_sizes": vocab["vocab_sizes"],
-              "oov_ids": vocab["oov_ids"], "dense_counts": dict(zip(DENSE_FIELDS, dense_counts.tolist())),
+              "oov_ids": vocab["oov_ids"], "distinct_values": vocab["distinct_values"], "dense_counts": dict(zip(DENSE_FIELDS, dense_counts.tolist())),
               "rows": {s: {"read": int(r[0]), "rejected": int(r[1])} for s, r in zip(SPLITS, rows)},
               "checksums": checksums}
     atomic_write_bytes(merged_path, json.dumps(merged).encode())
@@ -347,6 +347,7 @@ def finalize(chunks: list[Chunk], opts: Options) -> tuple[DatasetMeta, str]:
         dataset=opts.dataset, dense_fields=list(DENSE_FIELDS), sparse_fields=list(SPARSE_FIELDS),
         bucket_fields=list(BUCKET_FIELDS), vocab_sizes=merged["vocab_sizes"], oov_ids=merged["oov_ids"],
         id_counts=merged["id_counts"], dense_counts=merged["dense_counts"], min_count=opts.min_count,
+        distinct_values=merged["distinct_values"],
         split=split_rule(opts.dataset, opts.seed),
         rows={"read": read, "kept": read - rejected, "rejected": rejected, **kept},
         files=files, sources=sources, versions=_versions(), options=_json(opts.recorded()),

@@ -42,8 +42,11 @@ The project's DeepFM (``configs/synthetic.yaml``, 1 rank, one epoch) scores test
 0.595. Flat is harder to learn (its signal sits on ids seen tens of times, not
 thousands), and wider tables learn it faster though 4 dims represent it exactly.
 
-Everything is a function of ``(seed, vocab_scale, world)`` and the global row index: rows are
-drawn in blocks of ``BLOCK_ROWS`` with a generator seeded by ``(seed, block)``, so the
+``--tail-field`` plants a ``HeavyTail`` (``synth_worlds``): millions of extra values in
+one field, no label signal, e.g. for the Terabyte layout's >= 5M distinct values.
+
+Everything is a function of ``(seed, vocab_scale, world, tail)`` and the global row index:
+rows are drawn in blocks of ``BLOCK_ROWS`` with a generator seeded by ``(seed, block)``, so the
 output does not depend on how it is chunked or split into days. ``synth_truth.json``
 records the world, fields, tiers (dims per rank range), scales and seed.
 
@@ -51,6 +54,7 @@ Example:
     $ dnis-synth --rows 1000000 --out runs/raw/synth.tsv
     $ dnis-synth --rows 1000000 --world flat --out runs/raw/flat.tsv
     $ dnis-synth --rows 24000000 --days 24 --gzip --out runs/raw/synth_1tb   # day_0.gz ...
+    $ dnis-synth --rows 6000000 --days 24 --gzip --tail-field C1 --tail-rate 0.9 --out runs/raw/tb_tail
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ import argparse
 import gzip
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -67,7 +71,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pipeline.data.synth_worlds import CATEGORICALS, LATENT_DIM, WORLDS, World
+from pipeline.data.synth_worlds import CATEGORICALS, LATENT_DIM, WORLDS, HeavyTail, World
 
 BLOCK_ROWS = 1 << 15
 # Latent vectors live in two tables: ranks below HEAD_RANKS at the world's widest width,
@@ -76,6 +80,8 @@ HEAD_RANKS = 512
 TERM_STD = {"first_order": 0.6, "pairwise": 2.2, "ints": 0.4}
 TARGET_CTR = 0.25
 CALIBRATION_ROWS = 20000
+# Last word of the heavy tail's seed: a stream of its own, so rows without a tail keep their bytes.
+TAIL_STREAM = 1 << 42
 # Per integer field: (missing rate, mu, sigma of log(1+x), rate of negatives, label coef).
 INTEGERS: tuple[tuple[float, float, float, float, float], ...] = (
     (0.45, 0.5, 1.2, 0.0, 0.6), (0.0, 3.0, 2.0, 0.1, 0.0), (0.21, 2.5, 1.5, 0.0, 0.0),
@@ -89,7 +95,8 @@ INT_WIDTH = 8  # chars per integer: log1p(x) is capped at 18, so 0 <= x < 1e8; n
 
 @dataclass
 class Rows:
-    """Rows ``[start, stop)`` as arrays: ranks ``-1`` and ``ints_missing`` mark missing."""
+    """Rows ``[start, stop)`` as arrays: ranks ``-1`` and ``ints_missing`` mark missing;
+    ranks past a field's vocabulary are heavy-tail values."""
 
     labels: np.ndarray  # [n] uint8
     ints: np.ndarray  # [n, 13] int64
@@ -105,6 +112,7 @@ class SyntheticCriteo:
         seed: every table and row derives from it.
         vocab_scale: multiplies every vocabulary size (after the world's cap).
         world: a name in ``WORLDS`` (``longtail`` or ``flat``).
+        tail: extra values planted in one field (None: none).
 
     Example:
         >>> gen = SyntheticCriteo(seed=0, vocab_scale=0.01, world="flat")
@@ -113,7 +121,8 @@ class SyntheticCriteo:
         4
     """
 
-    def __init__(self, seed: int = 0, vocab_scale: float = 1.0, world: str = "longtail") -> None:
+    def __init__(self, seed: int = 0, vocab_scale: float = 1.0, world: str = "longtail",
+                 tail: Optional[HeavyTail] = None) -> None:
         if vocab_scale <= 0:
             raise ValueError(f"vocab_scale must be positive, got {vocab_scale}")
         if world not in WORLDS:
@@ -124,6 +133,9 @@ class SyntheticCriteo:
         self.vocab, self.zipf_s = self.world.frequency_law(vocab_scale)
         if self.vocab.astype(np.int64).sum() >= 2**31:
             raise ValueError(f"vocab_scale {vocab_scale}: more than 2^31 values in all")
+        if tail is not None and int(self.vocab[tail.column]) + tail.values >= 2**31:
+            raise ValueError(f"heavy tail of {tail.values} values: {tail.field} would pass 2^31 ranks")
+        self.tail = tail
         self.cat_missing = np.array([m for _, m, _ in CATEGORICALS])
         rng = np.random.default_rng([seed, 1 << 40])
         self.hex_keys = rng.integers(0, 1 << 32, size=(len(CATEGORICALS), 2), dtype=np.uint32)
@@ -159,7 +171,7 @@ class SyntheticCriteo:
         self, ranks: np.ndarray, ints: np.ndarray, missing: np.ndarray, latent_ranks: Optional[int] = None,
     ) -> np.ndarray:
         """Unscaled (first-order, pairwise, ints) terms, ``[3, n]`` (``latent_ranks``: see ``logits``)."""
-        present = ranks >= 0
+        present = (ranks >= 0) & (ranks < self.vocab)  # tail values carry no signal
         with_latent = present if latent_ranks is None else present & (ranks < latent_ranks)
         in_head = with_latent & (ranks < self.head_len)
         in_tail = with_latent & ~in_head & (ranks - HEAD_RANKS < self.tail_len)
@@ -180,7 +192,7 @@ class SyntheticCriteo:
 
     def _calibrate(self) -> None:
         rng = np.random.default_rng([self.seed, 1 << 41])
-        ranks, ints, missing = self._draw_features(rng, CALIBRATION_ROWS)
+        ranks, ints, missing = self._draw_features(rng, CALIBRATION_ROWS, 1 << 41)
         terms = self._terms(ranks, ints, missing)
         names = ("first_order", "pairwise", "ints")
         self.scales = {k: TERM_STD[k] / float(t.std()) for k, t in zip(names, terms)}
@@ -191,7 +203,8 @@ class SyntheticCriteo:
             lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(logit + mid)))) < TARGET_CTR else (lo, mid)
         self.bias = (lo + hi) / 2
 
-    def _draw_features(self, rng: np.random.Generator, n: int):
+    def _draw_features(self, rng: np.random.Generator, n: int, stream: int):
+        """Ranks, integers and their missing mask of ``n`` rows; ``stream`` seeds the tail."""
         f = len(CATEGORICALS)
         u = rng.random((n, f), dtype=np.float32)
         one_minus_s = (1.0 - self.zipf_s).astype(np.float32)
@@ -200,6 +213,8 @@ class SyntheticCriteo:
         ranks = ((1.0 + u * top) ** (1.0 / one_minus_s)).astype(np.int32) - 1
         ranks = np.minimum(ranks, self.vocab - 1)
         ranks[rng.random((n, f), dtype=np.float32) < self.cat_missing] = -1
+        if self.tail is not None:
+            self.tail.plant(ranks, self.vocab, np.random.default_rng([self.seed, stream, TAIL_STREAM]))
         params = np.array(INTEGERS, dtype=np.float32)
         z = rng.standard_normal((n, len(INTEGERS)), dtype=np.float32) * params[:, 2] + params[:, 1]
         ints = np.expm1(np.clip(z, 0.0, 18.0)).astype(np.int64)
@@ -227,7 +242,7 @@ class SyntheticCriteo:
 
     def _block(self, block: int) -> Rows:
         rng = np.random.default_rng([self.seed, block])
-        ranks, ints, missing = self._draw_features(rng, BLOCK_ROWS)
+        ranks, ints, missing = self._draw_features(rng, BLOCK_ROWS, block)
         logits = self.logits(ranks, ints, missing)
         labels = (rng.random(BLOCK_ROWS) < 1 / (1 + np.exp(-logits))).astype(np.uint8)
         return Rows(labels, ints, missing, ranks, logits)
@@ -296,7 +311,8 @@ class SyntheticCriteo:
                 "tiers": [list(t) for t in self.world.tiers],
                 "dims_past_tiers": self.world.dims_past_tiers, "term_std": TERM_STD,
                 "scales": self.scales, "bias": self.bias, "target_ctr": TARGET_CTR,
-                "categoricals": fields, "integers": ints}
+                "categoricals": fields, "integers": ints,
+                "heavy_tail": None if self.tail is None else asdict(self.tail)}
 
 
 def _bag_sum(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -335,6 +351,7 @@ def _int_chars(values: np.ndarray, missing: np.ndarray) -> np.ndarray:
 def write(
     out: str | Path, rows: int, seed: int = 0, days: int = 0, compress: bool = False,
     vocab_scale: float = 1.0, truth: Optional[str | Path] = None, world: str = "longtail",
+    tail: Optional[HeavyTail] = None,
 ) -> list[Path]:
     """Write ``rows`` rows to ``out`` (or ``out/day_0..day_{days-1}``) and the truth file.
 
@@ -342,7 +359,7 @@ def write(
     """
     if rows <= 0 or days < 0:
         raise ValueError(f"need rows > 0 and days >= 0, got rows={rows}, days={days}")
-    gen = SyntheticCriteo(seed, vocab_scale, world)
+    gen = SyntheticCriteo(seed, vocab_scale, world, tail)
     out = Path(out)
     suffix = ".gz" if compress else ""
     if days:
@@ -379,14 +396,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--world", choices=sorted(WORLDS), default="longtail",
                    help="longtail: rare values need few or no dims; flat: every value needs 4 "
                         "(see pipeline/data/synth_worlds.py)")
+    p.add_argument("--tail-field", default=None, metavar="C<n>",
+                   help="plant a heavy tail of extra values without signal in this field")
+    p.add_argument("--tail-rate", type=float, default=0.5, help="share of rows drawing a tail value")
+    p.add_argument("--tail-values", type=int, default=1 << 30, help="how many tail values there are")
+    p.add_argument("--tail-zipf", type=float, default=0.5,
+                   help="power-law exponent of the tail values in [0, 1) (0: uniform)")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    paths = write(args.out, args.rows, args.seed, args.days, args.gzip, args.vocab_scale, args.truth,
-                  args.world)
+    try:
+        tail = (HeavyTail(args.tail_field, args.tail_rate, args.tail_values, args.tail_zipf)
+                if args.tail_field else None)
+        paths = write(args.out, args.rows, args.seed, args.days, args.gzip, args.vocab_scale, args.truth,
+                      args.world, tail)
+    except ValueError as err:
+        raise SystemExit(f"dnis-synth: error: {err}") from None
     elapsed = time.perf_counter() - t0
     print(f"wrote {args.rows} rows to {len(paths)} file(s) in {elapsed:.1f}s "
           f"({args.rows / elapsed:,.0f} rows/s)")

@@ -20,6 +20,13 @@ says how each field's frequency law is bent and how many latent dims a value of 
   and 4096). ``vocab_scale`` applies after the cap, so rows / vocab_scale sets how often
   an id is seen in either world.
 
+A ``HeavyTail`` (optional, either world) adds to one field millions of extra values
+that carry no label signal, the way a Criteo Terabyte day holds tens of millions of
+values seen once: with probability ``rate`` a row's value is replaced by tail rank
+``vocab + x``, ``x`` drawn from a power law over ``[0, values)`` (exponent ``zipf``:
+0 is uniform; 0.5 gives a head of repeated values and a tail of singletons). Ranks
+only: no table grows with ``values``.
+
 Example:
     >>> WORLDS["flat"].latent_dims(np.array([0, 100, 5000, 40000])).tolist()
     [4, 4, 4, 4]
@@ -103,6 +110,55 @@ class World:
         sizes = [v if self.vocab_cap is None else min(v, self.vocab_cap) for v, _, _ in CATEGORICALS]
         vocab = np.array([max(3, round(v * vocab_scale)) for v in sizes], np.int32)
         return vocab, np.array([s * self.zipf_factor for _, _, s in CATEGORICALS])
+
+
+@dataclass(frozen=True)
+class HeavyTail:
+    """Extra values planted in one categorical field (see the module docstring).
+
+    Args:
+        field: the field, ``C1`` .. ``C26``.
+        rate: share of rows whose value is a tail value, in (0, 1].
+        values: how many tail values there are (ranks ``vocab .. vocab + values - 1``).
+        zipf: power-law exponent of the tail values, in [0, 1) (0: uniform).
+
+    Example:
+        >>> tail = HeavyTail("C1", rate=1.0, values=10**9, zipf=0.0)
+        >>> ranks = np.zeros((4, 26), np.int32)
+        >>> tail.plant(ranks, np.full(26, 100), np.random.default_rng(0))
+        >>> bool((ranks[:, 0] >= 100).all() and (ranks[:, 1:] == 0).all())
+        True
+    """
+
+    field: str
+    rate: float
+    values: int
+    zipf: float = 0.5
+
+    def __post_init__(self) -> None:
+        names = [f"C{i + 1}" for i in range(len(CATEGORICALS))]
+        if self.field not in names:
+            raise ValueError(f"heavy tail field {self.field!r}: choose one of C1..C{len(names)}")
+        if not 0 < self.rate <= 1:
+            raise ValueError(f"heavy tail rate must lie in (0, 1], got {self.rate}")
+        if not 1 <= self.values < 2**31:
+            raise ValueError(f"heavy tail values must lie in [1, 2^31), got {self.values}")
+        if not 0 <= self.zipf < 1:
+            raise ValueError(f"heavy tail zipf exponent must lie in [0, 1), got {self.zipf}")
+
+    @property
+    def column(self) -> int:
+        return int(self.field[1:]) - 1
+
+    def plant(self, ranks: np.ndarray, vocab: np.ndarray, rng: np.random.Generator) -> None:
+        """Replace a ``rate`` share of ``ranks[:, column]`` (in place) by tail ranks."""
+        hit = rng.random(len(ranks)) < self.rate
+        u = rng.random(int(hit.sum()))
+        # inverse CDF of a continuous power law on [1, values + 1), in float64: float32
+        # would round ranks past 2^24 and lose most of the distinct values
+        one_minus_s = 1.0 - self.zipf
+        x = (1.0 + u * ((self.values + 1.0) ** one_minus_s - 1.0)) ** (1.0 / one_minus_s)
+        ranks[hit, self.column] = vocab[self.column] + np.minimum(x.astype(np.int64) - 1, self.values - 1)
 
 
 _TIER_BOUNDS = (8, 64, 512, 4096, 32768)
