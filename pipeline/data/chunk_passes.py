@@ -1,14 +1,16 @@
 """The two passes over one chunk, as worker-process functions writing into the work dir.
 
 Pass 1 (``count_chunk``) parses and validates every row, counts the train split's values
-per field and writes ``_work/counts/<chunk>.{keys,counts}.npy`` (see ``count_merge``)
-and ``.npz`` (row, missing and dense counts), ``_work/rejects/<chunk>.tsv`` (line
-numbers local to the chunk) and ``_work/coded/<chunk>.npy``: the good rows' splits,
-labels and dictionary codes, so that pass 2 never parses text again. Pass 2
-(``write_chunk``) maps each block's dictionary entries to ids with the vocabulary and
-writes ``<split>/<chunk>.parquet`` per split, then ``_work/shards/<chunk>.json``, then
-drops the coded file. Every file appears by rename, so a killed run leaves finished
-chunks reusable and nothing half-written under its final name.
+per field in runs ``_work/counts/<chunk>/<run>.{keys,counts}.npy`` (``count_runs``: a
+chunk's counts spill to disk past a share of the memory budget), then writes
+``_work/rejects/<chunk>.tsv`` (line numbers local to the chunk), ``_work/coded/<chunk>.npy``
+(the good rows' splits, labels and dictionary codes, so that pass 2 never parses text
+again) and last ``_work/counts/<chunk>.npz`` (the runs' sizes; row, missing and dense
+counts). Pass 2 (``write_chunk``) maps each block's dictionary entries to ids with the
+vocabulary and writes ``<split>/<chunk>.parquet`` per split, then
+``_work/shards/<chunk>.json``, then drops the coded file. Every file appears by rename, so
+a killed run leaves finished chunks reusable and nothing half-written under its final name
+(a chunk recounted after a kill starts by dropping the runs it had spilled).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.count_runs import CountRuns
 from pipeline.data.criteo_reader import (
     TRAIN, Chunk, ParsedBlock, StreamError, assign_splits, count_lines_before, iter_blocks,
     parse_block,
@@ -54,41 +57,12 @@ class ChunkContext:
     seed: int
     strict: bool
     block_bytes: int
+    count_keys: int  # pass 1 spills a run of counts past this many held entries
     row_group_rows: int
 
     @property
     def work(self) -> Path:
         return Path(self.output) / "_work"
-
-
-class CountAccumulator:
-    """Sums ``(keys, counts)`` pairs; memory stays near the number of distinct keys."""
-
-    def __init__(self) -> None:
-        self.keys = np.zeros(0, dtype=np.int64)
-        self.counts = np.zeros(0, dtype=np.int64)
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self.pending_size = 0
-
-    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        self.pending.append((np.asarray(keys, np.int64), np.asarray(counts, np.int64)))
-        self.pending_size += len(keys)
-        if self.pending_size > max(2 * self.keys.size, 1 << 20):
-            self._reduce()
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted distinct keys and their summed counts."""
-        self._reduce()
-        return self.keys, self.counts
-
-    def _reduce(self) -> None:
-        if not self.pending:
-            return
-        keys = np.concatenate([self.keys] + [k for k, _ in self.pending])
-        counts = np.concatenate([self.counts] + [c for _, c in self.pending])
-        self.keys, inverse = np.unique(keys, return_inverse=True)
-        self.counts = np.bincount(inverse, weights=counts, minlength=self.keys.size).astype(np.int64)
-        self.pending, self.pending_size = [], 0
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -174,7 +148,7 @@ def _strict_error(chunk: Chunk, local_line: int, field: str, reason: str, raw: s
 def count_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
     """Pass 1 over ``chunk``: validate rows, count train values, keep the coded rows;
     returns the chunk id."""
-    accs = [CountAccumulator() for _ in SPARSE_FIELDS + BUCKET_FIELDS]
+    runs = CountRuns(ctx.work, chunk.id, len(SPARSE_FIELDS + BUCKET_FIELDS), ctx.count_keys)
     missing = np.zeros(len(SPARSE_FIELDS), dtype=np.int64)
     dense_counts = np.zeros(NUM_DENSE, dtype=np.int64)
     rows = np.zeros((len(SPLITS), 2), dtype=np.int64)  # per split: read, rejected
@@ -203,25 +177,19 @@ def count_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
             np.add.at(rows[:, 1], all_splits[bad_lines], 1)
             splits = all_splits[block.rows]
             save_coded(coded, splits, block)
-            missing += _count_block(block, splits == TRAIN, accs, dense_counts)
+            missing += _count_block(block, splits == TRAIN, runs, dense_counts)
     text = "".join(f"{line + 1}\t{field}\t{reason}\t{raw}\n" for line, field, reason, raw in rejects)
     atomic_write_bytes(rejects_path(ctx, chunk), text.encode())
     os.replace(coded_tmp, coded_path(ctx, chunk))
-    keys, counts = zip(*(acc.result() for acc in accs))
-    for name, parts in (("keys", keys), ("counts", counts)):  # fields back to back, mmap-able
-        tmp = counts_path(ctx, chunk).with_suffix(f".{name}.tmp.npy")
-        np.save(tmp, np.concatenate(parts))
-        os.replace(tmp, counts_path(ctx, chunk).with_suffix(f".{name}.npy"))
-    sizes = np.array([k.size for k in keys], dtype=np.int64)
     tmp = counts_path(ctx, chunk).with_suffix(".tmp.npz")
     np.savez(tmp, missing=missing, dense_counts=dense_counts, rows=rows, lines=np.int64(lines),
-             crc32=np.int64(crc), sizes=sizes, offsets=np.r_[0, np.cumsum(sizes)])
+             crc32=np.int64(crc), **runs.close())
     os.replace(tmp, counts_path(ctx, chunk))  # last: its presence marks the chunk counted
     return chunk.id
 
 
-def _count_block(block: ParsedBlock, train: np.ndarray, accs: list, dense_counts: np.ndarray) -> np.ndarray:
-    """Add a block's train rows to the accumulators (``C*`` then ``B*`` fields) and
+def _count_block(block: ParsedBlock, train: np.ndarray, runs: CountRuns, dense_counts: np.ndarray) -> np.ndarray:
+    """Add a block's train rows to the counts (``C*`` then ``B*`` fields) and
     ``dense_counts``; returns the train rows missing each ``C*`` field."""
     missing = np.zeros(len(SPARSE_FIELDS), dtype=np.int64)
     for c in range(block.codes.shape[0]):
@@ -230,11 +198,11 @@ def _count_block(block: ParsedBlock, train: np.ndarray, accs: list, dense_counts
         if c < NUM_DENSE:
             dense_counts[c] += counts[~absent].sum()
             seen = counts > 0
-            accs[len(SPARSE_FIELDS) + c].add(bucket_keys(block.values[c], absent)[seen], counts[seen])
+            runs.add(len(SPARSE_FIELDS) + c, bucket_keys(block.values[c], absent)[seen], counts[seen])
         else:
             missing[c - NUM_DENSE] = counts[absent].sum()
             seen = (counts > 0) & ~absent
-            accs[c - NUM_DENSE].add(block.values[c][seen], counts[seen])
+            runs.add(c - NUM_DENSE, block.values[c][seen], counts[seen])
     return missing
 
 

@@ -1,10 +1,12 @@
 """Merging pass 1's per-chunk counts into the vocabulary, in key ranges that fit a budget.
 
-Pass 1 leaves, per chunk, every field's distinct train keys (ascending) and their counts
-in ``_work/counts/<chunk>.keys.npy`` / ``.counts.npy``, fields back to back (``offsets``
-and ``sizes`` in ``<chunk>.npz``). A field whose distinct keys could overflow the memory
-budget is cut into ``2**bits`` key ranges; each ``(field, range)`` task (spread over the
-workers and ranks) sums the chunks' slices from memory-mapped files, moves keys seen
+Pass 1 leaves, per chunk, one or more *runs* (``count_runs``): every field's distinct
+train keys (ascending) and their counts over a stretch of the chunk, in
+``_work/counts/<chunk>/<run>.keys.npy`` / ``.counts.npy``, fields back to back (``offsets``
+and ``sizes``, [run, field], in ``<chunk>.npz``). A field whose keys could overflow the
+memory budget is cut into ``2**bits`` key ranges; each ``(field, range)`` task (spread over
+the workers and ranks) sums the slices of every run of every chunk from memory-mapped
+files (a key in several runs or chunks is summed like any other), moves keys seen
 fewer than ``min_count`` times into the OOV count and spills the rest, with a histogram
 of their counts, to ``_work/merge/``. Ranking then needs only the histograms: a key's id
 is the number of kept keys with a larger count, plus those with its count in lower
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.count_runs import run_file
 from pipeline.data.vocab import VocabularyWriter
 
 # Peak bytes per key of a range task: summing (concatenated keys and counts, np.unique's
@@ -74,12 +77,13 @@ def range_bits(upper_keys: int, memory_bytes: int) -> int:
 
 
 def plan_merge(work: Path, chunk_ids: list[str], fields: tuple[str, ...], memory_bytes: int) -> list[MergeTask]:
-    """The merge tasks: a field's range count follows the sum of its per-chunk distinct keys
-    (an upper bound of its distinct keys), so the plan is the same on every rank."""
+    """The merge tasks: a field's range count follows the sum of its keys over every run
+    (what a task concatenates; an upper bound of its distinct keys), so the plan is the
+    same on every rank."""
     upper = np.zeros(len(fields), np.int64)
     for cid in chunk_ids:
         with np.load(work / "counts" / f"{cid}.npz") as z:
-            upper += z["sizes"]
+            upper += z["sizes"].sum(axis=0)
     return [MergeTask(name, j, part, bits)
             for j, name in enumerate(fields)
             for bits in [range_bits(int(upper[j]), memory_bytes)]
@@ -91,17 +95,19 @@ def spill_path(work: Path, task: MergeTask) -> Path:
 
 
 def merge_range(task: MergeTask, work: Path, chunk_ids: list[str], min_count: int) -> None:
-    """Sum one key range of one field over every chunk; spill kept keys, counts, the
-    histogram of counts, and the rare keys' number and total count to
+    """Sum one key range of one field over every run of every chunk; spill kept keys,
+    counts, the histogram of counts, and the rare keys' number and total count to
     ``_work/merge/<field>.<range>.npz``."""
     key_parts, count_parts = [], []
     for cid in chunk_ids:
         with np.load(work / "counts" / f"{cid}.npz") as z:
-            start, end = (int(x) for x in z["offsets"][task.field : task.field + 2])
-        keys = np.load(work / "counts" / f"{cid}.keys.npy", mmap_mode="r")[start:end]
-        lo, hi = range_bounds(keys, task.part, task.bits)
-        key_parts.append(np.array(keys[lo:hi]))
-        count_parts.append(np.array(np.load(work / "counts" / f"{cid}.counts.npy", mmap_mode="r")[start + lo : start + hi]))
+            bounds = z["offsets"][:, task.field : task.field + 2].tolist()
+        for run, (start, end) in enumerate(bounds):
+            keys = np.load(run_file(work, cid, run, "keys"), mmap_mode="r")[start:end]
+            lo, hi = range_bounds(keys, task.part, task.bits)
+            key_parts.append(np.array(keys[lo:hi]))
+            counts = np.load(run_file(work, cid, run, "counts"), mmap_mode="r")
+            count_parts.append(np.array(counts[start + lo : start + hi]))
     keys, inverse = np.unique(np.concatenate(key_parts), return_inverse=True)
     counts = np.bincount(inverse, weights=np.concatenate(count_parts), minlength=keys.size).astype(np.int64)
     kept = counts >= max(min_count, 1)

@@ -42,6 +42,7 @@ from pipeline.data.chunk_passes import (
     shard_marker, write_chunk,
 )
 from pipeline.data.count_merge import merge_range, plan_merge, spill_path, write_vocabulary
+from pipeline.data.count_runs import COUNT_BYTES_PER_KEY
 from pipeline.data.criteo_reader import DATASETS, Chunk, check_sources, plan_chunks, source_name, split_rule
 from pipeline.data.metadata import METADATA_FILE, DatasetMeta
 from pipeline.data.schema import BUCKET_FIELDS, DENSE_FIELDS, SPARSE_FIELDS, SPLITS
@@ -53,6 +54,8 @@ CHECKSUM = "sha256 over the crc32 of each chunk's uncompressed bytes (chunks of 
 # 40 offsets and dictionary codes, our codes and temporaries), so the worst case is the
 # narrowest row (~45 B, fields empty): ~20x, measured; Criteo-like rows (~240 B) need ~4x.
 BLOCK_RSS_FACTOR = 24
+# Blocks take at most this share of the budget; pass 1's counts the rest (count_runs).
+BLOCK_SHARE = 0.75
 # Larger blocks only add page faults and cache misses: 2M rows on 2 workers took 10.5 CPU s
 # (3.2 of them system) with 64 MiB blocks, 7.4 with 8 MiB, 8.1 with 4 MiB.
 MAX_BLOCK_BYTES = 8 << 20
@@ -87,8 +90,12 @@ class Options:
         }
 
     def context(self) -> ChunkContext:
-        return ChunkContext(self.output, self.dataset, self.seed, self.strict,
-                            min(self.chunk_mb << 20, self.budget_bytes // BLOCK_RSS_FACTOR, MAX_BLOCK_BYTES),
+        """Blocks sized to ``BLOCK_SHARE`` of the budget (at most); pass 1's counts spill
+        past what the rest of it holds, so the two fit the budget together."""
+        block_bytes = min(self.chunk_mb << 20, int(self.budget_bytes * BLOCK_SHARE) // BLOCK_RSS_FACTOR,
+                          MAX_BLOCK_BYTES)
+        count_keys = (self.budget_bytes - BLOCK_RSS_FACTOR * block_bytes) // COUNT_BYTES_PER_KEY
+        return ChunkContext(self.output, self.dataset, self.seed, self.strict, block_bytes, count_keys,
                             self.row_group_rows)
 
     @property
@@ -123,10 +130,12 @@ def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
                    "per chunk and split; .gz files are one chunk each)")
     p.add_argument("--row-group-rows", type=int, default=1_000_000, help="rows per parquet row group (at most)")
     p.add_argument("--memory-mb", type=int, default=2048,
-                   help="memory per process for read blocks and for summing counts: blocks shrink "
-                   "and fields with many distinct values are merged in key ranges spilled to disk, "
-                   "so peak RSS does not grow with the input (the output does not depend on it); "
-                   "on top come the interpreter (~150 MiB) and pass 2's row-group buffer "
+                   help="memory per process for read blocks and for summing counts: blocks shrink, "
+                   "pass 1 spills a chunk's counts to disk in sorted runs and fields with many "
+                   "distinct values are merged in key ranges, so peak RSS grows neither with the "
+                   "input nor with its distinct values (the output does not depend on it); on top "
+                   "come the interpreter (~150 MiB), pass 2's memory-mapped vocabulary (12 B per "
+                   "kept value, shared by a node's processes) and its row-group buffer "
                    "(--row-group-rows x 212 B)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output made with other options (else that is an error)")
