@@ -14,7 +14,8 @@ second is the number that does not depend on the load; rows/s/core divides by wa
 Then the memory table: ours with ``--memory-mb`` (default 256) and 200k-row row groups
 (pass 2's buffer is outside the budget) on 1/4, 1/2 and all of
 ``--rows`` (peak RSS must not grow with the input), and on narrow rows whose C1 takes
-``--distinct`` values (1M and 5M; must not grow with the distinct values either).
+``--distinct`` values (1M and 5M; must not grow with the distinct values either), the
+largest also as one ``.gz`` file (one chunk, whose pass-1 counts spill in runs).
 ``--quick`` divides every size by 8.
 
 Prints the tables and ``ratio <ours rows/s per core / torchrec rows/s per core>``.
@@ -23,7 +24,9 @@ Prints the tables and ``ratio <ours rows/s per core / torchrec rows/s per core>`
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,6 +128,13 @@ def distinct_file(distinct: int, path: Path) -> None:
                             for i, v in enumerate(values[start : start + (1 << 20)].tolist())))
 
 
+def gzip_file(src: Path, path: Path) -> None:
+    """``src`` compressed (level 1: the input's size matters here, not its ratio)."""
+    if not path.exists():
+        with open(src, "rb") as f, gzip.open(path, "wb", compresslevel=1) as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+
+
 def synth(rows: int, path: Path) -> None:
     if not path.exists():
         subprocess.run([sys.executable, "-m", "pipeline.data.synth", "--rows", str(rows), "--out",
@@ -194,6 +204,9 @@ def main() -> None:
         src = work / f"distinct_{d}.txt"
         distinct_file(d, src)
         memory[f"C1 {d:,} distinct (min-count 1)"] = ours(src, d, *budget, min_count=1)
+    gz = work / f"distinct_{distinct[-1]}.txt.gz"
+    gzip_file(work / f"distinct_{distinct[-1]}.txt", gz)
+    memory[f"C1 {distinct[-1]:,} distinct, one .gz"] = ours(gz, distinct[-1], *budget, min_count=1)
     table(f"memory: ours, --memory-mb {args.memory_mb} --row-group-rows 200000 (max RSS = largest "
           "single process)", memory)
 
