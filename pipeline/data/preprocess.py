@@ -135,8 +135,8 @@ def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
                    "distinct values are merged in key ranges, so peak RSS grows neither with the "
                    "input nor with its distinct values (the output does not depend on it); on top "
                    "come the interpreter (~150 MiB), pass 2's memory-mapped vocabulary (12 B per "
-                   "kept value, shared by a node's processes) and its row-group buffer "
-                   "(--row-group-rows x 212 B)")
+                   "kept value, shared by a node's processes) and its row-group buffers "
+                   "(--row-group-rows x 212 B per split)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output made with other options (else that is an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
