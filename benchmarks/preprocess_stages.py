@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from pipeline.data import preprocess
+from pipeline.data.workers import WorkerPool
 
 
 def peak_rss_mib() -> float:
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> None:
     preprocess.prepare(opts)
     chunks = preprocess.load_chunks(opts)
     print(f"after imports: peak RSS {peak_rss_mib():.0f} MiB")
-    with preprocess.WorkerPool(1) as pool:
+    with WorkerPool(1) as pool:
         stages = {
             "pass 1 (count)": lambda: preprocess.count_chunks(chunks, opts, pool, False),
             "sum counts": lambda: preprocess.sum_counts(chunks, opts, pool, 0, 1, False),

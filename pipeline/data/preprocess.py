@@ -26,11 +26,9 @@ import json
 import os
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import partial
 from importlib import metadata as importlib_metadata
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -43,10 +41,10 @@ from pipeline.data.chunk_passes import (
 )
 from pipeline.data.count_merge import merge_range, plan_merge, spill_path, write_vocabulary
 from pipeline.data.count_runs import COUNT_BYTES_PER_KEY
+from pipeline.data.workers import WorkerPool
 from pipeline.data.criteo_reader import DATASETS, Chunk, check_sources, plan_chunks, source_name, split_rule
 from pipeline.data.metadata import METADATA_FILE, DatasetMeta
 from pipeline.data.schema import BUCKET_FIELDS, DENSE_FIELDS, SPARSE_FIELDS, SPLITS
-from pipeline.progress import progress_bar
 
 OUTPUT_ENTRIES = ("train", "val", "test", "vocab", "_work", "rejects.tsv", METADATA_FILE)
 CHECKSUM = "sha256 over the crc32 of each chunk's uncompressed bytes (chunks of --chunk-mb)"
@@ -223,38 +221,6 @@ def assign_chunks(chunks: list[Chunk], rank: int, world_size: int) -> list[Chunk
         owner[chunk.id] = r
         load[r] += chunk.nbytes
     return [c for c in chunks if owner[c.id] == rank]
-
-
-class WorkerPool:
-    """``workers`` spawned processes kept for every stage of a run (a spawn costs an
-    interpreter and the numpy/pyarrow imports, about 0.5 CPU s), started on first need."""
-
-    def __init__(self, workers: int):
-        self.workers, self.pool = workers, None
-
-    def __enter__(self) -> "WorkerPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def run(self, fn: Callable, items: list, sizes: list[int], desc: str, show: bool) -> None:
-        """``fn(item)`` for every item; ``sizes`` drive the progress bar."""
-        bar = progress_bar(total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=not show,
-                           file=sys.stderr)
-        if min(self.workers, len(items)) <= 1:
-            for item, size in zip(items, sizes):
-                fn(item)
-                bar.update(size)
-        else:
-            if self.pool is None:  # spawn: safe whatever threads the parent runs (gloo under torchrun)
-                self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
-            futures = {self.pool.submit(fn, item): size for item, size in zip(items, sizes)}
-            for future in as_completed(futures):
-                future.result()
-                bar.update(futures[future])
-        bar.close()
 
 
 def count_chunks(chunks: list[Chunk], opts: Options, pool: WorkerPool, show: bool) -> None:
