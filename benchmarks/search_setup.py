@@ -27,7 +27,7 @@ from pipeline.data import preprocess, synth  # noqa: E402
 from pipeline.data.features import FeatureLayout  # noqa: E402
 from pipeline.data.metadata import DatasetMeta  # noqa: E402
 from pipeline.loop import BEST  # noqa: E402
-from pipeline.prune.plan import StructuredPlan, group_ranges, plan_for_cr  # noqa: E402
+from pipeline.prune.plan import StructuredPlan, group_mass, group_ranges, plan_for_cr  # noqa: E402
 from pipeline.search.blocking import Blocking, compute_blocking  # noqa: E402
 from pipeline.tasks import build_search_task  # noqa: E402
 from sharding.checkpoint import load_checkpoint  # noqa: E402
@@ -69,5 +69,5 @@ def structured_plans(
     """Per target CR, the τ plan ``dnis prune --cr`` makes of ``search`` (selection projection)."""
     groups = group_ranges(blocking, layout.num_embeddings, ranges_per_block)
     sum_sq = group_sum_sq(search, groups, cfg.model.embedding_dim)
-    alpha = search.model.embedding.alpha.detach()
-    return {cr: plan_for_cr(groups, sum_sq, alpha, cr) for cr in crs}
+    alpha, mass = search.model.embedding.alpha.detach(), group_mass(groups, layout.counts)
+    return {cr: plan_for_cr(groups, sum_sq, alpha, mass, cr) for cr in crs}
