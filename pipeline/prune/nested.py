@@ -35,6 +35,8 @@ import numpy as np
 if TYPE_CHECKING:
     from pipeline.prune.plan import Group, StructuredPlan
 
+AGAIN = "a plan of an older dnis prune: prune again"
+
 
 @dataclass(frozen=True)
 class FeatureColumns:
@@ -100,14 +102,14 @@ def feature_columns(plan: "StructuredPlan", keys: Sequence[str]) -> dict[str, Fe
         seen = by_width[g.group.key].setdefault(g.width, set(g.columns))
         if seen != set(g.columns):
             raise ValueError(f"{where} keeps {sorted(g.columns)}, another group of width {g.width} {sorted(seen)}: "
-                             "not nested (prune with nested_columns)")
+                             f"not nested ({AGAIN})")
     out = {}
     for key, sets in by_width.items():
         order: list[int] = []
         for width in sorted(sets):
             if not set(order) <= sets[width]:
                 raise ValueError(f"feature {key}: its width-{width} groups keep {sorted(sets[width])}, "
-                                 f"not every column of its narrower groups {sorted(order)}: not nested")
+                                 f"not every column of its narrower groups {sorted(order)}: not nested ({AGAIN})")
             order += sorted(sets[width] - set(order))
         if order:
             out[key] = FeatureColumns(tuple(order), tuple(sorted(sets)))
