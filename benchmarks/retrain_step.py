@@ -13,7 +13,8 @@ are stepped in alternation, ``--rounds`` times ``--steps`` steps.
     python benchmarks/retrain_step.py [--run-dir runs/cmp/out/longtail/deepfm/seed0/search] [--crs 10 20]
 
 Prints per model its embedding keys and pooled width (columns the EBC outputs per row)
-and mean ms per step, then ``ratio CR <cr>: repacked / plain step <x>`` per plan.
+and mean ms per step, what one key per kept group (the layout before column slabs)
+would give, then ``ratio CR <cr>: repacked / plain step <x>`` per plan.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def main() -> None:
             config, overrides = str(args.run_dir / "config.yaml"), []
         else:
             cfg, layout, blocking, search, _ = synthetic_search(Path(scratch), args.rows)
-            config, overrides = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml"), [f"data.path={cfg.data.path}"]
+            config = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
+            overrides = [f"data.path={cfg.data.path}"]
         plans = structured_plans(cfg, layout, blocking, search, args.crs)
         named = {f"CR {cr:g}": plan.to_json() for cr, plan in plans.items()}
         result = run_ranks(bench, args.ranks, config, overrides, named, args.steps, args.rounds)[0]
@@ -121,6 +123,9 @@ def main() -> None:
         cr = plans[float(name[3:])].compression_ratio("selection") if name != "plain" else 1.0
         rewrite_ms = f"{rewrite * 1e3:>11.1f}" if rewrite is not None else f"{'-':>11}"
         print(f"{name:<8} {cr:>8.2f} {keys:>6} {width:>7} {seconds * 1e3:>8.1f} {rewrite_ms}")
+    for name in list(result)[1:]:
+        kept = [g for g in plans[float(name[3:])].groups if g.width]
+        print(f"{name}: one key per kept group would be {len(kept)} keys, {sum(g.width for g in kept)} pooled columns")
     for name, (seconds, _, _) in list(result.items())[1:]:
         print(f"ratio {name}: repacked / plain step {seconds / plain_s:.2f}")
 
