@@ -114,11 +114,11 @@ def main() -> None:
 
 
 def slice_rows(block, n: int) -> dict:
-    """The first ``n`` rows of a parsed block's row-aligned arrays."""
-    fields = ("rows", "label", "dense", "dense_missing", "sparse", "sparse_missing")
+    """The first ``n`` rows of a parsed block's row-aligned arrays (``codes`` is
+    columns × rows; the dictionaries stay whole)."""
     if len(block.rows) < n:
         raise SystemExit(f"the raw rows give {len(block.rows)} rows in one block, fewer than --batch {n}")
-    return {f: getattr(block, f)[:n] for f in fields}
+    return {"rows": block.rows[:n], "label": block.label[:n], "codes": block.codes[:, :n]}
 
 
 def report(models: dict, timings: dict, batch: int) -> None:

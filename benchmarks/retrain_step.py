@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per model and round")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rows", type=int, default=300_000, help="synthetic rows (without --run-dir)")
+    parser.add_argument("--allocation", choices=("threshold", "value"), default="threshold", help="as dnis prune")
+    parser.add_argument("--width-step", type=int, default=1, help="as dnis prune (value allocation)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dnis-bench-") as scratch:
         if args.run_dir:
@@ -112,7 +114,8 @@ def main() -> None:
             cfg, layout, blocking, search, _ = synthetic_search(Path(scratch), args.rows)
             config = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
             overrides = [f"data.path={cfg.data.path}"]
-        plans = structured_plans(cfg, layout, blocking, search, args.crs)
+        plans = structured_plans(cfg, layout, blocking, search, args.crs, allocation=args.allocation,
+                                 width_step=args.width_step)
         named = {f"CR {cr:g}": plan.to_json() for cr, plan in plans.items()}
         result = run_ranks(bench, args.ranks, config, overrides, named, args.steps, args.rounds)[0]
     plain_s = result["plain"][0]

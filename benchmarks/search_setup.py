@@ -3,7 +3,8 @@
 Either a finished search run (``trained_search``), or fresh synthetic rows and an
 untrained search model with a seeded α (``synthetic_search``: latency, memory and step
 times do not depend on training, only on the plan's shape). ``structured_plans`` prunes
-it for each target CR as ``dnis prune --cr`` does (τ allocation, 8 ranges per block).
+it for each target CR as ``dnis prune --cr`` does (8 ranges per block; τ allocation, or
+``--allocation value``).
 
 Example:
     >>> cfg, layout, blocking, search, raw = synthetic_search(Path("/tmp/s"), 300_000)  # doctest: +SKIP
@@ -27,6 +28,8 @@ from pipeline.data import preprocess, synth  # noqa: E402
 from pipeline.data.features import FeatureLayout  # noqa: E402
 from pipeline.data.metadata import DatasetMeta  # noqa: E402
 from pipeline.loop import BEST  # noqa: E402
+from pipeline.prune.bytes import unpruned_bytes  # noqa: E402
+from pipeline.prune.knapsack import plan_by_value  # noqa: E402
 from pipeline.prune.plan import StructuredPlan, group_mass, group_ranges, plan_for_cr  # noqa: E402
 from pipeline.search.blocking import Blocking, compute_blocking  # noqa: E402
 from pipeline.tasks import build_search_task  # noqa: E402
@@ -64,10 +67,16 @@ def layout_of(cfg) -> FeatureLayout:
 
 
 def structured_plans(
-    cfg, layout: FeatureLayout, blocking: Blocking, search, crs: Sequence[float], ranges_per_block: int = 8
+    cfg, layout: FeatureLayout, blocking: Blocking, search, crs: Sequence[float], ranges_per_block: int = 8,
+    allocation: str = "threshold", width_step: int = 1,
 ) -> dict[float, StructuredPlan]:
-    """Per target CR, the τ plan ``dnis prune --cr`` makes of ``search`` (selection projection)."""
+    """Per target CR, the plan ``dnis prune --cr`` makes of ``search`` (selection
+    projection) with ``--allocation`` and ``--width-step``."""
     groups = group_ranges(blocking, layout.num_embeddings, ranges_per_block)
-    sum_sq = group_sum_sq(search, groups, cfg.model.embedding_dim)
+    dim = cfg.model.embedding_dim
+    sum_sq = group_sum_sq(search, groups, dim)
     alpha, mass = search.model.embedding.alpha.detach(), group_mass(groups, layout.counts)
+    if allocation == "value":
+        unpruned = unpruned_bytes(sum(g.rows for g in groups), dim)
+        return {cr: plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=width_step) for cr in crs}
     return {cr: plan_for_cr(groups, sum_sq, alpha, mass, cr) for cr in crs}
