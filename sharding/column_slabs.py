@@ -79,7 +79,8 @@ class Slab:
 
 
 class ColumnSlabs:
-    """Every slab of a nested plan, in ``keys`` order, then by position.
+    """Every slab of a nested plan (``slabs``, in ``keys`` order, then by position; and
+    ``by_key`` for the keys with any).
 
     Raises:
         ValueError: for a plan that is not nested (``feature_columns``).
@@ -90,14 +91,12 @@ class ColumnSlabs:
         self.embedding_dim = plan.embedding_dim
         self.features = feature_columns(plan, self.keys)
         kept = kept_groups(plan, self.keys)
-        self.slabs = [
-            Slab(key, lo, hi, columns.order[lo:hi], tuple(g for g in kept[key] if g.width >= hi))
+        self.by_key = {
+            key: [Slab(key, lo, hi, columns.order[lo:hi], tuple(g for g in kept[key] if g.width >= hi))
+                  for lo, hi in columns.slabs()]
             for key, columns in self.features.items()
-            for lo, hi in columns.slabs()
-        ]
-
-    def of_key(self, key: str) -> list[Slab]:
-        return [s for s in self.slabs if s.key == key]
+        }
+        self.slabs = [slab for slabs in self.by_key.values() for slab in slabs]
 
 
 @dataclass(frozen=True)

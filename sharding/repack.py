@@ -100,7 +100,8 @@ class KeyRewriter:
 
 # The planner would replicate the many small tables (data parallel): their dense
 # gradients then cost a copy and an all-reduce of every table each step (5x slower
-# retraining on 521 tables). Sharded kinds train them sparsely in the fused kernel.
+# retraining with 521 per-group tables). Sharded kinds train them sparsely in the fused
+# kernel.
 SHARDED_KINDS = ("table_wise", "column_wise", "table_column_wise")
 
 
@@ -174,10 +175,10 @@ class RepackedEmbedding(nn.Module):
     def _learned(self, key: str, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, K]``: the feature's slabs side by side times its projection (zeros when
         the plan keeps nothing of it)."""
-        slabs = self.slabs.of_key(key)
-        if not slabs:
-            any_pooled = next(iter(pooled.values()))
-            return any_pooled.new_zeros(any_pooled.shape[0], self.embedding_dim)
+        slabs = self.slabs.by_key.get(key)
+        if not slabs:  # shaped like a pooled slab, by name (the pipeline traces this)
+            first = pooled[self.slabs.slabs[0].name]
+            return first.new_zeros(first.shape[0], self.embedding_dim)
         return torch.cat([pooled[s.name] for s in slabs], dim=1) @ self.projections[key]
 
 

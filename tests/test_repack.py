@@ -113,6 +113,21 @@ def test_learned_projection_starts_at_the_selection_and_trains():
     assert len(fixed.projections) == 0  # the selection is an index, nothing to train
 
 
+def test_both_projections_trace_with_the_tables_as_leaves_as_the_train_pipeline_does():
+    """TorchRec's train pipeline FX-traces the model around its sharded tables: the
+    projections must trace, with the pooled keys' order read at run time, also when a
+    feature keeps nothing."""
+    from torchrec.fx import Tracer
+
+    alpha_ebc, plan = searched(seed=2)
+    plan = StructuredPlan(tuple(g if g.group.key != "c" else GroupPlan(g.group, ()) for g in plan.groups), K, 0.0)
+    kjt = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), random_ids(9)))
+    for projection in PROJECTIONS:
+        module = Probe(build_repacked(alpha_ebc, plan, projection))
+        traced = torch.fx.GraphModule(module, Tracer(leaf_modules=["EmbeddingBagCollection"]).trace(module))
+        assert torch.equal(traced(kjt), module(kjt)) and not module(kjt)[:, 2].any(), projection
+
+
 def naive_rewrite(features, plan, keys):
     """Per slab, the ids of the groups at least as wide as its end, as rows of the
     groups' stacked ranges (the slow reference)."""
