@@ -18,9 +18,7 @@ raw rows (parse + encode + forward) and of the forward alone (median ms); then
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from functools import partial
@@ -28,52 +26,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# search_setup puts the repository on sys.path: import it first.
+from search_setup import structured_plans, synthetic_search, trained_search
 
-from launch.retrain import repacked_state  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import preprocess, synth  # noqa: E402
-from pipeline.data.features import FeatureLayout  # noqa: E402
-from pipeline.data.metadata import DatasetMeta  # noqa: E402
-from pipeline.data.vocab import Vocabulary  # noqa: E402
-from pipeline.inference import ServingModel, read_tsv, serving_model  # noqa: E402
-from pipeline.loop import BEST  # noqa: E402
-from pipeline.prune.plan import group_ranges, plan_for_cr  # noqa: E402
-from pipeline.search.blocking import Blocking, compute_blocking  # noqa: E402
-from pipeline.tasks import build_retrain_task, build_search_task, build_train_task  # noqa: E402
-from sharding.checkpoint import load_checkpoint  # noqa: E402
-from sharding.field_embedding import table_name  # noqa: E402
-from sharding.table_stats import group_sum_sq  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def synthetic_search(scratch: Path, rows: int):
-    """A synthetic dataset and an untrained search task with a seeded α."""
-    raw = scratch / "raw.txt"
-    synth.main(["--rows", str(rows), "--seed", "5", "--out", str(raw)])
-    preprocess.main(["--output", str(scratch / "data"), "--dataset", "synthetic", "--workers", "2", str(raw)])
-    cfg = load_config([ROOT / "configs" / "synthetic.yaml"], [f"data.path={scratch / 'data'}"])
-    layout = layout_of(cfg)
-    blocking = compute_blocking(layout.counts, cfg.blocking.num_blocks, cfg.blocking.mode, cfg.blocking.per_field)
-    task = build_search_task(cfg, layout, blocking, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(0)
-    task.model.embedding.alpha.data = torch.rand(task.model.embedding.alpha.shape, generator=generator)
-    return cfg, layout, blocking, task, raw
-
-
-def trained_search(run_dir: Path, raw: str):
-    """The best checkpoint of a finished search run."""
-    cfg = load_config([run_dir / "config.yaml"])
-    layout = layout_of(cfg)
-    blocking = Blocking.from_json(json.loads((run_dir / "blocking.json").read_text()))
-    task = build_search_task(cfg, layout, blocking, torch.device("cpu"))
-    load_checkpoint(run_dir / "checkpoints" / BEST, task, local=True)
-    return cfg, layout, blocking, task, Path(raw)
-
-
-def layout_of(cfg) -> FeatureLayout:
-    return FeatureLayout.from_meta(DatasetMeta.load(cfg.data.path), cfg.data.dense_mode)
+from launch.retrain import repacked_state
+from pipeline.data.metadata import DatasetMeta
+from pipeline.data.vocab import Vocabulary
+from pipeline.inference import ServingModel, read_tsv, serving_model
+from pipeline.tasks import build_retrain_task, build_train_task
+from sharding.field_embedding import table_name
 
 
 def serving_models(cfg, layout, blocking, search, args) -> dict[str, tuple[float, ServingModel]]:
@@ -99,10 +60,7 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[str, tuple[float
         return task.model
 
     builders = {"unpruned": (1.0, unpruned, None)}
-    groups = group_ranges(blocking, layout.num_embeddings, args.ranges_per_block)
-    sum_sq = group_sum_sq(search, groups, cfg.model.embedding_dim)
-    for cr in args.crs:
-        plan = plan_for_cr(groups, sum_sq, search.model.embedding.alpha.detach(), cr)
+    for cr, plan in structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block).items():
         builders[f"CR {cr:g}"] = (plan.compression_ratio("selection"), partial(repacked, plan), plan)
     models = {}
     for name, (ratio, build, plan) in builders.items():
@@ -156,11 +114,11 @@ def main() -> None:
 
 
 def slice_rows(block, n: int) -> dict:
-    """The first ``n`` rows of a parsed block's row-aligned arrays."""
-    fields = ("rows", "label", "dense", "dense_missing", "sparse", "sparse_missing")
+    """The first ``n`` rows of a parsed block's row-aligned arrays (``codes`` is
+    columns × rows; the dictionaries stay whole)."""
     if len(block.rows) < n:
         raise SystemExit(f"the raw rows give {len(block.rows)} rows in one block, fewer than --batch {n}")
-    return {f: getattr(block, f)[:n] for f in fields}
+    return {"rows": block.rows[:n], "label": block.label[:n], "codes": block.codes[:, :n]}
 
 
 def report(models: dict, timings: dict, batch: int) -> None:

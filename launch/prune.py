@@ -119,9 +119,9 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
     alpha = searched_alpha(dmp, blocking, job.cfg.model.embedding_dim)
     groups = group_ranges(blocking, job.layout.num_embeddings, args.ranges_per_block)
     sum_sq = group_sum_sq(dmp, groups, job.cfg.model.embedding_dim)
+    mass = group_mass(groups, job.layout.counts)
     if args.cr is not None and args.allocation == "value":
         budget = unpruned_bytes(sum(g.rows for g in groups), job.cfg.model.embedding_dim) / args.cr
-        mass = group_mass(groups, job.layout.counts)
         plan = plan_by_value(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step)
         landed = plan.compression_ratio(args.projection)
         if landed > args.cr * (1 + CR_TOLERANCE):  # every column scoring above zero fits
@@ -131,8 +131,8 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
             )
         return plan
     if args.cr is not None:
-        return plan_for_cr(groups, sum_sq, alpha, args.cr, args.projection, CR_TOLERANCE)
-    return plan_for_tau(groups, sum_sq, alpha, args.tau)
+        return plan_for_cr(groups, sum_sq, alpha, mass, args.cr, args.projection, CR_TOLERANCE)
+    return plan_for_tau(groups, sum_sq, alpha, mass, args.tau)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:

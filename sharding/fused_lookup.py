@@ -1,11 +1,10 @@
 """Serving form of the repacked embeddings: every kept group's rows in one table per
-width, looked up straight from the original feature ids, with no per-group keys.
+width, looked up straight from the original feature ids, with no slab keys.
 
-A ``RepackedEmbedding`` pools each of its hundreds of group keys over the whole batch:
-the output is as wide as all groups together (7,076 columns for 521 groups where the
-unpruned model has 1,248), which makes the repacked model slower to serve than the one
-it compresses. ``FusedLookup`` finds each id's group with one ``searchsorted``
-(``repack.GroupIndex``, shared with the training-time key rewrite), reads its row
+A ``RepackedEmbedding`` spreads a group's row over the column slabs below its width,
+each a pooled key of its own. ``FusedLookup`` joins each group's row back (its nested
+columns, ``order[:width]``), finds each id's group with one ``searchsorted``
+(``column_slabs.GroupIndex``, shared with the training-time key rewrite), reads its row
 from the table of the group's width, spreads it to its columns and adds it to its
 (row, field) cell of ``[B, F, K]``: work in proportion to the ids, a few vectorised
 passes per width. Outputs equal the repacked module's with the selection projection, for
@@ -25,16 +24,17 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.prune.plan import StructuredPlan
-from sharding.repack import GroupIndex, RepackedEmbedding, group_key, kept_groups
+from sharding.column_slabs import ColumnSlabs, GroupIndex
+from sharding.repack import RepackedEmbedding
 
 
 class FusedLookup(nn.Module):
     """``[B, F, K]`` embeddings of un-rewritten features from per-width tables.
 
     Args:
-        plan: the structured plan the tables follow.
+        plan: the nested structured plan the tables follow.
         keys: feature keys in field order.
-        tables: per kept group key (``f#i``), its ``[rows, width]`` weights.
+        tables: per slab name (``a:0-4``), its ``[rows, width]`` weights.
     """
 
     def __init__(self, plan: StructuredPlan, keys: Sequence[str], tables: dict[str, torch.Tensor]) -> None:
@@ -42,11 +42,14 @@ class FusedLookup(nn.Module):
         self.keys = list(keys)
         self.embedding_dim = plan.embedding_dim
         self.index = GroupIndex(plan, keys)
-        kept = kept_groups(plan, keys)
-        table_of = {id(g): tables[group_key(key, i)] for key in self.keys for i, g in enumerate(kept[key])}
-        self.widths = sorted({g.width for groups in kept.values() for g in groups})
+        slabs = ColumnSlabs(plan, keys)
+        pieces_of: dict = {}  # group -> its row's pieces, slab by slab
+        for slab in slabs.slabs:
+            for g, first in zip(slab.groups, slab.first_rows()):
+                pieces_of.setdefault(g, []).append(tables[slab.name][first : first + g.group.rows])
+        self.widths = sorted({s.hi for s in slabs.slabs})
         pieces: dict[int, list[torch.Tensor]] = {w: [] for w in self.widths}
-        columns: dict[int, list[list[int]]] = {w: [] for w in self.widths}
+        columns: dict[int, list[tuple[int, ...]]] = {w: [] for w in self.widths}
         width_of, first_row, index_in_width = [], [], []
         for g in self.index.slots:  # in id order, so each width's table is too
             if g is None or g.width == 0:  # past a feature's ids, or dropped
@@ -57,10 +60,8 @@ class FusedLookup(nn.Module):
             width_of.append(g.width)
             first_row.append(sum(p.shape[0] for p in pieces[g.width]) - g.group.start)
             index_in_width.append(len(columns[g.width]))
-            values = table_of[id(g)].clone()
-            values[:, len(g.columns):] = 0  # padding slots: read as zeros into column 0
-            pieces[g.width].append(values)
-            columns[g.width].append(list(g.columns) + [0] * (g.width - len(g.columns)))
+            pieces[g.width].append(torch.cat(pieces_of[g], dim=1))
+            columns[g.width].append(slabs.features[g.group.key].order[: g.width])
         self.register_buffer("width_of", torch.tensor(width_of, dtype=torch.int64))
         self.register_buffer("first_row", torch.tensor(first_row, dtype=torch.int64))
         self.register_buffer("index_in_width", torch.tensor(index_in_width, dtype=torch.int64))
@@ -76,7 +77,7 @@ class FusedLookup(nn.Module):
         if module.learned:
             raise ValueError("FusedLookup reproduces the selection projection only")
         bags = module.ebc.embedding_bags
-        tables = {name[2:]: bag.weight.detach() for name, bag in bags.items()}  # "t_f#i" -> "f#i"
+        tables = {name[2:]: bag.weight.detach() for name, bag in bags.items()}  # "t_a:0-4" -> "a:0-4"
         return cls(plan, module.keys, tables)
 
     @property
@@ -87,8 +88,7 @@ class FusedLookup(nn.Module):
         batch, fields, k = features.stride(), len(self.keys), self.embedding_dim
         found = self.index.locate(features)
         # Ids sorted by width, so each width's ids are one slice; per width each id's row
-        # is spread to its K columns and added to its (row, field) cell. Padding slots
-        # hold zeros (zeroed at construction) and add to column 0.
+        # is spread to its K columns and added to its (row, field) cell.
         width, order = torch.sort(self.width_of[found.slot])
         bounds = torch.searchsorted(width, torch.tensor([[w, w + 1] for w in self.widths])).tolist()
         slot = found.slot[order]

@@ -1,31 +1,34 @@
-"""The shipped model's embeddings: the kept columns of each (feature, block, id range)
-group as one dense table of its own width, all in one ``EmbeddingBagCollection``, and
-a multi-size embedding (ME) projection back to the model's dimension ``K``.
+"""The shipped model's embeddings: a nested plan's kept columns as column slabs
+(``sharding.column_slabs``), one dense table each, all in one ``EmbeddingBagCollection``,
+and a multi-size embedding (ME) projection back to the model's dimension ``K``.
 
-``KeyRewriter`` (a batch transform, run by the loader before the pipeline) moves each
-id of feature ``f`` into the key of its group, ``f#i``, as a local row
-``id - group.start``; ids of dropped groups (width 0) leave the batch, so they embed to
-zeros exactly as the structurally pruned α-model gives them. No per-id lookup table is
-needed because groups are id ranges of frequency-ranked ids.
+``KeyRewriter`` (a batch transform, run by the loader before the pipeline) sends each
+id of feature ``f`` to every slab its group stores values in (the slabs below the
+group's width), as its row there; ids of dropped groups (width 0) leave the batch, so
+they embed to zeros exactly as the structurally pruned α-model gives them. No per-id
+lookup table is needed because groups are id ranges of frequency-ranked ids.
 
-``RepackedEmbedding`` sums, per feature, its groups' pooled rows times their projection
-``P_g`` (``width × K``): with ``projection="selection"`` ``P_g`` is the fixed 0/1 matrix
-that puts kept column ``i`` back at index ``columns[i]`` (outputs equal the pruned
-α-model's), with ``"learned"`` it is a trainable matrix initialised from it (NIS-ME).
+``RepackedEmbedding`` pools each slab; a feature's slabs side by side are its nested
+columns ``order[:W]`` (``W`` its widest group), which the projection maps back to
+``K``. With ``projection="selection"`` each stored column goes back to its model column
+(one ``index_copy`` for all features; outputs equal the pruned α-model's); with
+``"learned"`` (NIS-ME) each feature has a trainable ``W × K`` matrix initialised to that
+selection, whose first ``w`` rows a group of width ``w`` uses (NIS's embedding blocks:
+one projection per column block, shared by the vocabulary ranges that store it).
 
 Example:
     >>> from pipeline.data.batch import single_hot_kjt
     >>> from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
-    >>> plan = StructuredPlan((GroupPlan(Group("a", 0, 0, 3), (0, 2)),
+    >>> plan = StructuredPlan((GroupPlan(Group("a", 0, 0, 3), (0, 2), 2),
     ...                        GroupPlan(Group("a", 1, 3, 5), ())), embedding_dim=4, tau=0.1)
-    >>> kjt = single_hot_kjt(["a"], torch.tensor([[1, 4]]))
-    >>> KeyRewriter(plan, ["a"])(kjt).lengths().tolist()   # row 1's id 4 is dropped
-    [1, 0]
+    >>> kjt = KeyRewriter(plan, ["a"])(single_hot_kjt(["a"], torch.tensor([[1, 4]])))
+    >>> kjt.keys(), kjt.lengths().tolist()   # row 1's id 4 is dropped
+    (['a:0-2'], [1, 0])
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -33,142 +36,72 @@ from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from pipeline.prune.plan import GroupPlan, StructuredPlan
+from pipeline.prune.plan import StructuredPlan
+from sharding.column_slabs import ColumnSlabs, GroupIndex, Slab
 
 PROJECTIONS = ("selection", "learned")
 
 
-def group_key(key: str, index: int) -> str:
-    """Feature name of the ``index``-th kept group of ``key``."""
-    return f"{key}#{index}"
-
-
-def kept_groups(plan: StructuredPlan, keys: Sequence[str]) -> dict[str, list[GroupPlan]]:
-    """Per key, its groups with width > 0, in id order."""
-    out: dict[str, list[GroupPlan]] = {key: [] for key in keys}
-    for g in plan.groups:
-        if g.width > 0:
-            out[g.group.key].append(g)
-    for groups in out.values():
-        groups.sort(key=lambda g: g.group.start)
-    return out
-
-
-def repacked_table_configs(
-    plan: StructuredPlan, keys: Sequence[str], init_scale: float = 0.01
-) -> list[EmbeddingBagConfig]:
-    """One table per kept group, ``stop - start`` rows of the group's width, initialised
-    from ``uniform(-init_scale, init_scale)`` like the full tables (what a plan trained
-    from scratch starts from; a retrain from searched weights overwrites it)."""
+def repacked_table_configs(slabs: ColumnSlabs, init_scale: float = 0.01) -> list[EmbeddingBagConfig]:
+    """One table per slab, initialised from ``uniform(-init_scale, init_scale)`` like the
+    full tables (what a plan trained from scratch starts from; a retrain from searched
+    weights overwrites it)."""
     return [
         EmbeddingBagConfig(
-            name=f"t_{group_key(key, i)}",
-            num_embeddings=g.group.stop - g.group.start,
-            embedding_dim=g.width,
-            feature_names=[group_key(key, i)],
-            weight_init_min=-init_scale,
-            weight_init_max=init_scale,
+            name=f"t_{slab.name}", num_embeddings=slab.rows, embedding_dim=slab.width,
+            feature_names=[slab.name], weight_init_min=-init_scale, weight_init_max=init_scale,
         )
-        for key, groups in kept_groups(plan, keys).items()
-        for i, g in enumerate(groups)
+        for slab in slabs.slabs
     ]
 
 
-@dataclass(frozen=True)
-class LocatedIds:
-    """Every id of a batch with its bag (``segment``: key-major, then row), its field
-    position in ``GroupIndex.keys`` and its group slot."""
-
-    ids: torch.Tensor
-    segment: torch.Tensor
-    field: torch.Tensor
-    slot: torch.Tensor
-
-
-class GroupIndex:
-    """All groups of a plan on one sorted axis (feature offset + id), so one
-    ``searchsorted`` finds the group of every id of a batch.
-
-    ``slots[i]`` is the group of slot ``i``; each feature's slots end with ``None``,
-    which catches ids past its last group.
-    """
-
-    def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
-        self.keys = list(keys)
-        self.slots: list[GroupPlan | None] = []
-        starts, offsets, offset = [], [], 0
-        for key in self.keys:
-            groups = sorted((g for g in plan.groups if g.group.key == key), key=lambda g: g.group.start)
-            offsets.append(offset)
-            for g in groups:
-                starts.append(offset + g.group.start)
-                self.slots.append(g)
-            offset += groups[-1].group.stop if groups else 0
-            starts.append(offset)
-            self.slots.append(None)
-        self.starts = torch.tensor(starts, dtype=torch.int64)
-        self.offsets = torch.tensor(offsets, dtype=torch.int64)
-        self._outside = torch.tensor([g is None for g in self.slots])
-
-    def locate(self, features: KeyedJaggedTensor) -> LocatedIds:
-        """Group slots of every id of ``features`` (whose keys are ``keys``, any order).
-
-        Raises:
-            ValueError: naming an id outside its feature's groups (not while exporting).
-        """
-        if sorted(features.keys()) != sorted(self.keys):
-            raise ValueError(f"batch keys {features.keys()} are not the plan's keys {self.keys}")
-        position = {key: i for i, key in enumerate(self.keys)}
-        ids = features.values().long()
-        segment = torch.repeat_interleave(
-            torch.arange(features.lengths().numel()), features.lengths().long(), output_size=ids.numel()
-        )
-        field = torch.tensor([position[k] for k in features.keys()], dtype=torch.int64)[segment // features.stride()]
-        slot = (torch.searchsorted(self.starts, self.offsets[field] + ids, right=True) - 1).clamp(min=0)
-        if ids.numel() and not torch.compiler.is_compiling():  # an exported graph has no data checks
-            bad = self._outside[slot] | (ids < 0)
-            if bool(bad.any()):
-                raise ValueError(f"id {int(ids[bad][0])} is outside the ranges of the prune plan's groups")
-        return LocatedIds(ids, segment, field, slot)
-
-
 class KeyRewriter:
-    """Batch transform: each id of ``keys`` into its kept group's key as a local row.
+    """Batch transform: each id of ``keys`` into the slabs of its group, as its row there.
 
-    Vectorised over the whole batch: the ``GroupIndex`` lookup, then one stable sort by
-    (output key, row). Ids of dropped groups leave the batch.
+    Vectorised over the whole batch: the ``GroupIndex`` lookup, one repeat per slab an
+    id is stored in, then one stable sort by (slab, row of the batch). Ids of dropped
+    groups leave the batch.
     """
 
     def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
         self.index = GroupIndex(plan, keys)
-        kept = kept_groups(plan, keys)
-        self.out_keys = [group_key(key, i) for key in self.index.keys for i in range(len(kept[key]))]
-        out_index = {id(g): i for i, g in enumerate(g for key in self.index.keys for g in kept[key])}
-        self._outs = torch.tensor([out_index.get(id(g), -1) for g in self.index.slots], dtype=torch.int64)
-        self._local_starts = torch.tensor([g.group.start if g else 0 for g in self.index.slots], dtype=torch.int64)
+        slabs = ColumnSlabs(plan, keys)
+        self.out_keys = [s.name for s in slabs.slabs]
+        # Per group, its (slab, row of its first id - its first id) in slab order.
+        entries: dict = {}
+        for i, slab in enumerate(slabs.slabs):
+            for g, first in zip(slab.groups, slab.first_rows()):
+                entries.setdefault(g, []).append((i, first - g.group.start))
+        per_slot = [entries.get(g, []) if g is not None else [] for g in self.index.slots]
+        self._count = torch.tensor([len(e) for e in per_slot], dtype=torch.int64)
+        self._first = torch.cumsum(self._count, 0) - self._count
+        self._slab = torch.tensor([i for e in per_slot for i, _ in e], dtype=torch.int64)
+        self._shift = torch.tensor([shift for e in per_slot for _, shift in e], dtype=torch.int64)
 
     def __call__(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         batch = features.stride()
         found = self.index.locate(features)
-        out = self._outs[found.slot]
-        keep = out >= 0
-        order_key = out[keep] * batch + found.segment[keep] % batch
+        count = self._count[found.slot]
+        which = torch.repeat_interleave(torch.arange(count.numel()), count)  # id of each output value
+        entry = self._first[found.slot][which] + torch.arange(which.numel()) - (torch.cumsum(count, 0) - count)[which]
+        order_key = self._slab[entry] * batch + found.segment[which] % batch
         order = torch.sort(order_key, stable=True).indices
         weights = features.weights_or_none()
         return KeyedJaggedTensor(
             keys=self.out_keys,
-            values=(found.ids[keep] - self._local_starts[found.slot[keep]])[order],
+            values=(found.ids[which] + self._shift[entry])[order],
             lengths=torch.bincount(order_key, minlength=len(self.out_keys) * batch).to(features.lengths().dtype),
-            weights=None if weights is None else weights[keep][order],
+            weights=None if weights is None else weights[which][order],
             stride=batch,
         )
 
 
 # The planner would replicate the many small tables (data parallel): their dense
 # gradients then cost a copy and an all-reduce of every table each step (5x slower
-# retraining on 521 tables). Sharded kinds train them sparsely in the fused kernel.
+# retraining with 521 per-group tables). Sharded kinds train them sparsely in the fused
+# kernel.
 SHARDED_KINDS = ("table_wise", "column_wise", "table_column_wise")
 
 
@@ -180,23 +113,19 @@ def repacked_constraints(module: "RepackedEmbedding") -> dict[str, ParameterCons
     }
 
 
-def selection_matrix(group: GroupPlan, embedding_dim: int) -> torch.Tensor:
-    """``width × K`` 0/1 matrix putting kept column ``i`` back at ``columns[i]``."""
-    p = torch.zeros(group.width, embedding_dim)
-    p[torch.arange(len(group.columns)), torch.tensor(group.columns, dtype=torch.int64)] = 1.0
-    return p
-
-
 class RepackedEmbedding(nn.Module):
-    """Mixed-width tables + ME projection: ``[B, F, K]`` in ``keys`` order, like the α-EBC.
+    """Slab tables + ME projection: ``[B, F, K]`` in ``keys`` order, like the α-EBC.
 
     Args:
-        plan: the structured prune plan (kept columns per group).
+        plan: the nested structured prune plan (kept columns per group).
         keys: the model's feature keys, in field order.
         projection: ``selection`` (fixed, exact) or ``learned`` (NIS-ME).
         weighted: whether features carry weights (the paper's dense fields).
         device: where the tables go (``meta`` before sharding).
         init_scale: tables start from ``uniform(-init_scale, init_scale)``.
+
+    Raises:
+        ValueError: for an unknown projection, a plan that is not nested or keeps nothing.
     """
 
     def __init__(
@@ -208,56 +137,64 @@ class RepackedEmbedding(nn.Module):
             raise ValueError(f"projection {projection!r}; known: {PROJECTIONS}")
         self.keys = list(keys)
         self.embedding_dim = plan.embedding_dim
-        groups = kept_groups(plan, keys)
+        self.slabs = ColumnSlabs(plan, keys)
+        if not self.slabs.slabs:
+            raise ValueError("the plan keeps no column of any group: nothing to repack")
         self.ebc = EmbeddingBagCollection(
-            repacked_table_configs(plan, keys, init_scale), is_weighted=weighted, device=device
+            repacked_table_configs(self.slabs, init_scale), is_weighted=weighted, device=device
         )
-        self._names = {key: [group_key(key, i) for i in range(len(g))] for key, g in groups.items()}
-        self._first = next(n for names in self._names.values() for n in names)
         self.learned = projection == "learned"
         self.projections = nn.ParameterDict()
-        for key, key_groups in groups.items():
-            if not key_groups:
-                continue
-            if self.learned:
-                p = torch.cat([selection_matrix(g, self.embedding_dim) for g in key_groups])
+        if self.learned:  # per feature, row i puts stored column i at its model column
+            for key, columns in self.slabs.features.items():
+                p = torch.zeros(len(columns.order), self.embedding_dim)
+                p[torch.arange(len(columns.order)), torch.tensor(columns.order)] = 1.0
                 self.projections[key] = nn.Parameter(p)
-            else:  # where each stored column goes; padding slots go to a spare column K
-                where = [list(g.columns) + [self.embedding_dim] * (g.width - len(g.columns)) for g in key_groups]
-                index = torch.tensor([j for w in where for j in w], dtype=torch.int64)
-                self.register_buffer(_column_buffer(key), index, persistent=False)
+        else:  # each stored column's place in the flattened [F, K] output, slab by slab
+            field = {key: i for i, key in enumerate(self.keys)}
+            places = [field[s.key] * self.embedding_dim + c for s in self.slabs.slabs for c in s.columns]
+            self.register_buffer("_places", torch.tensor(places, dtype=torch.int64), persistent=False)
+            starts = [0, *accumulate(s.width for s in self.slabs.slabs)]
+            self._place_range = {s.name: (a, b) for s, a, b in zip(self.slabs.slabs, starts, starts[1:])}
 
     @property
     def num_fields(self) -> int:
         return len(self.keys)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        # Per group by name (views of one split: its backward is one cat). Slicing one
-        # wide tensor instead made every slice's backward zero-fill the whole width
-        # (10x slower steps); KeyedTensor.regroup costs a full permute on CPU.
-        pooled = self.ebc(features).to_dict()
-        out = []
-        for key in self.keys:
-            names = self._names.get(key)
-            if not names:
-                out.append(pooled[self._first].new_zeros(pooled[self._first].shape[0], self.embedding_dim))
-                continue
-            stored = torch.cat([pooled[name] for name in names], dim=1)
-            out.append(self._project(key, stored))
-        return torch.stack(out, dim=1)
-
-    def _project(self, key: str, stored: torch.Tensor) -> torch.Tensor:
-        """``[B, stored width] -> [B, K]``: the learned matrix, or the selection as an
-        index add (exact, and no ``width × K`` matrix to store or multiply)."""
+        pooled = self.ebc(features)
         if self.learned:
-            return stored @ self.projections[key]
-        index = getattr(self, _column_buffer(key))
-        spare = stored.new_zeros(stored.shape[0], self.embedding_dim + 1)
-        return spare.index_add(1, index, stored)[:, : self.embedding_dim]
+            # Pooled slabs by name (views of one split: its backward is one cat). Slicing
+            # one wide tensor instead makes every slice's backward zero-fill its width.
+            by_name = pooled.to_dict()
+            return torch.stack([self._learned(key, by_name) for key in self.keys], dim=1)
+        width = self.num_fields * self.embedding_dim
+        out = scatter_columns(pooled, self._places, self._place_range, width)
+        return out.view(-1, self.num_fields, self.embedding_dim)
+
+    def _learned(self, key: str, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, K]``: the feature's slabs side by side times its projection (zeros when
+        the plan keeps nothing of it)."""
+        slabs = self.slabs.by_key.get(key)
+        if not slabs:  # shaped like a pooled slab, by name (the pipeline traces this)
+            first = pooled[self.slabs.slabs[0].name]
+            return first.new_zeros(first.shape[0], self.embedding_dim)
+        return torch.cat([pooled[s.name] for s in slabs], dim=1) @ self.projections[key]
 
 
-def _column_buffer(key: str) -> str:
-    return f"_columns_{key}"
+@torch.fx.wrap  # a leaf when the train pipeline traces the model: it reads the keys' order
+def scatter_columns(
+    pooled: KeyedTensor, places: torch.Tensor, place_range: dict[str, tuple[int, int]], width: int
+) -> torch.Tensor:
+    """``[B, width]`` zeros with each pooled key's columns at its ``places[a:b]``.
+
+    One in-place ``index_copy_`` straight from the pooled values, in whatever key order
+    the (sharded) EBC gives them: no per-key split and cat (which cost as much as the
+    copy itself); in place, as the out-of-place copy first copies the zeros.
+    """
+    values = pooled.values()
+    index = torch.cat([places[slice(*place_range[key])] for key in pooled.keys()])
+    return values.new_zeros(values.shape[0], width).index_copy_(1, index, values)
 
 
 def repacked_weights(
@@ -266,17 +203,16 @@ def repacked_weights(
     """Table weights of ``RepackedEmbedding.ebc`` from the searched full-width tables.
 
     ``tables[key]`` is the key's ``[rows, K]`` table (whole, or the rows of the groups
-    this process builds); α is folded into the values: ``E[id, cols] * α[block, cols]``,
-    zero-padded to the group's width.
+    this process builds); α is folded into the values: ``E[id, cols] * α[block, cols]``
+    for each slab's columns, its groups' rows stacked.
     """
-    weights = {}
-    for key, groups in kept_groups(plan, keys).items():
-        for i, g in enumerate(groups):
-            cols = torch.tensor(g.columns, dtype=torch.int64)
-            values = torch.zeros(g.group.stop - g.group.start, g.width)
-            values[:, : len(cols)] = tables[key][g.group.start : g.group.stop][:, cols] * alpha[g.group.block, cols]
-            weights[f"t_{group_key(key, i)}"] = values
-    return weights
+    return {f"t_{slab.name}": slab_values(slab, tables[slab.key], alpha) for slab in ColumnSlabs(plan, keys).slabs}
+
+
+def slab_values(slab: Slab, table: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``[slab.rows, slab.width]``: the slab's columns of its groups' rows of ``table``, α-scaled."""
+    cols = torch.tensor(slab.columns, dtype=torch.int64)
+    return torch.cat([table[g.group.start : g.group.stop][:, cols] * alpha[g.group.block, cols] for g in slab.groups])
 
 
 def load_repacked_weights(module: RepackedEmbedding, weights: dict[str, torch.Tensor]) -> None:

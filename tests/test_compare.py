@@ -115,7 +115,7 @@ def test_magnitude_prune_at_tau_zero_is_the_unpruned_model():
     ebc = EmbeddingBagCollection(table_configs(NUMS, K, 0.3))
     train = TrainTask(build_model(cfg, FieldEmbeddingCollection(ebc, list(NUMS)), len(NUMS), 0))
     gs = group_ranges(compute_blocking(COUNTS, 4), NUMS, ranges_per_block=2)
-    plan = plan_for_tau(gs, group_sum_sq(train, gs, K), torch.ones(4, K), tau=0.0)
+    plan = plan_for_tau(gs, group_sum_sq(train, gs, K), torch.ones(4, K), group_mass(gs, COUNTS), tau=0.0)
     assert all(len(g.columns) == K for g in plan.groups)
     retrain = TrainTask(build_model(cfg, RepackedEmbedding(plan, list(NUMS)), len(NUMS), 0))
     retrain.load_state_dict(repacked_state(train, plan, list(NUMS)), strict=False)

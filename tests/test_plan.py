@@ -106,16 +106,18 @@ def test_repacked_model_plans_from_a_hand_written_prune_plan(data, tmp_path):
     run_dir.mkdir()
     save_config(load_config([TINY], [f"data.path={data}"]), run_dir / "config.yaml")
     plan = StructuredPlan((
-        GroupPlan(Group("C1", 0, 0, 10), (0, 1, 2, 3)),
-        GroupPlan(Group("C1", 1, 10, VOCAB), ()),  # dropped: no table
+        GroupPlan(Group("C1", 0, 0, 10), (0, 1, 2, 3, 4, 5, 6, 7)),
+        GroupPlan(Group("C1", 1, 10, 20), (0, 1, 2, 3)),
+        GroupPlan(Group("C1", 2, 20, VOCAB), ()),  # dropped: no rows stored
         GroupPlan(Group("C2", 0, 0, VOCAB), tuple(range(8))),
-        GroupPlan(Group("I1", 0, 0, 1), (5, 6)),  # two columns stored as width 4
+        GroupPlan(Group("I1", 0, 0, 1), (3, 4, 5, 6)),
     ), embedding_dim=K_TINY, tau=0.1)
     (run_dir / "prune.json").write_text(json.dumps({"plan": plan.to_json(), "projection": "selection"}))
     report = run_plan(tmp_path, "--run-dir", str(run_dir), "--world-size", "2", "--hbm-gb", "1")
     assert list(report["models"]) == ["unpruned", "search", "repacked"]
     repacked = report["models"]["repacked"]
-    shapes = {"t_C1#0": (10, 4), "t_C2#0": (VOCAB, 8), "t_I1#0": (1, 4)}
+    # Column slabs: C1's first 4 columns for ids 0-19, its next 4 for ids 0-9.
+    shapes = {"t_C1:0-4": (20, 4), "t_C1:4-8": (10, 4), "t_C2:0-8": (VOCAB, 8), "t_I1:0-4": (1, 4)}
     assert {t["table"]: t["sharding_type"] in SHARDED_KINDS for t in repacked["tables"]} == dict.fromkeys(shapes, True)
     weights, optimizer = expected_bytes(repacked, shapes)
     assert repacked["totals"]["weights"] == weights == sum(r * c * FLOAT for r, c in shapes.values())

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import pipeline.prune.bytes as prune_bytes
+import pipeline.prune.nested as prune_nested
 import pipeline.prune.plan as prune_plan
 from pipeline.data.metadata import encode_counts
 from pipeline.prune.bytes import fine_grained_bytes, nnz_for_cr
+from pipeline.prune.nested import feature_columns, nested_columns
 from pipeline.prune.plan import (
     CR_TOLERANCE, Group, GroupPlan, StructuredPlan, column_scores, group_ranges, plan_for_cr, plan_for_tau,
 )
@@ -28,6 +30,11 @@ def zipf_fields(num_keys: int = 26, max_vocab: int = 50_000):
     return vocab, compute_blocking(counts, num_blocks=6, mode="equal_mass")
 
 
+def ones(groups) -> np.ndarray:
+    """Every group's ids seen once per id (the nesting weights groups alike)."""
+    return np.array([g.rows for g in groups])
+
+
 def column_sum_sq(groups, dim: int, seed: int = 0) -> torch.Tensor:
     """Column RMS falling with the id (rare rows train less), jittered per column."""
     rng = np.random.default_rng(seed)
@@ -37,7 +44,7 @@ def column_sum_sq(groups, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_doctests():
-    for module in (prune_bytes, prune_plan):
+    for module in (prune_bytes, prune_nested, prune_plan):
         assert doctest.testmod(module).failed == 0
 
 
@@ -64,21 +71,53 @@ def test_group_ranges_cover_every_id_once_inside_its_block(ranges_per_block):
         assert len(tail) == ranges_per_block and tail[0].rows < tail[-1].rows
 
 
-def test_widths_are_multiples_of_four_and_hold_every_column_over_tau():
+def test_widths_are_multiples_of_four_rounded_from_the_columns_over_tau_and_nested():
     vocab, b = zipf_fields(num_keys=5, max_vocab=2000)
     groups = group_ranges(b, vocab, 2)
     sum_sq = column_sum_sq(groups, 16)
     alpha = torch.rand(6, 16, generator=torch.Generator().manual_seed(1))
     scores = column_scores(groups, sum_sq, alpha)
     tau = float(np.quantile(scores, 0.7))
-    plan = plan_for_tau(groups, sum_sq, alpha, tau)
+    plan = plan_for_tau(groups, sum_sq, alpha, ones(groups), tau)
     widths = [g.width for g in plan.groups]
     assert 0 in widths and max(widths) > 0
     for i, g in enumerate(plan.groups):
         over = set(np.flatnonzero(scores[i] >= tau).tolist())
         assert g.width % 4 == 0 and g.width == -(-len(over) // 4) * 4
         assert len(g.columns) == g.width and list(g.columns) == sorted(set(g.columns))
-        assert over <= set(g.columns)
+    for key, columns in feature_columns(plan, b.keys).items():  # raises unless nested
+        mine = [g for g in plan.groups if g.group.key == key and g.width]
+        assert {g.columns for g in mine} == {tuple(sorted(columns.order[:w])) for w in columns.widths}
+
+
+def test_nested_columns_are_prefixes_of_one_order_chosen_by_the_groups_that_store_them():
+    groups = [Group("a", 0, 0, 2), Group("a", 1, 2, 50), Group("a", 2, 50, 90), Group("b", 0, 0, 9)]
+    scores = np.array([
+        [1.0, 1.0, 0.0, 0.0, 0.6, 0.0],  # the head: columns 0 and 1
+        [0.0, 0.0, 1.0, 1.0, 0.6, 0.0],  # a rarer group: columns 2 and 3
+        [0.0, 0.0, 0.0, 0.0, 0.6, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+    ])
+    kept = nested_columns(groups, [4, 2, 1, 1], scores, mass=[99, 99, 99, 4])
+    # Position 0 is stored by all three groups of "a": column 4 is worth most to them
+    # together; position 1 by the two widest (a tie, the lower column); 2-3 by the head.
+    assert kept == [(0, 1, 2, 4), (0, 4), (4,), (5,)]
+    plan = StructuredPlan(tuple(GroupPlan(g, c, 1) for g, c in zip(groups, kept)), 6, 0.0)
+    assert feature_columns(plan, ["a", "b"])["a"].slabs() == [(0, 1), (1, 2), (2, 4)]
+
+
+@pytest.mark.parametrize("groups, reason", [
+    ([((0, 1), 4)], "keeps 2 columns at width 4"),  # padding: stores a column it does not keep
+    ([((0, 1, 2, 3), 4), ((0, 1, 2, 5), 4)], "another group of width 4"),
+    ([((0, 1, 2, 3), 4), ((4, 5, 6, 7, 0, 1, 2, 8), 8)], "not every column of its narrower groups"),
+])
+def test_plans_that_are_not_nested_are_refused_naming_the_group(groups, reason):
+    plan = StructuredPlan(tuple(
+        GroupPlan(Group("a", 0, 10 * i, 10 * i + 10), columns) for i, (columns, _) in enumerate(groups)
+    ), 16, 0.0)
+    assert [g.width for g in plan.groups] == [width for _, width in groups]
+    with pytest.raises(ValueError, match=reason):
+        feature_columns(plan, ["a"])
 
 
 def test_bytes_and_compression_ratio_by_hand():
@@ -109,10 +148,10 @@ def test_plan_for_cr_stays_within_budget_and_near_it(projection, ranges_per_bloc
     sum_sq = column_sum_sq(groups, 64)
     alpha = torch.rand(6, 64, generator=torch.Generator().manual_seed(0))
     for target in (5, 10, 20, 30):
-        plan = plan_for_cr(groups, sum_sq, alpha, target, projection)
+        plan = plan_for_cr(groups, sum_sq, alpha, ones(groups), target, projection)
         budget = plan.unpruned_bytes() / target
         assert 0.9 * budget <= plan.embedding_bytes(projection) <= budget
-        assert plan_for_tau(groups, sum_sq, alpha, plan.tau) == plan
+        assert plan_for_tau(groups, sum_sq, alpha, ones(groups), plan.tau) == plan
 
 
 def test_chosen_tau_is_the_best_threshold_by_brute_force():
@@ -122,13 +161,13 @@ def test_chosen_tau_is_the_best_threshold_by_brute_force():
     sum_sq = torch.rand(5, 8, generator=gen) * torch.tensor(rows)[:, None]
     alpha = torch.rand(5, 8, generator=gen)
     scores = column_scores(groups, sum_sq, alpha)
-    candidates = [plan_for_tau(groups, sum_sq, alpha, t) for t in np.unique(scores)]
+    candidates = [plan_for_tau(groups, sum_sq, alpha, ones(groups), t) for t in np.unique(scores)]
     for projection in ("selection", "learned"):
         smallest = min(p.embedding_bytes(projection) for p in candidates)
         unpruned = candidates[0].unpruned_bytes()
         for target in np.linspace(1.0, 0.999 * unpruned / smallest, 25):
             fitting = [p for p in candidates if p.embedding_bytes(projection) <= unpruned / target]
-            plan = plan_for_cr(groups, sum_sq, alpha, target, projection)
+            plan = plan_for_cr(groups, sum_sq, alpha, ones(groups), target, projection)
             assert plan.embedding_bytes(projection) == max(p.embedding_bytes(projection) for p in fitting)
             assert plan.tau == min(p.tau for p in fitting)
 
@@ -139,16 +178,16 @@ def test_unreachable_cr_names_the_highest_reachable_one():
     sum_sq = column_sum_sq(groups, 16)
     alpha = torch.rand(6, 16, generator=torch.Generator().manual_seed(2))
     with pytest.raises(ValueError, match="unreachable.*ranges_per_block") as err:
-        plan_for_cr(groups, sum_sq, alpha, 1e4)
+        plan_for_cr(groups, sum_sq, alpha, ones(groups), 1e4)
     best = float(re.search(r"reaches CR ([\d.e+]+)", str(err.value)).group(1))
-    plan = plan_for_cr(groups, sum_sq, alpha, best * 0.999)
+    plan = plan_for_cr(groups, sum_sq, alpha, ones(groups), best * 0.999)
     assert sum(g.width > 0 for g in plan.groups) == 1
 
 
 def test_plan_json_round_trip():
     vocab, b = zipf_fields(num_keys=4, max_vocab=300)
     groups = group_ranges(b, vocab, 3)
-    plan = plan_for_cr(groups, column_sum_sq(groups, 8), torch.rand(6, 8), 3.0)
+    plan = plan_for_cr(groups, column_sum_sq(groups, 8), torch.rand(6, 8), ones(groups), 3.0)
     assert StructuredPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
 
 
@@ -175,6 +214,7 @@ def test_value_allocation_in_width_steps_keeps_quantizable_widths_within_budget(
         for cr in (2, 5, 10, 20):
             plan = plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=step)
             assert all(g.width % step == 0 and len(g.columns) == g.width for g in plan.groups)
+            assert feature_columns(plan, ["a"])["a"].widths == tuple(sorted({g.width for g in plan.groups} - {0}))
             assert 0.85 * unpruned / cr <= plan.embedding_bytes("selection") <= unpruned / cr, (step, cr)
     single = plan_by_value(groups, sum_sq, alpha, mass, unpruned / 10)
     assert any(g.width % 2 for g in single.groups)  # without steps, odd widths appear
@@ -193,7 +233,7 @@ def test_value_allocation_keeps_every_id_when_the_budget_pays_one_column_each():
     # The τ rule at the same bytes drops groups to width 0 (its widths move in steps of 4).
     from pipeline.prune.plan import plan_for_cr
 
-    tau_plan = plan_for_cr(groups, sum_sq, alpha, 16 * 4 * rows / (one_column_each * 1.2))
+    tau_plan = plan_for_cr(groups, sum_sq, alpha, mass, 16 * 4 * rows / (one_column_each * 1.2))
     assert any(g.width == 0 for g in tau_plan.groups)
 
 
@@ -212,12 +252,12 @@ def test_a_target_the_threshold_plans_jump_over_is_refused_with_the_nearest_reac
     sum_sq = torch.tensor([[40.0] * 4, [10.0] * 4])
     alpha = torch.ones(2, 4)
     with pytest.raises(ValueError, match="not reachable within 10%") as err:
-        plan_for_cr(groups, sum_sq, alpha, 1.5, tolerance=CR_TOLERANCE)
+        plan_for_cr(groups, sum_sq, alpha, ones(groups), 1.5, tolerance=CR_TOLERANCE)
     below, above = (float(x) for x in re.findall(r"CR ([\d.]+)", str(err.value)))
     assert below < 1.5 < 1.5 * (1 + CR_TOLERANCE) < above
     # each named CR (as printed, 4 digits) is a plan the prune lands on
     for named in (below, above):
-        plan = plan_for_cr(groups, sum_sq, alpha, named * 0.999, tolerance=CR_TOLERANCE)
+        plan = plan_for_cr(groups, sum_sq, alpha, ones(groups), named * 0.999, tolerance=CR_TOLERANCE)
         assert plan.compression_ratio("selection") == pytest.approx(named, rel=1e-3)
     # without a tolerance the largest plan within the budget, however far below it
-    assert plan_for_cr(groups, sum_sq, alpha, 1.5).compression_ratio("selection") == pytest.approx(above, rel=1e-3)
+    assert plan_for_cr(groups, sum_sq, alpha, ones(groups), 1.5).compression_ratio("selection") == pytest.approx(above, rel=1e-3)

@@ -1,6 +1,7 @@
-"""The repacked tables with the fixed-selection projection give exactly the outputs of
-the structurally pruned α-model: unsharded, and sharded by TorchRec on 2 CPU ranks; the
-column statistics the plan needs are the same read from any sharding."""
+"""The repacked column-slab tables give exactly the outputs of the structurally pruned
+α-model (the fixed selection, and the learned projection before it trains): unsharded,
+and sharded by TorchRec on 2 CPU ranks table-, column-, table-column-wise and data
+parallel; the column statistics the plan needs are the same read from any sharding."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sharding.checkpoint import load_full_state
 from sharding.field_embedding import table_configs
 from sharding.local_ranks import run_ranks
 from sharding.repack import (
-    RepackedEmbedding, KeyRewriter, load_repacked_weights, repacked_weights,
+    PROJECTIONS, RepackedEmbedding, KeyRewriter, load_repacked_weights, repacked_weights,
 )
 from sharding.table_stats import group_sum_sq
 
@@ -32,16 +33,18 @@ def skewed_blocking():
 
 
 def searched(seed: int = 0):
-    """A small α-EBC with random tables and α, and a plan keeping random columns."""
+    """A small α-EBC with random tables and α, and a nested plan: per feature a random
+    column order, per group a random width in {0, 4, 8} keeping its prefix."""
     torch.manual_seed(seed)
     blocking = skewed_blocking()
     ebc = EmbeddingBagCollection(table_configs(NUMS, K, 0.5))
     alpha_ebc = AlphaEmbeddingBagCollection(ebc, blocking)
     alpha_ebc.alpha.data = torch.rand(L, K)
     g = torch.Generator().manual_seed(seed)
+    order = {key: torch.randperm(K, generator=g).tolist() for key in NUMS}
     plan = StructuredPlan(
         tuple(
-            GroupPlan(group, tuple(sorted(torch.randperm(K, generator=g)[: int(torch.randint(0, K + 1, (1,), generator=g))].tolist())))
+            GroupPlan(group, tuple(sorted(order[group.key][: 4 * int(torch.randint(0, 3, (1,), generator=g))])))
             for group in group_ranges(blocking, NUMS, ranges_per_block=2)
         ),
         embedding_dim=K, tau=0.0,
@@ -87,6 +90,20 @@ def test_selection_projection_equals_the_structured_alpha_model():
         assert (got - expected).abs().max() < 1e-6
 
 
+def test_slabs_store_each_kept_value_once_in_one_key_per_distinct_width_of_a_feature():
+    _, plan = searched(seed=5)
+    module = RepackedEmbedding(plan, list(NUMS))
+    configs = module.ebc.embedding_bag_configs()
+    for key in NUMS:
+        widths = {g.width for g in plan.groups if g.group.key == key} - {0}
+        mine = [c for c in configs if c.feature_names[0].startswith(f"{key}:")]
+        assert len(mine) == len(widths) and sum(c.embedding_dim for c in mine) == max(widths, default=0)
+    assert sum(c.num_embeddings * c.embedding_dim for c in configs) == sum(g.group.rows * g.width for g in plan.groups)
+    padded = StructuredPlan((GroupPlan(plan.groups[0].group, (0, 1)),), K, 0.0)  # 2 columns stored at width 4
+    with pytest.raises(ValueError, match="keeps 2 columns at width 4"):
+        RepackedEmbedding(padded, list(NUMS))
+
+
 def test_learned_projection_starts_at_the_selection_and_trains():
     alpha_ebc, plan = searched(seed=1)
     fixed, learned = build_repacked(alpha_ebc, plan), build_repacked(alpha_ebc, plan, "learned")
@@ -96,19 +113,40 @@ def test_learned_projection_starts_at_the_selection_and_trains():
     assert len(fixed.projections) == 0  # the selection is an index, nothing to train
 
 
+def test_both_projections_trace_with_the_tables_as_leaves_as_the_train_pipeline_does():
+    """TorchRec's train pipeline FX-traces the model around its sharded tables: the
+    projections must trace, with the pooled keys' order read at run time, also when a
+    feature keeps nothing."""
+    from torchrec.fx import Tracer
+
+    alpha_ebc, plan = searched(seed=2)
+    plan = StructuredPlan(tuple(g if g.group.key != "c" else GroupPlan(g.group, ()) for g in plan.groups), K, 0.0)
+    kjt = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), random_ids(9)))
+    for projection in PROJECTIONS:
+        module = Probe(build_repacked(alpha_ebc, plan, projection))
+        traced = torch.fx.GraphModule(module, Tracer(leaf_modules=["EmbeddingBagCollection"]).trace(module))
+        assert torch.equal(traced(kjt), module(kjt)) and not module(kjt)[:, 2].any(), projection
+
+
 def naive_rewrite(features, plan, keys):
-    """Per group, the ids inside its range, one key per kept group (the slow reference)."""
+    """Per slab, the ids of the groups at least as wide as its end, as rows of the
+    groups' stacked ranges (the slow reference)."""
     per_key = features.to_dict()
     out = {}
     for key in keys:
         kept = sorted((g for g in plan.groups if g.group.key == key and g.width), key=lambda g: g.group.start)
+        widths = sorted({g.width for g in kept})
         jt = per_key[key]
-        for i, g in enumerate(kept):
+        for lo, hi in zip([0] + widths[:-1], widths):
+            stored = [g for g in kept if g.width >= hi]
+            firsts = [sum(g.group.rows for g in stored[:i]) for i in range(len(stored))]
             rows = []
             for ids, weights in zip(jt.to_dense(), jt.to_dense_weights()):
-                hit = (ids >= g.group.start) & (ids < g.group.stop)
-                rows.append((ids[hit] - g.group.start, weights[hit]))
-            out[f"{key}#{i}"] = rows
+                hits = [(first + i - g.group.start, w) for i, w in zip(ids.tolist(), weights.tolist())
+                        for g, first in zip(stored, firsts) if g.group.start <= i < g.group.stop]
+                rows.append((torch.tensor([r for r, _ in hits], dtype=ids.dtype),
+                             torch.tensor([w for _, w in hits], dtype=weights.dtype)))
+            out[f"{key}:{lo}-{hi}"] = rows
     return out
 
 
@@ -147,16 +185,18 @@ class Probe(torch.nn.Module):
 def sharded_outputs(env, seed: int) -> dict[str, float]:
     """Max |sharded - unsharded| per sharding type TorchRec offers on CPU."""
     alpha_ebc, plan = searched(seed)
-    full = build_repacked(alpha_ebc, plan)
     ids = random_ids(100 + env.rank)
     kjt = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), ids))
-    expected = full(kjt)
+    expected = structured_reference(alpha_ebc, plan, ids)
     groups = [g.group for g in plan.groups]
     expected_sum_sq = group_sum_sq(alpha_ebc, groups, K)
     diffs = {}
     for kind in SHARDING_TYPES:
-        sharded = shard_like(env, Probe(RepackedEmbedding(plan, list(NUMS), device=META)), Probe(full), kind)
-        diffs[f"repacked {kind}"] = (sharded(kjt) - expected).abs().max().item()
+        for projection in PROJECTIONS:
+            full = build_repacked(alpha_ebc, plan, projection)
+            meta = RepackedEmbedding(plan, list(NUMS), projection, device=META)
+            sharded = shard_like(env, Probe(meta), Probe(full), kind)
+            diffs[f"repacked {projection} {kind}"] = (sharded(kjt) - expected).abs().max().item()
         alpha_meta = AlphaEmbeddingBagCollection(
             EmbeddingBagCollection(table_configs(NUMS, K, 0.5), device=META), skewed_blocking())
         sharded = shard_like(env, Probe(alpha_meta), Probe(alpha_ebc), kind)
@@ -183,6 +223,60 @@ def shard_like(env, model, full, sharding_type: str):
 @pytest.mark.multirank
 def test_sharded_repacked_model_and_table_stats_equal_unsharded():
     for diffs in run_ranks(sharded_outputs, 2, 0):
+        assert max(diffs.values()) < 1e-6, diffs
+
+
+def trained_like(seed: int = 6):
+    """A repacked model with a learned projection moved off its selection (as after
+    training), its plan, and a rewritten batch."""
+    alpha_ebc, plan = searched(seed)
+    full = build_repacked(alpha_ebc, plan, "learned")
+    with torch.no_grad():
+        for p in full.projections.values():
+            p.add_(torch.rand(p.shape, generator=torch.Generator().manual_seed(seed)))
+    kjt = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), random_ids(200)))
+    return full, plan, kjt
+
+
+def save_each_kind(env, directory: str) -> None:
+    from sharding.checkpoint import save_checkpoint
+
+    full, plan, _ = trained_like()
+    for kind in SHARDING_TYPES:
+        meta = RepackedEmbedding(plan, list(NUMS), "learned", device=META)
+        save_checkpoint(f"{directory}/{kind}", shard_like(env, Probe(meta), Probe(full), kind))
+
+
+def load_as_other_kinds(env, directory: str) -> dict[str, float]:
+    """Each 2-rank checkpoint loaded into 3 ranks sharded another way: max |difference|."""
+    from sharding.checkpoint import load_checkpoint
+
+    full, plan, kjt = trained_like()
+    diffs = {}
+    for saved, kind in zip(SHARDING_TYPES, SHARDING_TYPES[1:] + SHARDING_TYPES[:1]):
+        blank = Probe(RepackedEmbedding(plan, list(NUMS), "learned", init_scale=0.0))
+        for p in blank.embedding.projections.values():
+            torch.nn.init.zeros_(p)
+        dmp = shard_like(env, Probe(RepackedEmbedding(plan, list(NUMS), "learned", device=META)), blank, kind)
+        load_checkpoint(f"{directory}/{saved}", dmp)
+        diffs[f"{saved} -> {kind}"] = (dmp(kjt) - full(kjt)).abs().max().item()
+    return diffs
+
+
+@pytest.mark.multirank
+def test_checkpoints_of_every_sharding_load_into_one_process_and_three_ranks(tmp_path):
+    """A 2-rank checkpoint of the slab tables and learned projections, per sharding kind,
+    loads into one plain process and into 3 ranks sharded another way: same outputs."""
+    from sharding.checkpoint import load_checkpoint
+
+    run_ranks(save_each_kind, 2, str(tmp_path))
+    full, plan, kjt = trained_like()
+    with torch.no_grad():
+        for kind in SHARDING_TYPES:
+            plain = Probe(RepackedEmbedding(plan, list(NUMS), "learned", init_scale=0.0))
+            load_checkpoint(tmp_path / kind, plain, local=True)
+            assert torch.equal(plain(kjt), full(kjt)), kind
+    for diffs in run_ranks(load_as_other_kinds, 3, str(tmp_path)):
         assert max(diffs.values()) < 1e-6, diffs
 
 

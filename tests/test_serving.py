@@ -127,8 +127,9 @@ def test_quantized_predictions_stay_within_the_bound_of_each_rows_range(retrain_
 
 
 def embedding_error_bound(model, sparse, bits: int) -> torch.Tensor:
-    """Per (row, field): Σ over its ids of |weight| × (half a quantization step of the
-    id's table row at ``bits`` + fp16 rounding of the row's scale and bias)."""
+    """Per (row, field): Σ over its ids and the column slabs they are stored in of
+    |weight| × (half a quantization step of the id's slab row at ``bits`` + fp16 rounding
+    of the row's scale and bias)."""
     keys = list(model.layout.keys)
     tables = {n: bag.weight.detach() for n, bag in model.model.embedding.ebc.embedding_bags.items()}
     bound = torch.zeros(sparse.stride(), len(keys))
@@ -140,7 +141,7 @@ def embedding_error_bound(model, sparse, bits: int) -> torch.Tensor:
         per_row = step / 2 + levels * step * 2**-10 + low.abs() * 2**-10 + 1e-7
         rows = torch.repeat_interleave(torch.arange(jt.lengths().numel()), jt.lengths())
         weights = jt.weights() if jt.weights_or_none() is not None else torch.ones_like(rows, dtype=torch.float)
-        bound[:, keys.index(name.split("#")[0])].index_add_(0, rows, per_row[jt.values()] * weights.abs())
+        bound[:, keys.index(name.split(":")[0])].index_add_(0, rows, per_row[jt.values()] * weights.abs())
     return bound
 
 

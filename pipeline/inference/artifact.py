@@ -47,7 +47,9 @@ from pipeline.prune.plan import StructuredPlan
 
 EXPORT_DIR = "model"  # a run directory's own export: <run>/model
 FORMAT = "dnis-model"
-FORMAT_VERSION = 1
+# 2: repacked tables are column slabs of a nested plan (``sharding.column_slabs``); a
+# version-1 artifact's per-group tables no longer fit the model its plan builds.
+FORMAT_VERSION = 2
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 VOCAB_FILE = "vocab.safetensors"
@@ -154,7 +156,8 @@ def read_artifact(directory: str | Path) -> Artifact:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{directory / MANIFEST_FILE}: format {manifest.get('format')!r} version "
-            f"{manifest.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}"
+            f"{manifest.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION} "
+            "(an export of an older dnis: prune, retrain and export again)"
         )
     listed = manifest.get("files")
     for name in FILES:

@@ -16,7 +16,9 @@ only falls as it widens and the greedy prefix is the fractional knapsack optimum
 2. then the remaining columns by worth per byte until the budget is spent.
 
 Widths are any number of columns (``multiple=1``: narrow tables are data-parallel, see
-``sharding.dmp``), so the bytes land within one column of one group of the budget.
+``sharding.dmp``), so the bytes land within one column of one group of the budget. The
+allocation fixes each group's width; which columns fill it is nested per feature
+(``nested.nested_columns``, occurrence-weighted like the worth), as the repacked layout needs.
 
 Example:
     >>> import torch
@@ -32,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.prune.bytes import RANGE_START_BYTES, SELECTION_INDEX_BYTES, VALUE_BYTES
+from pipeline.prune.nested import nested_columns
 from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, column_scores
 
 
@@ -73,10 +76,8 @@ def plan_by_value(
         if step_cost[g] <= left:
             taken[g] += 1
             left -= step_cost[g]
-    plans = tuple(
-        GroupPlan(g, tuple(sorted(int(j) for j in order[i, : taken[i] * multiple])), multiple=multiple)
-        for i, g in enumerate(groups)
-    )
+    kept = nested_columns(groups, taken * multiple, scores, mass)
+    plans = tuple(GroupPlan(g, columns, multiple=multiple) for g, columns in zip(groups, kept))
     plan = StructuredPlan(plans, dim, tau=0.0)
     assert plan.embedding_bytes(projection) <= budget, (plan.embedding_bytes(projection), budget)
     return plan

@@ -3,10 +3,13 @@
 A group is an id range of one feature inside one frequency block (ids are frequency
 ranks, so a block's ids of a feature are one range). Column ``j`` of group ``g`` scores
 ``α[g.block, j] × RMS_j(g)`` (the column's root mean square over the group's rows): the
-scale of what the α-model feeds forward through that column. Columns scoring ≥ τ are
-kept; the group's width is their count rounded up to a multiple of 4 (FBGEMM tables
-need it), and the slots the rounding pays for hold the next-best columns rather than
-zeros. A group with nothing kept has width 0: it is dropped and its ids embed to zeros.
+scale of what the α-model feeds forward through that column. A group's width is the
+number of its columns scoring ≥ τ, rounded up to a multiple of 4 (FBGEMM tables need
+it); a group with none has width 0: it is dropped and its ids embed to zeros. Which
+columns a group of width ``w`` keeps is nested (``nested.py``): the first ``w`` of one
+column order per feature, chosen by the scores of the groups that store each position,
+so that the repacked layout shares column slabs between a feature's groups. Every
+stored column is a kept column.
 
 τ is chosen for a byte budget (``plan_for_cr``); byte accounting is in ``bytes.py``.
 
@@ -15,7 +18,7 @@ Example:
     >>> sum_sq = torch.tensor([[8.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
     ...                        [10.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     >>> alpha = torch.ones(2, 8)
-    >>> p = plan_for_tau(g, sum_sq, alpha, tau=1.0)  # scores: [2, 1, 0...] and [0.32, 0.1, 0...]
+    >>> p = plan_for_tau(g, sum_sq, alpha, [100, 98], tau=1.0)  # scores: [2, 1, 0...] and [0.32, 0.1, 0...]
     >>> [(gp.columns, gp.width) for gp in p.groups]
     [((0, 1, 2, 3), 4), ((), 0)]
 """
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.prune.bytes import group_bytes, unpruned_bytes
+from pipeline.prune.nested import nested_columns
 from pipeline.search.blocking import Blocking
 
 WIDTH_MULTIPLE = 4
@@ -188,16 +192,18 @@ def column_scores(groups: list[Group], sum_sq, alpha) -> np.ndarray:
     return alpha[blocks] * np.sqrt(sum_sq / rows[:, None])
 
 
-def plan_for_tau(groups: list[Group], sum_sq, alpha, tau: float) -> StructuredPlan:
-    """The plan keeping every column that scores ≥ ``tau``."""
-    return _plan(groups, column_scores(groups, sum_sq, alpha), tau)
+def plan_for_tau(groups: list[Group], sum_sq, alpha, mass, tau: float) -> StructuredPlan:
+    """The plan whose widths hold every column that scores ≥ ``tau``, nested by the
+    scores weighted with ``mass`` (train occurrences per group, ``group_mass``)."""
+    return _plan(groups, column_scores(groups, sum_sq, alpha), mass, tau)
 
 
 def plan_for_cr(
-    groups: list[Group], sum_sq, alpha, target_cr: float, projection: str = "selection",
+    groups: list[Group], sum_sq, alpha, mass, target_cr: float, projection: str = "selection",
     tolerance: Optional[float] = None,
 ) -> StructuredPlan:
-    """The plan with the smallest τ whose bytes fit ``unpruned / target_cr``.
+    """The plan with the smallest τ whose bytes fit ``unpruned / target_cr`` (nested as
+    ``plan_for_tau``).
 
     Bytes never increase with τ, so a bisection over the distinct scores finds it; the
     result is the largest threshold plan within the budget (widths move in steps of 4
@@ -236,10 +242,10 @@ def plan_for_cr(
             hi = mid
         else:
             lo = mid + 1
-    plan = _plan(groups, scores, float(taus[lo]))
+    plan = _plan(groups, scores, mass, float(taus[lo]))
     landed = plan.compression_ratio(projection)
     if tolerance is not None and landed > target_cr * (1 + tolerance):
-        below = (f"CR {_plan(groups, scores, float(taus[lo - 1])).compression_ratio(projection):.4g} "
+        below = (f"CR {_plan(groups, scores, mass, float(taus[lo - 1])).compression_ratio(projection):.4g} "
                  f"(over the budget) and " if lo > 0 else "")
         raise ValueError(
             f"compression ratio {target_cr:g} is not reachable within {tolerance:.0%} by a threshold: "
@@ -254,14 +260,9 @@ def _widths(scores: np.ndarray, tau: float) -> np.ndarray:
     return -(-kept // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
 
-def _plan(groups: list[Group], scores: np.ndarray, tau: float) -> StructuredPlan:
+def _plan(groups: list[Group], scores: np.ndarray, mass, tau: float) -> StructuredPlan:
     dim = scores.shape[1]
     if dim % WIDTH_MULTIPLE:
         raise ValueError(f"embedding_dim {dim} is not a multiple of {WIDTH_MULTIPLE}")
-    # Best first (ties by column): the first `kept` are exactly the columns ≥ τ.
-    order = np.argsort(-scores, axis=1, kind="stable")
-    plans = tuple(
-        GroupPlan(g, tuple(sorted(int(j) for j in order[i, :w])))
-        for i, (g, w) in enumerate(zip(groups, _widths(scores, tau)))
-    )
-    return StructuredPlan(plans, dim, float(tau))
+    kept = nested_columns(groups, _widths(scores, tau), scores, mass)
+    return StructuredPlan(tuple(GroupPlan(g, columns) for g, columns in zip(groups, kept)), dim, float(tau))

@@ -1,0 +1,83 @@
+"""What the repacked-model benchmarks start from: a search model and its structured plans.
+
+Either a finished search run (``trained_search``), or fresh synthetic rows and an
+untrained search model with a seeded α (``synthetic_search``: latency, memory and step
+times do not depend on training, only on the plan's shape). ``structured_plans`` prunes
+it for each target CR as ``dnis prune --cr`` does (8 ranges per block; τ allocation, or
+``--allocation value``).
+
+Example:
+    >>> cfg, layout, blocking, search, raw = synthetic_search(Path("/tmp/s"), 300_000)  # doctest: +SKIP
+    >>> plans = structured_plans(cfg, layout, blocking, search, [10.0, 20.0])       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import preprocess, synth  # noqa: E402
+from pipeline.data.features import FeatureLayout  # noqa: E402
+from pipeline.data.metadata import DatasetMeta  # noqa: E402
+from pipeline.loop import BEST  # noqa: E402
+from pipeline.prune.bytes import unpruned_bytes  # noqa: E402
+from pipeline.prune.knapsack import plan_by_value  # noqa: E402
+from pipeline.prune.plan import StructuredPlan, group_mass, group_ranges, plan_for_cr  # noqa: E402
+from pipeline.search.blocking import Blocking, compute_blocking  # noqa: E402
+from pipeline.tasks import build_search_task  # noqa: E402
+from sharding.checkpoint import load_checkpoint  # noqa: E402
+from sharding.table_stats import group_sum_sq  # noqa: E402
+
+
+def synthetic_search(scratch: Path, rows: int):
+    """A synthetic dataset and an untrained search task with a seeded α:
+    ``(config, layout, blocking, search task, raw rows)``."""
+    raw = scratch / "raw.txt"
+    synth.main(["--rows", str(rows), "--seed", "5", "--out", str(raw)])
+    preprocess.main(["--output", str(scratch / "data"), "--dataset", "synthetic", "--workers", "2", str(raw)])
+    cfg = load_config([ROOT / "configs" / "synthetic.yaml"], [f"data.path={scratch / 'data'}"])
+    layout = layout_of(cfg)
+    blocking = compute_blocking(layout.counts, cfg.blocking.num_blocks, cfg.blocking.mode, cfg.blocking.per_field)
+    torch.manual_seed(0)  # the tables' init, so the plans are the same from run to run
+    task = build_search_task(cfg, layout, blocking, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    task.model.embedding.alpha.data = torch.rand(task.model.embedding.alpha.shape, generator=generator)
+    return cfg, layout, blocking, task, raw
+
+
+def trained_search(run_dir: Path, raw: str | None = None):
+    """The best checkpoint of a finished search run, as ``synthetic_search`` returns."""
+    cfg = load_config([run_dir / "config.yaml"])
+    layout = layout_of(cfg)
+    blocking = Blocking.from_json(json.loads((run_dir / "blocking.json").read_text()))
+    task = build_search_task(cfg, layout, blocking, torch.device("cpu"))
+    load_checkpoint(run_dir / "checkpoints" / BEST, task, local=True)
+    return cfg, layout, blocking, task, Path(raw) if raw else None
+
+
+def layout_of(cfg) -> FeatureLayout:
+    return FeatureLayout.from_meta(DatasetMeta.load(cfg.data.path), cfg.data.dense_mode)
+
+
+def structured_plans(
+    cfg, layout: FeatureLayout, blocking: Blocking, search, crs: Sequence[float], ranges_per_block: int = 8,
+    allocation: str = "threshold", width_step: int = 1,
+) -> dict[float, StructuredPlan]:
+    """Per target CR, the plan ``dnis prune --cr`` makes of ``search`` (selection
+    projection) with ``--allocation`` and ``--width-step``."""
+    groups = group_ranges(blocking, layout.num_embeddings, ranges_per_block)
+    dim = cfg.model.embedding_dim
+    sum_sq = group_sum_sq(search, groups, dim)
+    alpha, mass = search.model.embedding.alpha.detach(), group_mass(groups, layout.counts)
+    if allocation == "value":
+        unpruned = unpruned_bytes(sum(g.rows for g in groups), dim)
+        return {cr: plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=width_step) for cr in crs}
+    return {cr: plan_for_cr(groups, sum_sq, alpha, mass, cr) for cr in crs}
