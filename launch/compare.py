@@ -9,7 +9,8 @@ components on ``--nproc`` ranks; see ``pipeline.compare.protocol`` for what each
 runs and the shared budget), skips what a previous (or killed) compare finished, and
 writes ``compare.json`` (every row and the mean ± std per method and budget),
 ``compare.md`` and ``pareto.png`` into ``--out``. ``--smoke`` shrinks every run to a few
-steps (minutes on tiny data).
+steps (minutes on tiny data); ``--tables-only`` runs nothing and writes the outputs of
+the runs finished so far (a long compare's partial tables, while it goes on).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> Settings:
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[Settings, bool]:
+    """The compare's settings, and whether to run its missing runs (not ``--tables-only``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML config of every run (one file: TorchX components take one)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
@@ -69,6 +71,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override of every run (repeatable)")
     p.add_argument("--smoke", action="store_true", help="a few steps per run: checks the whole compare quickly")
+    p.add_argument("--tables-only", action="store_true",
+                   help="run nothing: write compare.json/md and pareto.png of the runs finished so far")
     args = p.parse_args(argv)
     methods = tuple(args.methods.split(","))
     unknown = sorted(set(methods) - set(METHODS))
@@ -76,7 +80,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
         p.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     data = dict(item.split("=", 1) for item in args.data) or {
         "data": load_config([args.config]).data.path}
-    return Settings(
+    settings = Settings(
         configs=(str(Path(args.config).resolve()),),
         data={k: str(Path(v).resolve()) for k, v in data.items()},
         models=tuple(args.models.split(",")), methods=methods, crs=_floats(args.cr),
@@ -85,6 +89,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Settings:
         candidates=args.candidates, mde_temperature=args.mde_temperature, nproc=args.nproc,
         scheduler=args.scheduler, overrides=(*(SMOKE if args.smoke else ()), *args.set),
     )
+    return settings, not args.tables_only
 
 
 def cells(settings: Settings) -> list[Cell]:
@@ -149,14 +154,16 @@ def rows(settings: Settings) -> list[dict]:
     return out
 
 
-def write_outputs(settings: Settings, failures: Sequence[str] = ()) -> dict:
+def write_outputs(settings: Settings, failures: Sequence[str] = (), unfinished: int = 0) -> dict:
+    """``compare.json`` (``unfinished``: runs not run yet, 0 for a whole compare), ``.md``, plot."""
     found = rows(settings)
     summary = aggregate(found)
     out = Path(settings.out)
-    doc = {"settings": asdict(settings), "summary": summary, "rows": found, "failures": list(failures)}
+    doc = {"settings": asdict(settings), "summary": summary, "rows": found, "failures": list(failures),
+           "unfinished_runs": unfinished}
     tmp = out / "compare.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1))
-    (out / "compare.md").write_text(markdown(summary, failures))
+    (out / "compare.md").write_text(markdown(summary, failures, unfinished))
     if summary:
         pareto_plot(summary, out / "pareto.png")
     tmp.replace(out / "compare.json")  # last: a complete compare.json means the rest is written
@@ -164,9 +171,10 @@ def write_outputs(settings: Settings, failures: Sequence[str] = ()) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    settings = parse_args(argv)
+    settings, run = parse_args(argv)
     Path(settings.out).mkdir(parents=True, exist_ok=True)
-    todo = [s for s in plan_steps(settings) if not s.done()]
+    pending = [s for s in plan_steps(settings) if not s.done()]
+    todo = pending if run else []
     failures = []
     for step in tqdm(todo, desc="compare", unit="run", dynamic_ncols=True):
         tqdm.write(f"== {step.name}")
@@ -175,8 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         except StepFailed as failure:  # e.g. a budget a method cannot reach: the rest goes on
             failures.append(f"{step.log.parent if step.log else settings.out}: {failure}")
             tqdm.write(f"failed: {failure}")
-    doc = write_outputs(settings, failures)
-    print(markdown(doc["summary"], failures))
+    doc = write_outputs(settings, failures, 0 if run else len(pending))
+    print(markdown(doc["summary"], failures, doc["unfinished_runs"]))
     if failures:
         raise SystemExit(f"dnis compare: {len(failures)} run(s) failed (listed in compare.md); rerun to retry them")
     return doc

@@ -145,12 +145,18 @@ def test_compare_continues_after_a_kill_without_redoing_finished_runs(dataset, t
     first.wait()
     assert full.is_file() and not (out / "compare.json").exists()
     finished_at = full.stat().st_mtime_ns
+    partial = subprocess.run([*command, "--tables-only"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert partial.returncode == 0, partial.stdout[-2000:] + partial.stderr[-2000:]
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["unfinished_runs"] > 0 and {r["method"] for r in doc["summary"]} == {"full"}
+    assert "Partial:" in (out / "compare.md").read_text()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     said = done.stdout + done.stderr
     assert "== full\n" not in said and "== grid/k8" in said
     assert full.stat().st_mtime_ns == finished_at
     doc = json.loads((out / "compare.json").read_text())
+    assert doc["unfinished_runs"] == 0 and "Partial:" not in (out / "compare.md").read_text()
     methods = {(r["method"], r["target_cr"]) for r in doc["summary"]}
     assert methods == {("full", 1.0), ("grid", 4.0)}
     assert (out / "compare.md").is_file() and (out / "pareto.png").is_file()

@@ -43,9 +43,12 @@ def winners(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(summary: list[dict], failures: Sequence[str] = ()) -> str:
-    """One table per (dataset, model), the winner of each budget, and the runs that failed."""
+def markdown(summary: list[dict], failures: Sequence[str] = (), unfinished: int = 0) -> str:
+    """One table per (dataset, model), the winner of each budget, and the runs that failed;
+    ``unfinished`` runs not run yet make it a partial compare, said first."""
     out = ["# dnis compare", ""]
+    if unfinished:
+        out += [f"**Partial: {unfinished} run(s) of this compare have not run yet** (`--tables-only`).", ""]
     for (data, model), rows in _cells(summary).items():
         out += [f"## {data} / {model}", "",
                 "| method | target CR | CR | embedding bytes | test AUC | test logloss | wall s | seeds |",
