@@ -132,7 +132,11 @@ class AlphaEmbeddingBagCollection(nn.Module):
         return PooledEmbeddings(values, field_order(pooled, self._feature_names), blocks)
 
     def apply_alpha(
-        self, pooled: PooledEmbeddings, alpha: torch.Tensor, start: int = 0, stop: Optional[int] = None
+        self,
+        pooled: PooledEmbeddings,
+        alpha: torch.Tensor,
+        start: int = 0,
+        stop: Optional[int] = None,
     ) -> torch.Tensor:
         """Rows ``[start, stop)`` scaled by ``alpha`` (eq. 4): ``[rows, F, K]`` in ``keys`` order.
 
@@ -143,7 +147,8 @@ class AlphaEmbeddingBagCollection(nn.Module):
         if not self.multi_keys:
             return out
         num_single = len(self.single_keys)
-        multi = out[:, num_single:].reshape(out.size(0), len(self.multi_keys), self.num_blocks, -1).sum(2)
+        multi = out[:, num_single:].reshape(out.size(0), len(self.multi_keys), self.num_blocks, -1)
+        multi = multi.sum(2)
         out = torch.cat([out[:, :num_single], multi], dim=1)
         if self._reorder:
             out = out[:, self._field_order]

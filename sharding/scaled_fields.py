@@ -1,13 +1,14 @@
-"""Rows of an EBC's pooled output, read as fields by name and scaled, in one pass each way.
+"""Rows of an EBC's pooled output, read as fields by key and scaled, with one gradient write.
 
 The α-EBC needs ``[rows, F, K]`` fields in its own key order, scaled by α, for a slice of
 the batch (train rows, then validation rows). Built from TorchRec's ``KeyedTensor.regroup``
 and tensor slicing, that costs a copy per op and, in backward, a zero-filled full-size
-gradient per slice plus two more copies for the regroup: measured at a third of the
-search step's overhead on 2 CPU ranks. ``scaled_fields`` reads the fields straight from
-``KeyedTensor.values()`` (the columns of key ``i`` are ``[i*K, (i+1)*K)`` when every key
-has width ``K``) and writes the gradient of the EBC's whole output once, zeros outside
-the rows it read. Values and gradients are bit-identical to the unfused ops.
+gradient per slice plus two more copies for the regroup: about half of the search step's
+overhead over a plain step on 2 CPU ranks (README, Benchmarks). ``scaled_fields`` reads
+the fields straight from ``KeyedTensor.values()`` (the columns of key ``i`` are
+``[i*K, (i+1)*K)`` when every key has width ``K``) and writes the gradient of the EBC's
+whole output once, zeros outside the rows it read. Values and gradients are
+bit-identical to the unfused ops.
 
 Example:
     >>> kt = KeyedTensor(["b", "a"], [2, 2], torch.arange(8.0).view(2, 4))
@@ -33,7 +34,8 @@ def field_order(pooled: KeyedTensor, names: Sequence[str]) -> torch.Tensor:
     """
     keys = pooled.keys()
     if sorted(keys) != sorted(names) or len(set(pooled.length_per_key())) != 1:
-        raise ValueError(f"pooled keys {keys} (widths {pooled.length_per_key()}) do not match {list(names)}")
+        widths = pooled.length_per_key()
+        raise ValueError(f"pooled keys {keys} (widths {widths}) do not match {list(names)}")
     position = {key: i for i, key in enumerate(keys)}
     return torch.tensor([position[name] for name in names], device=pooled.values().device)
 
@@ -66,7 +68,9 @@ class _ScaledFields(torch.autograd.Function):
         return grad_values, None, grad_scale, None
 
 
-def scaled_fields(values: torch.Tensor, order: torch.Tensor, scale: torch.Tensor, start: int) -> torch.Tensor:
+def scaled_fields(
+    values: torch.Tensor, order: torch.Tensor, scale: torch.Tensor, start: int
+) -> torch.Tensor:
     """``[m, F, K]``: rows ``[start, start + m)`` of the pooled ``values [B, F*K]``, fields
     in ``order`` (``field_order``), times ``scale [m, F, K]``.
 

@@ -129,7 +129,8 @@ def unfused_step(task, batch, n):
         if not embedding.multi_keys:
             return out
         num_single = len(embedding.single_keys)
-        multi = out[:, num_single:].reshape(out.size(0), len(embedding.multi_keys), -1, out.size(-1)).sum(2)
+        multi = out[:, num_single:].reshape(out.size(0), len(embedding.multi_keys), -1, out.size(-1))
+        multi = multi.sum(2)
         return torch.cat([out[:, :num_single], multi], dim=1)[:, embedding._field_order]
 
     alpha = embedding.alpha
@@ -137,7 +138,8 @@ def unfused_step(task, batch, n):
     loss = bce(task.model.interact(batch.dense[:n], scaled(train, alpha)), batch.labels[:n])
     alpha_leaf = alpha.detach().requires_grad_(True)
     fields = fields.detach()
-    val_loss = bce(task.model.interact(batch.dense[n:], scaled(slice(n, None), alpha_leaf)), batch.labels[n:])
+    val_logits = task.model.interact(batch.dense[n:], scaled(slice(n, None), alpha_leaf))
+    val_loss = bce(val_logits, batch.labels[n:])
     return loss, val_loss, torch.autograd.grad(val_loss, alpha_leaf)[0]
 
 
