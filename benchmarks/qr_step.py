@@ -55,7 +55,7 @@ def bench(env, steps: int, rounds: int, batch: int, target_cr: float) -> dict:
         step_times(pipeline, it, 3)  # warm-up
     for _ in range(rounds):
         for name, (pipeline, it) in runs.items():
-            times[name] += step_times(pipeline, it, steps)
+            times[name] += [wall for wall, _ in step_times(pipeline, it, steps)]
     plan = qr_plan(cfgs["qr"], layout)
     return {
         **{name: statistics.mean(t) for name, t in times.items()},

@@ -8,7 +8,9 @@ second step only) and the α update.
 
     python benchmarks/search_overhead.py [--steps 5 --rounds 6] [--batch 4096]
 
-Prints one line per setting and ``ratio <search / plain>`` for the default setting.
+Prints one line per setting and ``ratio <search / plain>`` for the default setting:
+medians of wall-clock step times, and of process CPU time per step (all threads of
+rank 0), which other jobs on the machine disturb far less than wall time.
 """
 
 from __future__ import annotations
@@ -62,14 +64,15 @@ def make_batches(rank: int, rows: int, count: int, layout: Layout) -> list[Batch
     return out
 
 
-def step_times(pipeline, it, steps: int) -> list[float]:
-    """Seconds of each of the next ``steps`` steps over the endless iterator ``it`` (one
-    per setting, so the pipeline's prefetched batches stay in step with the task)."""
+def step_times(pipeline, it, steps: int) -> list[tuple[float, float]]:
+    """(wall, process CPU) seconds of each of the next ``steps`` steps over the endless
+    iterator ``it`` (one per setting, so the pipeline's prefetched batches stay in step
+    with the task)."""
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         pipeline.progress(it)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
     return times
 
 
@@ -86,8 +89,8 @@ class SearchPipeline:
 
 
 def bench(env, steps: int, rounds: int, batch: int, settings: list[tuple[int, int]]) -> dict:
-    """Mean step time per setting (α and plain steps alike when α skips steps); settings
-    alternate in rounds so drift hits all alike."""
+    """Median (wall, CPU) step time per setting (α and plain steps alike when α skips
+    steps); settings alternate in rounds so drift hits all alike."""
     cfg = load_config(["configs/base.yaml"], [f"data.batch_size={batch}"])
     layout = Layout(tuple(f"C{i + 1}" for i in range(NUM_TABLES)), False,
                     {f"C{i + 1}": n for i, n in enumerate(VOCAB)}, 13)
@@ -121,7 +124,7 @@ def bench(env, steps: int, rounds: int, batch: int, settings: list[tuple[int, in
     for _ in range(rounds):
         for name, (pipe, batches) in runs.items():
             times[name] += step_times(pipe, batches, steps)
-    return {name: statistics.mean(t) for name, t in times.items()}
+    return {name: tuple(statistics.median(column) for column in zip(*t)) for name, t in times.items()}
 
 
 def setting_name(val_rows: int, interval: int) -> str:
@@ -138,15 +141,17 @@ def main() -> None:
     args = parser.parse_args()
     settings = [(args.val, 1), (args.batch, 1), (args.val, 2)]
     result = run_ranks(bench, args.ranks, args.steps, args.rounds, args.batch, settings)[0]
-    plain = result["plain"]
+    (plain, plain_cpu) = result["plain"]
     device = "CUDA" if torch.cuda.is_available() else "CPU"
     print(f"26 tables, K=64, DeepFM, {args.ranks} {device} ranks, train batch {args.batch}/rank, "
-          f"mean of {args.steps * args.rounds} steps")
-    print(f"plain step: {plain * 1e3:.1f} ms")
+          f"median of {args.steps * args.rounds} steps")
+    print(f"plain step: {plain * 1e3:.1f} ms (CPU {plain_cpu * 1e3:.1f} ms)")
     for rows, interval in settings:
-        name = setting_name(rows, interval)
-        print(f"{name} / train {args.batch}: {result[name] * 1e3:.1f} ms  ratio {result[name] / plain:.3f}")
-    print(f"ratio {result[setting_name(args.val, 1)] / plain:.3f}")
+        wall, cpu = result[setting_name(rows, interval)]
+        print(f"{setting_name(rows, interval)} / train {args.batch}: {wall * 1e3:.1f} ms  ratio {wall / plain:.3f}"
+              f"  (CPU {cpu * 1e3:.1f} ms, ratio {cpu / plain_cpu:.3f})")
+    wall, cpu = result[setting_name(args.val, 1)]
+    print(f"ratio {wall / plain:.3f} (CPU {cpu / plain_cpu:.3f})")
 
 
 if __name__ == "__main__":

@@ -27,32 +27,26 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.search.blocking import Blocking
-from sharding.field_embedding import block_key, pooled_by_name
+from sharding.field_embedding import block_key
+from sharding.scaled_fields import field_order, scaled_fields
+
+# Run on the real KeyedTensor, not traced, when TrainPipelineSparseDist traces the model.
+torch.fx.wrap("field_order")
+torch.fx.wrap("scaled_fields")
 
 
 @dataclass
 class PooledEmbeddings:
-    """Pooled embeddings before α: ``single [B, Fs, K]``, their α rows ``blocks [B, Fs]``,
-    and ``multi [B, Fm, L, K]`` (one pooled vector per block of each multi-hot feature)."""
+    """The EBC's pooled output ``values [B, F*K]`` (keys in the EBC's output order),
+    ``order [F]`` reading them as fields in the α layout (single-hot keys, then the
+    ``f@l`` keys of each multi-hot feature) and the α row of every field ``blocks [B, F]``."""
 
-    single: torch.Tensor
+    values: torch.Tensor
+    order: torch.Tensor
     blocks: torch.Tensor
-    multi: Optional[torch.Tensor]
-
-    def rows(self, start: int, stop: Optional[int] = None) -> "PooledEmbeddings":
-        """The rows ``[start, stop)`` of the batch."""
-        return PooledEmbeddings(
-            self.single[start:stop],
-            self.blocks[start:stop],
-            None if self.multi is None else self.multi[start:stop],
-        )
 
     def detach(self) -> "PooledEmbeddings":
-        return PooledEmbeddings(
-            self.single.detach(),
-            self.blocks,
-            None if self.multi is None else self.multi.detach(),
-        )
+        return PooledEmbeddings(self.values.detach(), self.order, self.blocks)
 
 
 class AlphaEmbeddingBagCollection(nn.Module):
@@ -124,27 +118,40 @@ class AlphaEmbeddingBagCollection(nn.Module):
 
     def lookup(self, features: KeyedJaggedTensor) -> PooledEmbeddings:
         """Pooled embeddings (through the possibly sharded EBC) and the α row of each bag."""
-        pooled = pooled_by_name(self.ebc(features), self._feature_names)
-        k, num_single = self.embedding_dim, len(self.single_keys)
-        single = pooled[:, : num_single * k].reshape(-1, num_single, k)
+        pooled = self.ebc(features)
+        values = pooled.values()
+        num_single = len(self.single_keys)
         ids = features.values()
         if self.multi_keys:
-            ids = torch.narrow(ids, 0, 0, num_single * pooled.size(0))
+            ids = torch.narrow(ids, 0, 0, num_single * values.size(0))
         ids = ids.view(num_single, -1)
-        blocks = (ids.unsqueeze(-1) >= self.cuts.unsqueeze(1)).sum(-1) + self.row_offsets
-        multi = None
-        if self.multi_keys:
-            multi = pooled[:, num_single * k :].reshape(-1, len(self.multi_keys), self.num_blocks, k)
-        return PooledEmbeddings(single, blocks.t(), multi)
+        blocks = ((ids.unsqueeze(-1) >= self.cuts.unsqueeze(1)).sum(-1) + self.row_offsets).t()
+        if self.multi_keys:  # every row has the same α rows there (broadcast: FX-traceable)
+            multi = torch.zeros_like(blocks[:, :1]) + self.multi_rows.view(1, -1)
+            blocks = torch.cat([blocks, multi], dim=1)
+        return PooledEmbeddings(values, field_order(pooled, self._feature_names), blocks)
 
-    def apply_alpha(self, pooled: PooledEmbeddings, alpha: torch.Tensor) -> torch.Tensor:
-        """Scale pooled embeddings by ``alpha`` (eq. 4): ``[B, F, K]`` in ``keys`` order."""
-        out = pooled.single * alpha[pooled.blocks]
-        if pooled.multi is not None:
-            multi = (pooled.multi * alpha[self.multi_rows]).sum(2)
-            out = torch.cat([out, multi], dim=1)
-            if self._reorder:
-                out = out[:, self._field_order]
+    def apply_alpha(
+        self,
+        pooled: PooledEmbeddings,
+        alpha: torch.Tensor,
+        start: int = 0,
+        stop: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Rows ``[start, stop)`` scaled by ``alpha`` (eq. 4): ``[rows, F, K]`` in ``keys`` order.
+
+        The gradient reaching the EBC covers its whole output, zeros outside these rows.
+        """
+        blocks = pooled.blocks[start:stop]
+        out = scaled_fields(pooled.values, pooled.order, alpha[blocks], start)
+        if not self.multi_keys:
+            return out
+        num_single = len(self.single_keys)
+        multi = out[:, num_single:].reshape(out.size(0), len(self.multi_keys), self.num_blocks, -1)
+        multi = multi.sum(2)
+        out = torch.cat([out[:, :num_single], multi], dim=1)
+        if self._reorder:
+            out = out[:, self._field_order]
         return out
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:

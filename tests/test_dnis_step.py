@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from pipeline.search.dnis import AlphaUpdater, normalize_rows
 from search_fixtures import CASES, TRAIN_ROWS, build_task, case_blocking, make_batch
@@ -113,3 +114,51 @@ def test_first_order_step_matches_finite_differences_and_adam_by_hand():
     AlphaUpdater(embedding.alpha, lr).step(g)
     assert torch.allclose(embedding.alpha, want, atol=1e-6)
     assert (embedding.alpha < 1).any() and (embedding.alpha <= 1).all()
+
+
+def unfused_step(task, batch, n):
+    """The search step as plain autograd ops (TorchRec's regroup, row slices, products):
+    the formulation the fused ``scaled_fields`` path must reproduce bit for bit."""
+    embedding = task.model.embedding
+    pooled = KeyedTensor.regroup([embedding.ebc(batch.sparse)], [embedding._feature_names])[0]
+    fields = pooled.view(batch.size, -1, embedding.embedding_dim)
+    blocks = embedding.lookup(batch.sparse).blocks
+
+    def scaled(rows, alpha):
+        out = fields[rows] * alpha[blocks[rows]]
+        if not embedding.multi_keys:
+            return out
+        num_single = len(embedding.single_keys)
+        multi = out[:, num_single:].reshape(out.size(0), len(embedding.multi_keys), -1, out.size(-1))
+        multi = multi.sum(2)
+        return torch.cat([out[:, :num_single], multi], dim=1)[:, embedding._field_order]
+
+    alpha = embedding.alpha
+    train = slice(0, n)
+    loss = bce(task.model.interact(batch.dense[:n], scaled(train, alpha)), batch.labels[:n])
+    alpha_leaf = alpha.detach().requires_grad_(True)
+    fields = fields.detach()
+    val_logits = task.model.interact(batch.dense[n:], scaled(slice(n, None), alpha_leaf))
+    val_loss = bce(val_logits, batch.labels[n:])
+    return loss, val_loss, torch.autograd.grad(val_loss, alpha_leaf)[0]
+
+
+def test_search_step_is_bitwise_the_unfused_autograd_step():
+    for case in CASES:
+        results = []
+        for fused in (True, False):
+            task = build_task(case, torch.device("cpu"))
+            task.train()
+            alpha = task.model.embedding.alpha
+            alpha.data = torch.rand(alpha.shape, generator=torch.Generator().manual_seed(1))
+            batch = make_batch(case, seed=7)
+            if fused:
+                loss, out = task(batch)
+                val_loss, grad_alpha = out["val_loss"], out["grad_alpha"]
+            else:
+                loss, val_loss, grad_alpha = unfused_step(task, batch, TRAIN_ROWS)
+            loss.backward()  # table gradients: what the fused optimizer would apply
+            grads = [p.grad for p in task.parameters() if p.requires_grad]
+            results.append((loss.detach(), val_loss, grad_alpha, *grads))
+        for got, want in zip(*results):
+            assert torch.equal(got, want), case

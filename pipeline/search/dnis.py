@@ -4,7 +4,9 @@ Each step the loader sends one batch: ``train_rows`` train rows, then (on α ste
 validation rows. ``DNISTask.forward`` runs the (sharded) EBC once for all of them:
 
 - train rows: embeddings scaled by α (a constant here), interaction, train loss; the
-  caller's backward updates the tables (fused optimizer) and the dense layers (DDP);
+  caller's backward updates the tables (fused optimizer) and the dense layers (DDP).
+  That backward hands the EBC one gradient for its whole output, zeros on the
+  validation rows (``sharding.scaled_fields``): one lookup has one output;
 - validation rows: pooled embeddings *detached*, scaled by a fresh leaf copy of α,
   interaction, validation loss, and ``autograd.grad`` of it with respect to that copy.
 
@@ -75,13 +77,13 @@ class DNISTask(nn.Module):
         n = self.train_rows
         alpha_step = self.steps_taken % self.alpha_interval == 0
         self.steps_taken += 1
-        train_emb = embedding.apply_alpha(pooled.rows(0, n), alpha)
+        train_emb = embedding.apply_alpha(pooled, alpha, 0, n)
         logits = self.model.interact(batch.dense[:n], train_emb)
         loss = bce(logits, batch.labels[:n])
         out = {"loss": loss.detach(), "logits": logits.detach(), "labels": batch.labels[:n]}
         if alpha_step:
             alpha_leaf = alpha.detach().requires_grad_(True)
-            val_emb = embedding.apply_alpha(pooled.rows(n).detach(), alpha_leaf)
+            val_emb = embedding.apply_alpha(pooled.detach(), alpha_leaf, n)
             val_logits = self.model.interact(batch.dense[n:], val_emb)
             val_loss = bce(val_logits, batch.labels[n:])
             out["val_loss"] = val_loss.detach()
