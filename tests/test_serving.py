@@ -42,19 +42,22 @@ def test_retrain_checkpoint_loads_on_any_world_size_and_in_one_plain_process(ret
         logits[nproc] = torch.load(out)["logits"]
     model = load_model(retrain_run)
     data_path = load_config([retrain_run / "config.yaml"]).data.path
-    reader = SplitReader(data_path, "test", model.layout, 128, shuffle=False,
-                         drop_last=False, prefetch=0, transform=model.rewrite)
+    reader = SplitReader(data_path, "test", model.layout, 128, shuffle=False, drop_last=False, prefetch=0)
+    batch = next(iter(reader.batches()))
     with torch.no_grad():
-        logits["plain"] = model(next(iter(reader.batches())))
+        logits["plain"] = model(*served_inputs(batch, model.layout))
+        logits["plain unfused"] = load_model(retrain_run, fuse=False)(*served_inputs(batch, model.layout))
     assert not torch.distributed.is_initialized()
-    unfused = load_model(retrain_run, fuse=False)
-    reader.transform = unfused.rewrite
-    with torch.no_grad():
-        logits["plain unfused"] = unfused(next(iter(reader.batches())))
     for name in (3, "plain", "plain unfused"):
         assert (logits[name] - logits[1]).abs().max() < 1e-5, name
     result = json.loads((retrain_run / "result.json").read_text())
     assert result["stage"] == "retrain" and result["compression_ratio"] >= 4 * 0.9
+
+
+def served_inputs(batch, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ServingModel``'s inputs of a loader batch: dense values and the id columns ``[B, C]``."""
+    ids = batch.sparse.values().view(len(layout.keys), -1)[len(layout.dense_keys):]
+    return batch.dense, ids.T
 
 
 def test_predict_in_a_fresh_process_scores_tsv_parquet_and_unlabelled_rows_alike(retrain_run, raw_rows, tmp_path):
@@ -110,19 +113,20 @@ def test_bad_raw_rows_name_file_line_and_field_and_leave_no_output(retrain_run, 
 def test_quantized_predictions_stay_within_the_bound_of_each_rows_range(retrain_run, raw_rows, bits):
     fp32, quantized = load_model(retrain_run, fuse=False), load_model(retrain_run, bits=bits)
     _, block = next(read_tsv(raw_rows))
-    batch = fp32.encode(block)
-    bound = embedding_error_bound(fp32, batch.sparse, bits)  # [B, F]
+    inputs = fp32.encode(block)
+    sparse = fp32.features(*inputs)
+    bound = embedding_error_bound(fp32, sparse, bits)  # [B, F]
     with torch.no_grad():
-        diff = (fp32.model.embedding(batch.sparse) - quantized.model.embedding(batch.sparse)).abs().amax(-1)
+        diff = (fp32.model.embedding(sparse) - quantized.model.embedding(sparse)).abs().amax(-1)
     assert (diff <= bound).all() and diff.max() > 0
     # Fewer bits, coarser steps: int4's error is well above int8's bound.
-    assert bits == 8 or diff.max() > embedding_error_bound(fp32, batch.sparse, 8).max()
+    assert bits == 8 or diff.max() > embedding_error_bound(fp32, sparse, 8).max()
 
     # First order through the model: |Δlogit| ≤ Σ |∂logit/∂e| · bound; σ' ≤ 1/4.
-    jacobian = embedding_jacobian(fp32, batch)
+    jacobian = embedding_jacobian(fp32, inputs, sparse)
     logit_bound = (jacobian.abs() * bound[..., None]).sum((1, 2))
     with torch.no_grad():
-        p_fp32, p_quantized = torch.sigmoid(fp32(batch)), torch.sigmoid(quantized(batch))
+        p_fp32, p_quantized = torch.sigmoid(fp32(*inputs)), torch.sigmoid(quantized(*inputs))
     assert ((p_fp32 - p_quantized).abs() <= 1.5 * logit_bound / 4 + 1e-6).all()
 
 
@@ -145,22 +149,15 @@ def embedding_error_bound(model, sparse, bits: int) -> torch.Tensor:
     return bound
 
 
-def embedding_jacobian(model, batch) -> torch.Tensor:
+def embedding_jacobian(model, inputs, sparse) -> torch.Tensor:
     """∂ logit_b / ∂ embedding output [b, f, k] (rows are independent)."""
     with torch.no_grad():
-        emb = model.model.embedding(batch.sparse)
+        emb = model.model.embedding(sparse)
     emb.requires_grad_(True)
-    hook = model.model.embedding.register_forward_hook(lambda module, inputs, output: emb)
+    hook = model.model.embedding.register_forward_hook(lambda module, args, output: emb)
     try:
-        model(batch).sum().backward()
+        model(*inputs).sum().backward()
     finally:
         hook.remove()
     return emb.grad
 
-
-def test_the_fused_model_exports_with_torch_export_for_a_fixed_batch(retrain_run, raw_rows):
-    model = load_model(retrain_run)
-    batch = model.encode(next(read_tsv(raw_rows))[1])
-    exported = torch.export.export(model.model, (batch.dense, batch.sparse), strict=False)
-    with torch.no_grad():
-        assert torch.equal(exported.module()(batch.dense, batch.sparse), model(batch))

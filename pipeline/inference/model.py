@@ -7,7 +7,10 @@ process alone: no process group, no sharding. The module owns every step the tra
 data went through: vocabulary lookup (hex -> frequency rank, OOV), the dense transform
 (``log(1 + max(x, 0))``), the key rewrite into the repacked tables, the tables and their
 projections, and the model. The code is the preprocessing's and the loader's own
-(``encode_block``, ``rows_batch``), so serving cannot drift from training.
+(``encode_block``, ``table_rows``, ``key_ids``), so serving cannot drift from training.
+``encode`` is the numpy part (raw rows -> dense values and ids), ``forward`` the tensor
+part (dense values and ids -> logits), which ``torch.export`` exports with a dynamic
+batch (``pipeline.inference.exported``).
 
 Repacked tables are served fused by width (``sharding.fused_lookup``), which reads only
 the values each id needs. ``bits=8`` or ``bits=4`` quantizes every table row-wise to
@@ -18,7 +21,7 @@ fp16 rounding of the row's scale and bias; bytes as ``pipeline.prune.bytes`` cou
 Example:
     >>> model = load_model("runs/synthetic/search/retrain")          # doctest: +SKIP
     >>> for _, block in read_tsv("new_rows.tsv"):                     # doctest: +SKIP
-    ...     probabilities = model.predict(block)
+    ...     probabilities = model.predict(block)   # == torch.sigmoid(model(*model.encode(block)))
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from torchrec.inference.modules import quantize_inference_model
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from pipeline.data.batch import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pipeline.data.batch import single_hot_kjt
 from pipeline.data.chunk_passes import encode_block
 from pipeline.data.criteo_reader import ParsedBlock
 from pipeline.data.features import FeatureLayout
-from pipeline.data.loader import rows_batch, table_rows
+from pipeline.data.loader import key_ids, table_rows
 from pipeline.data.vocab import Vocabulary
 from pipeline.inference.artifact import (
     EXPORT_DIR, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE, Artifact, ArtifactError, check_weights, read_artifact,
@@ -53,7 +58,7 @@ QUANTIZED_ROW_UNIT_BITS = 16
 
 
 class ServingModel(nn.Module):
-    """Raw rows -> logits: encoding (numpy, the preprocessing's code) then the model.
+    """Raw rows -> logits: ``encode`` (numpy, the preprocessing's code), then ``forward``.
 
     Args:
         model: the trained model, ``model(dense, sparse) -> logits``.
@@ -72,20 +77,27 @@ class ServingModel(nn.Module):
         self.layout, self.vocab, self.rewrite = layout, vocab, rewrite
         self.dense_fields = tuple(dense_fields)
 
-    def encode(self, block: ParsedBlock) -> Batch:
-        """The model's batch of raw rows, exactly as preprocessing + loader build it."""
+    def encode(self, block: ParsedBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dense [B, D] float32, ids [B, C] int64)`` of raw rows, exactly as the
+        preprocessing and the loader make them (``D`` dense fields, ``C`` id columns)."""
         rows = table_rows(encode_block(block, self.vocab), self.dense_fields, self.layout.id_columns)
-        return rows_batch(rows, self.layout, self.rewrite)
+        return torch.from_numpy(rows.dense), torch.from_numpy(rows.ids)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits of an encoded batch."""
-        return self.model(batch.dense, batch.sparse)
+    def features(self, dense: torch.Tensor, ids: torch.Tensor) -> KeyedJaggedTensor:
+        """The KJT the model reads: every key single-hot (``key_ids``), rewritten into the
+        slabs of a repacked model's tables."""
+        features = single_hot_kjt(self.layout.keys, *key_ids(dense, ids.T, self.layout))
+        return features if self.rewrite is None else self.rewrite(features)
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B]`` of encoded rows (``encode``): the tensor part of serving."""
+        return self.model(dense, self.features(dense, ids))
 
     @torch.no_grad()
     def predict(self, block: ParsedBlock) -> torch.Tensor:
         """Click probabilities of raw rows."""
         self.eval()
-        return torch.sigmoid(self(self.encode(block)))
+        return torch.sigmoid(self(*self.encode(block)))
 
     def embedding_bytes(self) -> int:
         """Bytes held by the embedding module (tables, quantization scales, projections)."""
