@@ -165,9 +165,11 @@ def test_key_rewriter_matches_a_per_group_rewrite_on_weighted_multi_hot_batches(
     for key, jt in got.to_dict().items():
         for (ids, weights), row_ids, row_weights in zip(expected[key], jt.to_dense(), jt.to_dense_weights()):
             assert torch.equal(ids, row_ids) and torch.equal(weights, row_weights)
-    too_big = KeyedJaggedTensor(keys, values.clone().fill_(NUMS["c"]), lengths=lengths)
-    with pytest.raises(ValueError, match="id 5 is outside"):
-        KeyRewriter(plan, list(NUMS))(too_big)
+    for f, key in enumerate(NUMS):  # past the last group of the first, a middle or the last feature
+        ids = torch.zeros(len(NUMS), 2, dtype=torch.int64)
+        ids[f, 1] = NUMS[key]
+        with pytest.raises(ValueError, match=f"id {NUMS[key]} is outside"):
+            KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), ids))
 
 
 class Probe(torch.nn.Module):
