@@ -114,8 +114,8 @@ class GroupIndex:
     """All groups of a plan on one sorted axis (feature offset + id), so one
     ``searchsorted`` finds the group of every id of a batch.
 
-    ``slots[i]`` is the group of slot ``i``; each feature's slots end with a ``None``
-    placeholder. ``stops[f]`` is the end of feature ``f``'s last
+    ``slots[i]`` is the group of slot ``i``; each feature's slots (``key_slots[key]``)
+    end with a ``None`` placeholder. ``stops[f]`` is the end of feature ``f``'s last
     group: an id past it would land in the next feature's first group, so ids are checked
     against it.
     """
@@ -123,10 +123,12 @@ class GroupIndex:
     def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
         self.keys = list(keys)
         self.slots: list[GroupPlan | None] = []
+        self.key_slots: dict[str, range] = {}
         starts, offsets, stops, offset = [], [], [], 0
         for key in self.keys:
             groups = sorted((g for g in plan.groups if g.group.key == key), key=lambda g: g.group.start)
             offsets.append(offset)
+            self.key_slots[key] = range(len(self.slots), len(self.slots) + len(groups) + 1)
             for g in groups:
                 starts.append(offset + g.group.start)
                 self.slots.append(g)
