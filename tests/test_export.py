@@ -211,6 +211,7 @@ def test_an_export_that_fails_mid_write_never_looks_complete(retrain_run, artifa
 def test_a_train_run_ships_its_full_tables_and_a_search_run_is_refused(train_run, search_run, raw_block, tmp_path):
     model = load_model(train_run)  # the train stage exported into <run>/model
     assert model.rewrite is None and json.loads((train_run / "model" / MODEL_FILE).read_text())["plan"] is None
+    assert list(model.layout.num_embeddings) == list(model.layout.keys)  # tables in key order, as trained
     assert torch.equal(model.predict(raw_block), serve_artifact(load_run(train_run)).predict(raw_block))
     with pytest.raises(SystemExit, match=rf"^dnis export: {search_run}: a search run"):
         cli.main(["export", "--run-dir", str(search_run), "--out", str(tmp_path / "search-model")])

@@ -177,9 +177,11 @@ def read_artifact(directory: str | Path) -> Artifact:
     doc = _read_json(model_path)
     try:
         config = config_from_dict(_key(doc, "config", model_path), str(model_path))
-        layout = FeatureLayout(**{
-            k: tuple(v) if isinstance(v, list) else v for k, v in _key(doc, "layout", model_path).items()
-        }, counts={})
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in _key(doc, "layout", model_path).items()}
+        # model.json sorts its keys; the tables go in key order, as trained (else every
+        # batch is permuted to the tables' order and back).
+        fields["num_embeddings"] = {key: fields["num_embeddings"][key] for key in fields["keys"]}
+        layout = FeatureLayout(**fields, counts={})
         plan_doc = _key(doc, "plan", model_path)
         plan = StructuredPlan.from_json(plan_doc) if plan_doc is not None else None
         dense_fields = tuple(_key(doc, "dense_fields", model_path))
