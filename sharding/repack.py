@@ -113,32 +113,39 @@ class SingleHotKeyRewriter(nn.Module):
     """``KeyRewriter`` of single-hot batches from tensors: ids ``[F, B]`` of ``keys`` (and
     their weights) -> the slab KJT, with no sort and no per-key work.
 
-    A slab's bags are its feature's ``B`` rows in order, so every slab takes its feature's
-    whole row of ids (``[S, B]``), adds each id's shift into the slab (one gather from a
-    table of (slab, group) pairs) and keeps the ids whose group the slab stores; one
-    ``searchsorted`` finds the group of every id. Buffers only, so it exports with
-    ``torch.export``; ids are checked against the plan eagerly, not in an exported graph.
+    One ``searchsorted`` of every id in its own feature's group starts gives its group;
+    a slab's bags are its feature's ``B`` rows in order, so every slab takes its
+    feature's whole row of ids (``[S, B]``), adds each id's shift into the slab (one
+    gather from a ``[S, groups]`` table) and keeps the ids whose group the slab stores.
+    Buffers only, so it exports with ``torch.export``. Ids are checked against the plan
+    eagerly; in an exported graph an id outside its feature's groups embeds to zeros.
     """
 
     def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
         super().__init__()
         index, slabs = GroupIndex(plan, keys), ColumnSlabs(plan, keys)
         self.out_keys = [s.name for s in slabs.slabs]
-        field = {key: i for i, key in enumerate(keys)}
-        # searchsorted(right=True) gives slot + 1. Each slab has a stretch of ``code``
-        # for its feature's slots: an id's shift into the slab, or NOT_STORED.
+        # Row f: feature f's group starts, then its stop, padded. An id's position there
+        # (searchsorted, right) is 0 below the first group, j in the j-th group, and
+        # groups + 1 at or past the stop.
+        groups = {key: [index.slots[slot] for slot in index.key_slots[key][:-1]] for key in keys}
+        positions = 2 + max(len(g) for g in groups.values())
+        bounds = torch.full((len(keys), positions - 1), torch.iinfo(torch.int64).max)
+        known = torch.zeros(len(keys), positions, dtype=torch.bool)
+        for f, key in enumerate(keys):
+            bounds[f, : len(groups[key]) + 1] = torch.tensor([g.group.start for g in groups[key]] + [int(index.stops[f])])
+            known[f, 1 : len(groups[key]) + 1] = True
+        # code[s, position]: the shift of an id at that position into slab s, or NOT_STORED.
+        code = torch.full((len(slabs.slabs), positions), NOT_STORED)
         entries = slot_entries(index, slabs)
-        code, delta = [], []
         for i, slab in enumerate(slabs.slabs):
-            slots = index.key_slots[slab.key]
-            delta.append(len(code) - (slots.start + 1))
-            code.extend(dict(entries[slot]).get(i, NOT_STORED) for slot in slots)
-        self.register_buffer("code", torch.tensor(code, dtype=torch.int64), persistent=False)
-        self.register_buffer("delta", torch.tensor(delta, dtype=torch.int64)[:, None], persistent=False)
+            for j, slot in enumerate(index.key_slots[slab.key][:-1], start=1):
+                code[i, j] = dict(entries[slot]).get(i, NOT_STORED)
+        field = {key: i for i, key in enumerate(keys)}
+        self.register_buffer("bounds", bounds, persistent=False)
+        self.register_buffer("known", known, persistent=False)
+        self.register_buffer("code", code, persistent=False)
         self.register_buffer("field", torch.tensor([field[s.key] for s in slabs.slabs]), persistent=False)
-        self.register_buffer("starts", index.starts, persistent=False)
-        self.register_buffer("offsets", index.offsets[:, None], persistent=False)
-        self.register_buffer("stops", index.stops[:, None], persistent=False)
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor | None = None) -> KeyedJaggedTensor:
         """The slab KJT of ids ``[F, B]`` (frequency ranks, ``keys`` order) and weights.
@@ -146,12 +153,12 @@ class SingleHotKeyRewriter(nn.Module):
         Raises:
             ValueError: naming an id outside its feature's groups (not while exporting).
         """
+        position = torch.searchsorted(self.bounds, ids, right=True)  # [F, B]
         if not torch.compiler.is_compiling():  # an exported graph has no data checks
-            bad = (ids < 0) | (ids >= self.stops)
-            if bool(bad.any()):
-                raise ValueError(f"id {int(ids[bad][0])} is outside the ranges of the prune plan's groups")
-        position = torch.searchsorted(self.starts, ids + self.offsets, right=True)  # [F, B]
-        code = self.code[position.index_select(0, self.field) + self.delta]  # [S, B]
+            known = torch.gather(self.known, 1, position)
+            if not bool(known.all()):
+                raise ValueError(f"id {int(ids[~known][0])} is outside the ranges of the prune plan's groups")
+        code = torch.gather(self.code, 1, position.index_select(0, self.field))  # [S, B]
         stored = code != NOT_STORED
         values = ids.index_select(0, self.field).add_(code).masked_select(stored)
         return KeyedJaggedTensor(
