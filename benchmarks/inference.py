@@ -1,45 +1,60 @@
-"""CPU inference of the shipped (repacked) model at CR 10 and 20 vs the unpruned model:
-latency of a 4096-row batch from raw rows, and the bytes the embeddings hold.
+"""CPU serving of the shipped (repacked) model at CR 10 and 20 vs the unpruned model, with
+fp32 and int8 tables: latency at batch 1, 64 and 4096 (p50 and p99) and embedding bytes.
 
 All models come from one search in this process: the unpruned model holds the searched
 tables (α folded in), the repacked ones their structured prune for each CR (selection
-projection, as ``dnis prune`` + ``dnis retrain`` would start from). Without
-``--run-dir`` a synthetic dataset is made and an untrained search model with a seeded α
-stands in (latency and memory do not depend on training). Models are timed in
-alternation, ``--rounds`` times, one thread per core of this machine.
+projection, as ``dnis prune`` + ``dnis retrain`` would start from), each served as
+``load_model`` serves it (TorchRec's inference EBC: FBGEMM's TBE with fp32 or int8 rows).
+Without ``--run-dir`` a synthetic dataset is made and an untrained search model with a
+seeded α stands in (latency and memory do not depend on training). Per batch size the
+models are timed in alternation on the same rows, ``--rounds`` times (10× that below
+1024 rows: cheap calls, and their p99 needs them), after one warm-up round.
 
-    python benchmarks/inference.py [--run-dir runs/big/search] [--crs 10 20] [--rounds 7]
+    python benchmarks/inference.py [--run-dir runs/big/search --raw rows.tsv] [--crs 10 20]
+                                   [--batches 1 64 4096] [--rounds 100] [--threads 1]
 
-Prints per model: CR of its plan, embedding MiB, memory ratio vs unpruned, latency from
-raw rows (parse + encode + forward) and of the forward alone (median ms); then
-``memory <model>: ...`` and ``latency ratio <model> / unpruned`` lines.
+Each batch is the first rows of the raw file parsed on their own, as a request of that
+many rows would be (parsing is not timed). Prints two markdown tables: per (tables,
+model) the CR the bytes formula gives (``pipeline.prune.bytes``, against unpruned fp32),
+the embedding MiB held (tables, scales, projections and the key rewrite's group tables),
+how far that is from unpruned fp32 ÷ CR, and how many times smaller it is than the
+unpruned model with the same tables; per (batch, tables, model) p50 and p99 ms from
+parsed raw rows (``predict``: encoding + tensor part), p50 of the tensor part alone
+(``model(dense, ids)``), and those three over the unpruned model's with the same tables
+and batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import gzip
+import itertools
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # search_setup puts the repository on sys.path: import it first.
 from search_setup import structured_plans, synthetic_search, trained_search
 
 from launch.retrain import repacked_state
+from pipeline.data.criteo_reader import ParsedBlock, parse_block
 from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
-from pipeline.inference import ServingModel, read_tsv, serving_model
+from pipeline.inference import serving_model
+from pipeline.prune.bytes import quantized_table_bytes, unpruned_bytes
 from pipeline.tasks import build_retrain_task, build_train_task
 from sharding.field_embedding import table_name
 
+PRECISIONS = {"fp32": None, "int8": 8}  # tables -> bits of serving_model
+SMALL_BATCH = 1024  # batches below it get 10x the rounds
 
-def serving_models(cfg, layout, blocking, search, args) -> dict[str, tuple[float, ServingModel]]:
-    """``name -> (CR of the plan, model)``: unpruned first, then one per target CR
-    (and their int8 versions with ``--int8``)."""
+
+def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str], tuple[float, torch.nn.Module]]:
+    """``(tables, name) -> (CR by the bytes formula, served model)``: per precision, the
+    unpruned model first, then one per target CR."""
     vocab = Vocabulary.load(Path(cfg.data.path) / "vocab")
     dense_fields = DatasetMeta.load(cfg.data.path).dense_fields
 
@@ -59,45 +74,87 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[str, tuple[float
         task.load_state_dict(repacked_state(search, plan, layout.keys), strict=False)
         return task.model
 
-    builders = {"unpruned": (1.0, unpruned, None)}
+    def unpruned_cr(bits) -> float:
+        rows, dim = list(layout.num_embeddings.values()), cfg.model.embedding_dim
+        return 1.0 if bits is None else unpruned_bytes(sum(rows), dim) / quantized_table_bytes(rows, dim, bits).sum()
+
+    plans = {"unpruned": None}
     for cr, plan in structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block).items():
-        builders[f"CR {cr:g}"] = (plan.compression_ratio("selection"), partial(repacked, plan), plan)
-    models = {}
-    for name, (ratio, build, plan) in builders.items():
-        models[name] = (ratio, serving_model(build(), layout, vocab, dense_fields, plan))
-        if args.int8:
-            models[f"{name} int8"] = (ratio, serving_model(build(), layout, vocab, dense_fields, plan, bits=8))
-    return models
+        plans[f"CR {cr:g}"] = plan
+    return {
+        (tables, name): (
+            unpruned_cr(bits) if plan is None else plan.compression_ratio("selection", bits),
+            serving_model(unpruned() if plan is None else repacked(plan), layout, vocab, dense_fields, plan, bits),
+        )
+        for tables, bits in PRECISIONS.items() for name, plan in plans.items()
+    }
 
 
-def time_models(models: dict, block, rounds: int) -> dict[str, tuple[float, float]]:
-    """Median ms per model: from raw rows, and the forward of the encoded batch alone."""
-    batches = {name: model.encode(block) for name, (_, model) in models.items()}
-    times = {name: ([], []) for name in models}
+def time_models(models: dict, rows: ParsedBlock, rounds: int) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """Per model: p50 and p99 ms of ``predict`` on ``rows``, and p50 ms of the tensor part alone."""
+    batch = len(rows.rows)
+    inputs = {key: model.encode(rows) for key, (_, model) in models.items()}
+    samples = {key: ([], []) for key in models}
+    rounds = rounds if batch >= SMALL_BATCH else 10 * rounds
     with torch.no_grad():
-        for _ in range(rounds + 1):  # the first round warms up
-            for name, (_, model) in models.items():
+        for round_ in range(rounds + 1):  # the first round warms up
+            for key, (_, model) in models.items():
                 start = time.perf_counter()
-                model.predict(block)
+                model.predict(rows)
                 middle = time.perf_counter()
-                model(batches[name])
+                model(*inputs[key])
                 end = time.perf_counter()
-                times[name][0].append(middle - start)
-                times[name][1].append(end - middle)
-    return {name: (statistics.median(a[1:]) * 1e3, statistics.median(b[1:]) * 1e3) for name, (a, b) in times.items()}
+                if round_:
+                    samples[key][0].append(middle - start)
+                    samples[key][1].append(end - middle)
+    return {
+        key: (*(np.percentile(raw, [50, 99]) * 1e3), float(np.median(forward)) * 1e3)
+        for key, (raw, forward) in samples.items()
+    }
+
+
+def first_rows(path: str | Path, n: int) -> ParsedBlock:
+    """The first ``n`` rows of a labelled raw TSV file (plain or gzip), parsed on their own."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+        lines = list(itertools.islice(f, n))
+    if len(lines) < n:
+        raise SystemExit(f"{path}: {len(lines)} rows, fewer than batch {n}")
+    return parse_block(b"".join(lines))
+
+
+def report(models: dict, timings: dict) -> None:
+    """The two markdown tables (see the module docstring)."""
+    unpruned_fp32 = models["fp32", "unpruned"][1].embedding_bytes()
+    print("| tables | model | CR (bytes formula) | emb MiB | vs unpruned fp32 ÷ CR | unpruned (same tables) ÷ this |")
+    print("|---|---|---|---|---|---|")
+    for (tables, name), (cr, model) in models.items():
+        held, base = model.embedding_bytes(), models[tables, "unpruned"][1].embedding_bytes()
+        print(f"| {tables} | {name} | {cr:.2f} | {held / 2**20:.2f} | {held / (unpruned_fp32 / cr) - 1:+.1%} "
+              f"| {base / held:.2f} |")
+    print(f"\n{torch.get_num_threads()} thread(s); ms from parsed raw rows; ratios: over the unpruned model "
+          "with the same tables and batch")
+    print("| batch | tables | model | p50 ms | p99 ms | tensor part p50 ms "
+          "| p50 ratio | p99 ratio | tensor part ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch, times in timings.items():
+        for tables, name in models:
+            got, base = times[tables, name], times[tables, "unpruned"]
+            ratios = " | ".join(f"{a / b:.2f}" for a, b in zip(got, base))
+            print(f"| {batch} | {tables} | {name} | {got[0]:.2f} | {got[1]:.2f} | {got[2]:.2f} | {ratios} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, help="a finished search run (default: synthetic, untrained)")
-    parser.add_argument("--raw", help="raw TSV rows to score (default: the synthetic rows; needed with --run-dir)")
+    parser.add_argument("--raw", help="labelled raw TSV rows (default: the synthetic rows; needed with --run-dir)")
     parser.add_argument("--crs", type=float, nargs="+", default=[10.0, 20.0])
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 4096])
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--rows", type=int, default=300_000, help="synthetic rows (without --run-dir)")
     parser.add_argument("--ranges-per-block", type=int, default=8)
-    parser.add_argument("--int8", action="store_true", help="also time every model with int8 tables")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="dnis-bench-") as scratch:
         if args.run_dir:
             if not args.raw:
@@ -107,33 +164,8 @@ def main() -> None:
             setup = synthetic_search(Path(scratch), args.rows)
         cfg, layout, blocking, search, raw = setup
         models = serving_models(cfg, layout, blocking, search, args)
-        block = next(read_tsv(raw, block_bytes=1 << 24))[1]
-        block = type(block)(**{**block.__dict__, **slice_rows(block, args.batch)})
-        timings = time_models(models, block, args.rounds)
-    report(models, timings, args.batch)
-
-
-def slice_rows(block, n: int) -> dict:
-    """The first ``n`` rows of a parsed block's row-aligned arrays (``codes`` is
-    columns × rows; the dictionaries stay whole)."""
-    if len(block.rows) < n:
-        raise SystemExit(f"the raw rows give {len(block.rows)} rows in one block, fewer than --batch {n}")
-    return {"rows": block.rows[:n], "label": block.label[:n], "codes": block.codes[:, :n]}
-
-
-def report(models: dict, timings: dict, batch: int) -> None:
-    base_bytes = models["unpruned"][1].embedding_bytes()
-    base_ms = timings["unpruned"]
-    print(f"batch {batch} raw rows, {torch.get_num_threads()} threads, median of rounds")
-    print(f"{'model':<10} {'plan CR':>8} {'emb MiB':>9} {'mem ratio':>9} {'raw->p ms':>10} {'forward ms':>10}")
-    for name, (cr, model) in models.items():
-        held = model.embedding_bytes()
-        raw_ms, forward_ms = timings[name]
-        print(f"{name:<10} {cr:>8.2f} {held / 2**20:>9.2f} {base_bytes / held:>9.2f} {raw_ms:>10.1f} {forward_ms:>10.1f}")
-    for name, (cr, model) in list(models.items())[1:]:
-        held = model.embedding_bytes()
-        print(f"memory {name}: {held:,} B, unpruned / CR = {base_bytes / cr:,.0f} B, off by {held / (base_bytes / cr) - 1:+.1%}")
-        print(f"latency ratio {name} / unpruned: raw {timings[name][0] / base_ms[0]:.2f}, forward {timings[name][1] / base_ms[1]:.2f}")
+        timings = {batch: time_models(models, first_rows(raw, batch), args.rounds) for batch in args.batches}
+    report(models, timings)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     dnis export --run-dir runs/synthetic/search/retrain            # -> <run-dir>/model
     dnis export --run-dir runs/synthetic/train --checkpoint step_00000100 --out /srv/ctr
+    dnis export --run-dir runs/synthetic/search/retrain --exported [int8]   # + model.pt2
 
 One process, no process group. The run's checkpoint (DCP, the trainer's own output) is
 read here, never on the serving side; the artifact (``pipeline.inference.artifact``)
@@ -10,6 +11,9 @@ and the dataset's vocabulary, so ``load_model`` needs neither the run nor the da
 A retrain run ships its repacked tables, a train run its full ones (the baseline); a
 search run's α-scaled tables are no served model (prune and retrain it). The retrain and
 train stages export their best model into ``<run>/model`` when they finish.
+``--exported`` also writes ``model.pt2``: the served model's tensor part (dense values and
+ids -> logits) exported by ``torch.export`` with a dynamic batch, fp32 or with int8/int4
+tables (``pipeline.inference.exported``).
 """
 
 from __future__ import annotations
@@ -24,11 +28,17 @@ from pipeline.config import load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
-from pipeline.inference.artifact import EXPORT_DIR, MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE, Artifact, write_artifact
+from pipeline.inference.artifact import EXPORT_DIR, FILES, Artifact, write_artifact
+from pipeline.inference.exported import PROGRAM_FILE, export_program
+from pipeline.inference.model import serve_artifact
 from pipeline.loop import BEST
 from pipeline.tasks import build_run_task
 from sharding.checkpoint import load_checkpoint
 from launch import run_as_process
+
+
+# --exported's precisions: the bits of the program's tables (None: fp32, as trained).
+PROGRAM_BITS = {"fp32": None, "int8": 8, "int4": 4}
 
 
 class ExportError(ValueError):
@@ -40,6 +50,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, help="a finished retrain or train run")
     parser.add_argument("--checkpoint", default=BEST, help="checkpoint name under <run-dir>/checkpoints")
     parser.add_argument("--out", help=f"the artifact directory (default: <run-dir>/{EXPORT_DIR})")
+    parser.add_argument(
+        "--exported", nargs="?", const="fp32", choices=sorted(PROGRAM_BITS),
+        help=f"also write {PROGRAM_FILE}, the model exported by torch.export (tables fp32 unless given)",
+    )
     return parser.parse_args(argv)
 
 
@@ -80,25 +94,38 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST) -> Artifact:
     )
 
 
-def export_run(run_dir: str | Path, out: Optional[str | Path] = None, checkpoint: str = BEST) -> Path:
+def export_run(
+    run_dir: str | Path, out: Optional[str | Path] = None, checkpoint: str = BEST, exported: Optional[str] = None,
+) -> Path:
     """Write the artifact of ``run_dir``'s ``checkpoint`` to ``out`` (default
-    ``<run_dir>/model``), atomically; returns ``out``.
+    ``<run_dir>/model``), atomically; returns ``out``. ``exported`` (a ``PROGRAM_BITS``
+    name) adds ``model.pt2`` with tables of that precision.
 
     Example:
-        >>> export_run("runs/synthetic/search/retrain")   # doctest: +SKIP
+        >>> export_run("runs/synthetic/search/retrain", exported="fp32")   # doctest: +SKIP
         PosixPath('runs/synthetic/search/retrain/model')
     """
-    return write_artifact(out or Path(run_dir) / EXPORT_DIR, load_run(run_dir, checkpoint))
+    artifact = load_run(run_dir, checkpoint)
+    extras = {}
+    if exported is not None:
+        try:
+            served = serve_artifact(artifact, PROGRAM_BITS[exported])
+        except ValueError as error:  # a table width FBGEMM cannot quantize to these bits
+            raise ExportError(f"{run_dir}: --exported {exported}: {error}") from None
+        program = export_program(served)
+        extras[PROGRAM_FILE] = lambda path: torch.export.save(program, path)
+    return write_artifact(out or Path(run_dir) / EXPORT_DIR, artifact, extras)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """``dnis export``; a run that cannot be exported exits 1 with ``dnis export: <reason>``."""
     args = parse_args(argv)
     try:
-        out = export_run(args.run_dir, args.out, args.checkpoint)
+        out = export_run(args.run_dir, args.out, args.checkpoint, args.exported)
     except ExportError as error:
         raise SystemExit(f"dnis export: {error}") from None
-    sizes = {name: (out / name).stat().st_size for name in (MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE)}
+    written = (*FILES, PROGRAM_FILE) if args.exported else FILES
+    sizes = {name: (out / name).stat().st_size for name in written}
     print(f"wrote {out}: " + ", ".join(f"{name} {size:,} B" for name, size in sizes.items()))
     return out
 

@@ -114,26 +114,31 @@ class GroupIndex:
     """All groups of a plan on one sorted axis (feature offset + id), so one
     ``searchsorted`` finds the group of every id of a batch.
 
-    ``slots[i]`` is the group of slot ``i``; each feature's slots end with ``None``,
-    which catches ids past its last group.
+    ``slots[i]`` is the group of slot ``i``; each feature's slots (``key_slots[key]``)
+    end with a ``None`` placeholder. ``stops[f]`` is the end of feature ``f``'s last
+    group: an id past it would land in the next feature's first group, so ids are checked
+    against it.
     """
 
     def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
         self.keys = list(keys)
         self.slots: list[GroupPlan | None] = []
-        starts, offsets, offset = [], [], 0
+        self.key_slots: dict[str, range] = {}
+        starts, offsets, stops, offset = [], [], [], 0
         for key in self.keys:
             groups = sorted((g for g in plan.groups if g.group.key == key), key=lambda g: g.group.start)
             offsets.append(offset)
+            self.key_slots[key] = range(len(self.slots), len(self.slots) + len(groups) + 1)
             for g in groups:
                 starts.append(offset + g.group.start)
                 self.slots.append(g)
-            offset += groups[-1].group.stop if groups else 0
+            stops.append(groups[-1].group.stop if groups else 0)
+            offset += stops[-1]
             starts.append(offset)
             self.slots.append(None)
         self.starts = torch.tensor(starts, dtype=torch.int64)
         self.offsets = torch.tensor(offsets, dtype=torch.int64)
-        self._outside = torch.tensor([g is None for g in self.slots])
+        self.stops = torch.tensor(stops, dtype=torch.int64)
 
     def locate(self, features: KeyedJaggedTensor) -> LocatedIds:
         """Group slots of every id of ``features`` (whose keys are ``keys``, any order).
@@ -151,7 +156,7 @@ class GroupIndex:
         field = torch.tensor([position[k] for k in features.keys()], dtype=torch.int64)[segment // features.stride()]
         slot = (torch.searchsorted(self.starts, self.offsets[field] + ids, right=True) - 1).clamp(min=0)
         if ids.numel() and not torch.compiler.is_compiling():  # an exported graph has no data checks
-            bad = self._outside[slot] | (ids < 0)
+            bad = (ids < 0) | (ids >= self.stops[field])
             if bool(bad.any()):
                 raise ValueError(f"id {int(ids[bad][0])} is outside the ranges of the prune plan's groups")
         return LocatedIds(ids, segment, field, slot)

@@ -55,8 +55,12 @@ def pooled_by_name(pooled: KeyedTensor, names: Sequence[str]) -> torch.Tensor:
     """Columns of ``pooled`` in the order of ``names``, as one ``[B, sum(dims)]`` tensor.
 
     A sharded EBC orders its output keys by shard, so they are read by name (as DLRM's
-    ``SparseArch`` does) rather than trusting the column order of ``.values()``.
+    ``SparseArch`` does) rather than trusting the column order of ``.values()``; keys
+    already in that order (an unsharded EBC's) are returned as they are, without a copy
+    (not while the train pipeline traces: a traced proxy's keys are unknown).
     """
+    if isinstance(pooled, KeyedTensor) and pooled.keys() == list(names):
+        return pooled.values()
     return KeyedTensor.regroup([pooled], [list(names)])[0]
 
 

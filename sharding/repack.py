@@ -7,6 +7,9 @@ id of feature ``f`` to every slab its group stores values in (the slabs below th
 group's width), as its row there; ids of dropped groups (width 0) leave the batch, so
 they embed to zeros exactly as the structurally pruned α-model gives them. No per-id
 lookup table is needed because groups are id ranges of frequency-ranked ids.
+``SingleHotKeyRewriter`` does the same for single-hot batches given as tensors, in a
+fixed number of vectorised steps with no sort: the serving form, which ``torch.export``
+exports.
 
 ``RepackedEmbedding`` pools each slab; a feature's slabs side by side are its nested
 columns ``order[:W]`` (``W`` its widest group), which the projection maps back to
@@ -57,24 +60,29 @@ def repacked_table_configs(slabs: ColumnSlabs, init_scale: float = 0.01) -> list
     ]
 
 
+def slot_entries(index: GroupIndex, slabs: ColumnSlabs) -> list[list[tuple[int, int]]]:
+    """Per slot of ``index``: ``(slab, row of its group's first id there - that id)`` for
+    every slab its group is stored in, in slab order (none for dropped groups and ends)."""
+    entries: dict = {}
+    for i, slab in enumerate(slabs.slabs):
+        for g, first in zip(slab.groups, slab.first_rows()):
+            entries.setdefault(g, []).append((i, first - g.group.start))
+    return [entries.get(g, []) if g is not None else [] for g in index.slots]
+
+
 class KeyRewriter:
     """Batch transform: each id of ``keys`` into the slabs of its group, as its row there.
 
     Vectorised over the whole batch: the ``GroupIndex`` lookup, one repeat per slab an
     id is stored in, then one stable sort by (slab, row of the batch). Ids of dropped
-    groups leave the batch.
+    groups leave the batch. Any KJT of ``keys`` (multi-hot, weighted, any key order).
     """
 
     def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
         self.index = GroupIndex(plan, keys)
         slabs = ColumnSlabs(plan, keys)
         self.out_keys = [s.name for s in slabs.slabs]
-        # Per group, its (slab, row of its first id - its first id) in slab order.
-        entries: dict = {}
-        for i, slab in enumerate(slabs.slabs):
-            for g, first in zip(slab.groups, slab.first_rows()):
-                entries.setdefault(g, []).append((i, first - g.group.start))
-        per_slot = [entries.get(g, []) if g is not None else [] for g in self.index.slots]
+        per_slot = slot_entries(self.index, slabs)
         self._count = torch.tensor([len(e) for e in per_slot], dtype=torch.int64)
         self._first = torch.cumsum(self._count, 0) - self._count
         self._slab = torch.tensor([i for e in per_slot for i, _ in e], dtype=torch.int64)
@@ -95,6 +103,68 @@ class KeyRewriter:
             lengths=torch.bincount(order_key, minlength=len(self.out_keys) * batch).to(features.lengths().dtype),
             weights=None if weights is None else weights[which][order],
             stride=batch,
+        )
+
+
+NOT_STORED = torch.iinfo(torch.int64).min  # marks (slab, group) pairs whose group the slab does not store
+
+
+class SingleHotKeyRewriter(nn.Module):
+    """``KeyRewriter`` of single-hot batches from tensors: ids ``[F, B]`` of ``keys`` (and
+    their weights) -> the slab KJT, with no sort and no per-key work.
+
+    One ``searchsorted`` of every id in its own feature's group starts gives its group;
+    a slab's bags are its feature's ``B`` rows in order, so every slab takes its
+    feature's whole row of ids (``[S, B]``), adds each id's shift into the slab (one
+    gather from a ``[S, groups]`` table) and keeps the ids whose group the slab stores.
+    Buffers only, so it exports with ``torch.export``. Ids are checked against the plan
+    eagerly; in an exported graph an id outside its feature's groups embeds to zeros.
+    """
+
+    def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
+        super().__init__()
+        index, slabs = GroupIndex(plan, keys), ColumnSlabs(plan, keys)
+        self.out_keys = [s.name for s in slabs.slabs]
+        # Row f: feature f's group starts, then its stop, padded. An id's position there
+        # (searchsorted, right) is 0 below the first group, j in the j-th group, and
+        # groups + 1 at or past the stop.
+        groups = {key: [index.slots[slot] for slot in index.key_slots[key][:-1]] for key in keys}
+        positions = 2 + max(len(g) for g in groups.values())
+        bounds = torch.full((len(keys), positions - 1), torch.iinfo(torch.int64).max)
+        known = torch.zeros(len(keys), positions, dtype=torch.bool)
+        for f, key in enumerate(keys):
+            bounds[f, : len(groups[key]) + 1] = torch.tensor([g.group.start for g in groups[key]] + [int(index.stops[f])])
+            known[f, 1 : len(groups[key]) + 1] = True
+        # code[s, position]: the shift of an id at that position into slab s, or NOT_STORED.
+        code = torch.full((len(slabs.slabs), positions), NOT_STORED)
+        entries = slot_entries(index, slabs)
+        for i, slab in enumerate(slabs.slabs):
+            for j, slot in enumerate(index.key_slots[slab.key][:-1], start=1):
+                code[i, j] = dict(entries[slot]).get(i, NOT_STORED)
+        field = {key: i for i, key in enumerate(keys)}
+        self.register_buffer("bounds", bounds, persistent=False)
+        self.register_buffer("known", known, persistent=False)
+        self.register_buffer("code", code, persistent=False)
+        self.register_buffer("field", torch.tensor([field[s.key] for s in slabs.slabs]), persistent=False)
+
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor | None = None) -> KeyedJaggedTensor:
+        """The slab KJT of ids ``[F, B]`` (frequency ranks, ``keys`` order) and weights.
+
+        Raises:
+            ValueError: naming an id outside its feature's groups (not while exporting).
+        """
+        position = torch.searchsorted(self.bounds, ids, right=True)  # [F, B]
+        if not torch.compiler.is_compiling():  # an exported graph has no data checks
+            known = torch.gather(self.known, 1, position)
+            if not bool(known.all()):
+                raise ValueError(f"id {int(ids[~known][0])} is outside the ranges of the prune plan's groups")
+        code = torch.gather(self.code, 1, position.index_select(0, self.field))  # [S, B]
+        stored = code != NOT_STORED
+        values = ids.index_select(0, self.field).add_(code).masked_select(stored)
+        return KeyedJaggedTensor(
+            keys=self.out_keys, values=values, lengths=stored.view(-1).to(torch.int32),
+            weights=None if weights is None else weights.index_select(0, self.field).masked_select(stored),
+            stride=ids.shape[1],
         )
 
 
@@ -190,10 +260,15 @@ def scatter_columns(
 
     One in-place ``index_copy_`` straight from the pooled values, in whatever key order
     the (sharded) EBC gives them: no per-key split and cat (which cost as much as the
-    copy itself); in place, as the out-of-place copy first copies the zeros.
+    copy itself); in place, as the out-of-place copy first copies the zeros. Keys in
+    ``place_range``'s order (an unsharded EBC's) take ``places`` as it is.
     """
     values = pooled.values()
-    index = torch.cat([places[slice(*place_range[key])] for key in pooled.keys()])
+    keys = pooled.keys()
+    if keys == list(place_range):
+        index = places
+    else:
+        index = torch.cat([places[slice(*place_range[key])] for key in keys])
     return values.new_zeros(values.shape[0], width).index_copy_(1, index, values)
 
 

@@ -1,7 +1,8 @@
 """The shipped artifact (``dnis export``): weights in safetensors, the rest in JSON.
 It predicts exactly as the run's checkpoint, loads where nothing may be unpickled and
 without the dataset, refuses pickled, truncated, changed or missing files by name, and
-an export that fails mid-write never leaves a complete-looking directory."""
+an export that fails mid-write never leaves a complete-looking directory. Its
+``torch.export`` program (``--exported``) equals the eager model at any batch size."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from launch import cli
-from launch.export import ExportError, export_run, load_run
+from launch.export import PROGRAM_BITS, ExportError, export_run, load_run
 from pipeline.data import synth
 from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
-from pipeline.inference import ArtifactError, load_model, read_tsv, serve_artifact
+from pipeline.inference import ArtifactError, load_model, load_program, read_tsv, serve_artifact
 from pipeline.inference.artifact import MANIFEST_FILE, MODEL_FILE, VOCAB_FILE, WEIGHTS_FILE, sha256_of
+from pipeline.inference.exported import EXAMPLE_ROWS, PROGRAM_FILE
 
 pytestmark = pytest.mark.multirank  # the fixtures spawn 2-rank runs
 
@@ -209,6 +211,7 @@ def test_an_export_that_fails_mid_write_never_looks_complete(retrain_run, artifa
 def test_a_train_run_ships_its_full_tables_and_a_search_run_is_refused(train_run, search_run, raw_block, tmp_path):
     model = load_model(train_run)  # the train stage exported into <run>/model
     assert model.rewrite is None and json.loads((train_run / "model" / MODEL_FILE).read_text())["plan"] is None
+    assert list(model.layout.num_embeddings) == list(model.layout.keys)  # tables in key order, as trained
     assert torch.equal(model.predict(raw_block), serve_artifact(load_run(train_run)).predict(raw_block))
     with pytest.raises(SystemExit, match=rf"^dnis export: {search_run}: a search run"):
         cli.main(["export", "--run-dir", str(search_run), "--out", str(tmp_path / "search-model")])
@@ -216,3 +219,29 @@ def test_a_train_run_ships_its_full_tables_and_a_search_run_is_refused(train_run
         export_run(train_run, tmp_path / "none", checkpoint="step_missing")
     assert not (tmp_path / "search-model").exists() and not (tmp_path / "none").exists()
     assert np.isfinite(model.predict(raw_block).numpy()).all()
+
+
+@pytest.fixture(scope="module")
+def block_4096(tmp_path_factory):
+    """4096 fresh raw rows as one parsed block."""
+    path = tmp_path_factory.mktemp("raw") / "rows.tsv"
+    synth.main(["--rows", "4096", "--seed", "7", "--out", str(path)])
+    (_, block), = read_tsv(path)
+    return block
+
+
+@pytest.mark.parametrize("run, precision", [("retrain_run", "fp32"), ("retrain_run", "int8"), ("train_run", "fp32")])
+def test_the_exported_program_equals_eager_at_batch_1_and_4096(run, precision, request, block_4096, tmp_path):
+    out = tmp_path / "model"
+    cli.main(["export", "--run-dir", str(request.getfixturevalue(run)), "--out", str(out), "--exported", precision])
+    program, eager = load_program(out).module(), load_model(out, bits=PROGRAM_BITS[precision])
+    dense, ids = eager.encode(block_4096)
+    with torch.no_grad():
+        for rows in (1, 4096, 300):
+            assert rows != EXAMPLE_ROWS  # not the batch size it was traced with
+            assert torch.equal(program(dense[:rows], ids[:rows]), eager(dense[:rows], ids[:rows])), rows
+    assert PROGRAM_FILE in json.loads((out / MANIFEST_FILE).read_text())["files"]
+    with open(out / PROGRAM_FILE, "ab") as f:
+        f.write(b"0")
+    with pytest.raises(ArtifactError, match=rf"^{out / PROGRAM_FILE}: \d+ bytes, manifest.json says"):
+        load_program(out)

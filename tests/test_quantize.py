@@ -16,7 +16,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from launch import cli
 from pipeline.config import load_config
-from pipeline.inference import quantize_tables
+from pipeline.inference import inference_tables
 from pipeline.prune.bytes import quantized_table_bytes
 from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
 
@@ -43,7 +43,7 @@ def test_quantized_bytes_by_hand_and_as_fbgemm_allocates_them():
             EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=w, feature_names=[f"f{i}"])
             for i, (w, n) in enumerate(zip(widths, rows))
         ]
-        quantized = quantize_tables(nn.Sequential(EmbeddingBagCollection(configs)), bits)
+        quantized = inference_tables(nn.Sequential(EmbeddingBagCollection(configs)), bits)
         allocated = sum(
             m.weights_host.numel() for m in quantized.modules()
             if isinstance(m, IntNBitTableBatchedEmbeddingBagsCodegen)
@@ -53,10 +53,10 @@ def test_quantized_bytes_by_hand_and_as_fbgemm_allocates_them():
 
 def test_widths_fbgemm_cannot_quantize_are_refused_by_name():
     ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_odd", num_embeddings=5, embedding_dim=6, feature_names=["f"])])
-    quantize_tables(nn.Sequential(ebc), bits=8)  # even widths are fine for INT8
+    inference_tables(nn.Sequential(ebc), bits=8)  # even widths are fine for INT8
     ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_odd", num_embeddings=5, embedding_dim=6, feature_names=["f"])])
     with pytest.raises(ValueError, match="table t_odd: width 6 cannot be quantized to INT4"):
-        quantize_tables(nn.Sequential(ebc), bits=4)
+        inference_tables(nn.Sequential(ebc), bits=4)
 
 
 def quantize(run: Path, bits: int) -> dict:

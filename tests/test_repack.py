@@ -10,6 +10,7 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from pipeline.data.batch import single_hot_kjt
+from pipeline.inference import inference_tables
 from pipeline.prune.plan import GroupPlan, StructuredPlan, group_ranges
 from pipeline.search.blocking import compute_blocking
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
@@ -17,7 +18,7 @@ from sharding.checkpoint import load_full_state
 from sharding.field_embedding import table_configs
 from sharding.local_ranks import run_ranks
 from sharding.repack import (
-    PROJECTIONS, RepackedEmbedding, KeyRewriter, load_repacked_weights, repacked_weights,
+    PROJECTIONS, RepackedEmbedding, KeyRewriter, SingleHotKeyRewriter, load_repacked_weights, repacked_weights,
 )
 from sharding.table_stats import group_sum_sq
 
@@ -165,9 +166,11 @@ def test_key_rewriter_matches_a_per_group_rewrite_on_weighted_multi_hot_batches(
     for key, jt in got.to_dict().items():
         for (ids, weights), row_ids, row_weights in zip(expected[key], jt.to_dense(), jt.to_dense_weights()):
             assert torch.equal(ids, row_ids) and torch.equal(weights, row_weights)
-    too_big = KeyedJaggedTensor(keys, values.clone().fill_(NUMS["c"]), lengths=lengths)
-    with pytest.raises(ValueError, match="id 5 is outside"):
-        KeyRewriter(plan, list(NUMS))(too_big)
+    for f, key in enumerate(NUMS):  # past the last group of the first, a middle or the last feature
+        ids = torch.zeros(len(NUMS), 2, dtype=torch.int64)
+        ids[f, 1] = NUMS[key]
+        with pytest.raises(ValueError, match=f"id {NUMS[key]} is outside"):
+            KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), ids))
 
 
 class Probe(torch.nn.Module):
@@ -280,25 +283,25 @@ def test_checkpoints_of_every_sharding_load_into_one_process_and_three_ranks(tmp
         assert max(diffs.values()) < 1e-6, diffs
 
 
-def test_fused_lookup_equals_the_repacked_module_on_weighted_multi_hot_batches():
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    from sharding.fused_lookup import FusedLookup
-
+def test_single_hot_key_rewriter_equals_the_key_rewriter_and_serves_the_alpha_model_on_tbe():
     alpha_ebc, plan = searched(seed=3)
-    module = build_repacked(alpha_ebc, plan, weighted=True)
-    fused = FusedLookup.from_repacked(module, plan)
-    g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(0, 4, (len(NUMS) * 6,), generator=g)
     keys = list(NUMS)
-    values = torch.cat([torch.randint(0, NUMS[keys[i // 6]], (int(n),), generator=g) for i, n in enumerate(lengths)])
-    kjt = KeyedJaggedTensor(keys, values, weights=torch.rand(values.numel(), generator=g), lengths=lengths)
+    rewriter = SingleHotKeyRewriter(plan, keys)
+    ids, weights = random_ids(4, rows=50), torch.rand(len(keys), 50, generator=torch.Generator().manual_seed(5))
+    got, expected = rewriter(ids, weights), KeyRewriter(plan, keys)(single_hot_kjt(keys, ids, weights))
+    assert got.keys() == expected.keys() and got.stride() == 50
+    for part in ("values", "lengths", "weights"):
+        assert torch.equal(getattr(got, part)(), getattr(expected, part)().to(getattr(got, part)().dtype)), part
+    # Through TorchRec's inference EBC (FBGEMM's TBE, fp32 rows): the structured α-model.
+    served = inference_tables(build_repacked(alpha_ebc, plan))
     with torch.no_grad():
-        expected = module(KeyRewriter(plan, keys)(kjt))
-        assert (fused(kjt) - expected).abs().max() < 1e-6
-        ids = random_ids(4)
-        fused = FusedLookup.from_repacked(build_repacked(alpha_ebc, plan), plan)
-        assert (fused(single_hot_kjt(keys, ids)) - structured_reference(alpha_ebc, plan, ids)).abs().max() < 1e-6
+        assert (served(rewriter(ids)) - structured_reference(alpha_ebc, plan, ids)).abs().max() < 1e-6
+    for f, key in enumerate(keys):  # past the last group of the first, a middle or the last feature
+        for bad in (NUMS[key], -1):
+            wrong = ids.clone()
+            wrong[f, 7] = bad
+            with pytest.raises(ValueError, match=f"id {bad} is outside"):
+                rewriter(wrong)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
 """The shipped model: a retrain run's checkpoint (written by 2 ranks) loads on 1 and 3
-ranks and into one plain process with identical predictions; ``load_model`` scores raw
-TSV and parquet rows without any process group; int8 and int4 stay within the bound
-their row ranges allow; bad raw rows fail naming file, line and field."""
+ranks and into one plain process (its tables on TorchRec's inference TBE) with identical
+predictions; ``load_model`` scores raw TSV and parquet rows without any process group;
+int8 and int4 stay within the bound their row ranges allow; bad raw rows fail naming
+file, line and field."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from launch import predict
 from pipeline.config import load_config
 from pipeline.data import synth
 from pipeline.data.loader import SplitReader
-from pipeline.inference import RawInputError, load_model, read_tsv
+from pipeline.inference import RawInputError, load_model, read_artifact, read_tsv
 from launch_helpers import ROOT, finish, torchrun
 
 pytestmark = pytest.mark.multirank
@@ -42,19 +43,21 @@ def test_retrain_checkpoint_loads_on_any_world_size_and_in_one_plain_process(ret
         logits[nproc] = torch.load(out)["logits"]
     model = load_model(retrain_run)
     data_path = load_config([retrain_run / "config.yaml"]).data.path
-    reader = SplitReader(data_path, "test", model.layout, 128, shuffle=False,
-                         drop_last=False, prefetch=0, transform=model.rewrite)
+    reader = SplitReader(data_path, "test", model.layout, 128, shuffle=False, drop_last=False, prefetch=0)
+    batch = next(iter(reader.batches()))
     with torch.no_grad():
-        logits["plain"] = model(next(iter(reader.batches())))
+        logits["plain"] = model(*served_inputs(batch, model.layout))
     assert not torch.distributed.is_initialized()
-    unfused = load_model(retrain_run, fuse=False)
-    reader.transform = unfused.rewrite
-    with torch.no_grad():
-        logits["plain unfused"] = unfused(next(iter(reader.batches())))
-    for name in (3, "plain", "plain unfused"):
+    for name in (3, "plain"):
         assert (logits[name] - logits[1]).abs().max() < 1e-5, name
     result = json.loads((retrain_run / "result.json").read_text())
     assert result["stage"] == "retrain" and result["compression_ratio"] >= 4 * 0.9
+
+
+def served_inputs(batch, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ServingModel``'s inputs of a loader batch: dense values and the id columns ``[B, C]``."""
+    ids = batch.sparse.values().view(len(layout.keys), -1)[len(layout.dense_keys):]
+    return batch.dense, ids.T
 
 
 def test_predict_in_a_fresh_process_scores_tsv_parquet_and_unlabelled_rows_alike(retrain_run, raw_rows, tmp_path):
@@ -108,33 +111,34 @@ def test_bad_raw_rows_name_file_line_and_field_and_leave_no_output(retrain_run, 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_predictions_stay_within_the_bound_of_each_rows_range(retrain_run, raw_rows, bits):
-    fp32, quantized = load_model(retrain_run, fuse=False), load_model(retrain_run, bits=bits)
+    fp32, quantized = load_model(retrain_run), load_model(retrain_run, bits=bits)
     _, block = next(read_tsv(raw_rows))
-    batch = fp32.encode(block)
-    bound = embedding_error_bound(fp32, batch.sparse, bits)  # [B, F]
+    inputs = fp32.encode(block)
+    sparse = fp32.features(*inputs)
+    tables = read_artifact(retrain_run / "model").weights  # the fp32 slab tables
+    bound = embedding_error_bound(tables, fp32.layout.keys, sparse, bits)  # [B, F]
     with torch.no_grad():
-        diff = (fp32.model.embedding(batch.sparse) - quantized.model.embedding(batch.sparse)).abs().amax(-1)
+        diff = (fp32.model.embedding(sparse) - quantized.model.embedding(sparse)).abs().amax(-1)
     assert (diff <= bound).all() and diff.max() > 0
     # Fewer bits, coarser steps: int4's error is well above int8's bound.
-    assert bits == 8 or diff.max() > embedding_error_bound(fp32, batch.sparse, 8).max()
+    assert bits == 8 or diff.max() > embedding_error_bound(tables, fp32.layout.keys, sparse, 8).max()
 
     # First order through the model: |Δlogit| ≤ Σ |∂logit/∂e| · bound; σ' ≤ 1/4.
-    jacobian = embedding_jacobian(fp32, batch)
+    jacobian = embedding_jacobian(fp32, inputs, sparse)
     logit_bound = (jacobian.abs() * bound[..., None]).sum((1, 2))
     with torch.no_grad():
-        p_fp32, p_quantized = torch.sigmoid(fp32(batch)), torch.sigmoid(quantized(batch))
+        p_fp32, p_quantized = torch.sigmoid(fp32(*inputs)), torch.sigmoid(quantized(*inputs))
     assert ((p_fp32 - p_quantized).abs() <= 1.5 * logit_bound / 4 + 1e-6).all()
 
 
-def embedding_error_bound(model, sparse, bits: int) -> torch.Tensor:
+def embedding_error_bound(tables, keys, sparse, bits: int) -> torch.Tensor:
     """Per (row, field): Σ over its ids and the column slabs they are stored in of
     |weight| × (half a quantization step of the id's slab row at ``bits`` + fp16 rounding
-    of the row's scale and bias)."""
-    keys = list(model.layout.keys)
-    tables = {n: bag.weight.detach() for n, bag in model.model.embedding.ebc.embedding_bags.items()}
+    of the row's scale and bias); ``tables`` is the artifact's state dict."""
+    keys = list(keys)
     bound = torch.zeros(sparse.stride(), len(keys))
     for name, jt in sparse.to_dict().items():
-        table = tables[f"t_{name}"]
+        table = tables[f"model.embedding.ebc.embedding_bags.t_{name}.weight"]
         low, high = table.min(1).values, table.max(1).values
         levels = 2**bits - 1
         step = (high - low) / levels
@@ -145,22 +149,15 @@ def embedding_error_bound(model, sparse, bits: int) -> torch.Tensor:
     return bound
 
 
-def embedding_jacobian(model, batch) -> torch.Tensor:
+def embedding_jacobian(model, inputs, sparse) -> torch.Tensor:
     """∂ logit_b / ∂ embedding output [b, f, k] (rows are independent)."""
     with torch.no_grad():
-        emb = model.model.embedding(batch.sparse)
+        emb = model.model.embedding(sparse)
     emb.requires_grad_(True)
-    hook = model.model.embedding.register_forward_hook(lambda module, inputs, output: emb)
+    hook = model.model.embedding.register_forward_hook(lambda module, args, output: emb)
     try:
-        model(batch).sum().backward()
+        model(*inputs).sum().backward()
     finally:
         hook.remove()
     return emb.grad
 
-
-def test_the_fused_model_exports_with_torch_export_for_a_fixed_batch(retrain_run, raw_rows):
-    model = load_model(retrain_run)
-    batch = model.encode(next(read_tsv(raw_rows))[1])
-    exported = torch.export.export(model.model, (batch.dense, batch.sparse), strict=False)
-    with torch.no_grad():
-        assert torch.equal(exported.module()(batch.dense, batch.sparse), model(batch))

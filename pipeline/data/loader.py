@@ -213,6 +213,23 @@ def table_rows(table, dense_columns: Sequence[str], id_columns: Sequence[str]) -
     return Rows(labels, dense, ids)
 
 
+def key_ids(
+    dense: torch.Tensor, ids: torch.Tensor, layout: FeatureLayout,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Ids ``[F, B]`` of every key of ``layout`` and their weights (``None`` without dense
+    keys), from a batch's dense values ``[B, D]`` and id columns ``[C, B]``.
+
+    Dense keys are one-row tables (id 0) scaled by the value, so padding rows weigh 0.
+    """
+    if not layout.dense_keys:
+        return ids, None
+    batch, num_dense = ids.shape[1], len(layout.dense_keys)
+    return (
+        torch.cat([ids.new_zeros(num_dense, batch), ids]),
+        torch.cat([dense.T, dense.new_ones(ids.shape[0], batch)]),
+    )
+
+
 def rows_batch(
     rows: Rows, layout: FeatureLayout,
     transform: Optional[Callable[[KeyedJaggedTensor], KeyedJaggedTensor]] = None,
@@ -220,12 +237,7 @@ def rows_batch(
     """The model's ``Batch`` of ``rows`` under ``layout`` (training and serving alike)."""
     dense = torch.from_numpy(np.ascontiguousarray(rows.dense))
     ids = torch.from_numpy(np.ascontiguousarray(rows.ids.T))
-    weights = None
-    if layout.dense_keys:
-        # Dense keys: one-row tables (id 0) scaled by the value; padding rows weigh 0.
-        ids = torch.cat([torch.zeros(len(layout.dense_keys), len(rows), dtype=torch.int64), ids])
-        weights = torch.cat([dense.T, torch.ones(len(layout.id_columns), len(rows))])
-    sparse = single_hot_kjt(layout.keys, ids, weights)
+    sparse = single_hot_kjt(layout.keys, *key_ids(dense, ids, layout))
     if transform is not None:
         sparse = transform(sparse)
     return Batch(dense=dense, sparse=sparse, labels=torch.from_numpy(rows.labels))

@@ -9,7 +9,8 @@ An artifact directory holds::
     weights.safetensors  the task's state dict (every tensor of the model)
     vocab.safetensors    per field ``<field>.keys`` (int64, sorted) and ``<field>.ids``
                          (int32): raw value -> frequency rank, as ``pipeline.data.vocab``
-    manifest.json        bytes and sha256 of each file above, written last
+    manifest.json        bytes and sha256 of each file above (and of any extra file, such
+                         as ``model.pt2``: ``pipeline.inference.exported``), written last
 
 It is written under ``<out>.tmp`` and renamed into place, so a directory at ``<out>``
 is always complete. Reading checks every file against the manifest before parsing it,
@@ -97,8 +98,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(directory: str | Path, artifact: Artifact) -> Path:
-    """Write ``artifact`` to ``directory`` atomically (replacing an older one); returns it."""
+def write_artifact(
+    directory: str | Path, artifact: Artifact, extras: Mapping[str, Callable[[Path], None]] | None = None,
+) -> Path:
+    """Write ``artifact`` to ``directory`` atomically (replacing an older one); returns it.
+
+    ``extras`` maps more file names to functions writing them at a path; they go into the
+    same directory and manifest (``read_artifact`` does not read them).
+    """
     out = Path(directory)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,9 +117,13 @@ def write_artifact(directory: str | Path, artifact: Artifact) -> Path:
         arrays[f"{name}.keys"] = np.ascontiguousarray(vocab.keys, dtype=np.int64)
         arrays[f"{name}.ids"] = np.ascontiguousarray(vocab.ids, dtype=np.int32)
     safetensors.numpy.save_file(arrays, tmp / VOCAB_FILE)
-    for name in (WEIGHTS_FILE, VOCAB_FILE):  # safetensors creates files readable by their owner alone
+    extras = extras or {}
+    for name, write in extras.items():
+        write(tmp / name)
+    names = (*FILES, *extras)
+    for name in names:  # every file as readable as model.json: safetensors creates files for their owner alone
         (tmp / name).chmod((tmp / MODEL_FILE).stat().st_mode)
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)} for name in FILES}
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)} for name in names}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     _replace_directory(tmp, out)
@@ -166,9 +177,11 @@ def read_artifact(directory: str | Path) -> Artifact:
     doc = _read_json(model_path)
     try:
         config = config_from_dict(_key(doc, "config", model_path), str(model_path))
-        layout = FeatureLayout(**{
-            k: tuple(v) if isinstance(v, list) else v for k, v in _key(doc, "layout", model_path).items()
-        }, counts={})
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in _key(doc, "layout", model_path).items()}
+        # model.json sorts its keys; the tables go in key order, as trained (else every
+        # batch is permuted to the tables' order and back).
+        fields["num_embeddings"] = {key: fields["num_embeddings"][key] for key in fields["keys"]}
+        layout = FeatureLayout(**fields, counts={})
         plan_doc = _key(doc, "plan", model_path)
         plan = StructuredPlan.from_json(plan_doc) if plan_doc is not None else None
         dense_fields = tuple(_key(doc, "dense_fields", model_path))
@@ -186,6 +199,16 @@ def read_artifact(directory: str | Path) -> Artifact:
         plan=plan, projection=_key(doc, "projection", model_path), source=doc.get("source", {}),
         directory=directory,
     )
+
+
+def verify_listed(path: Path) -> None:
+    """Check the file ``path`` against the manifest of its directory.
+
+    Raises:
+        ArtifactError: for a missing manifest or file, an unlisted file or one that changed.
+    """
+    listed = _read_json(path.parent / MANIFEST_FILE).get("files")
+    _verify(path, listed.get(path.name) if isinstance(listed, dict) else None)
 
 
 def check_weights(path: Path, weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:

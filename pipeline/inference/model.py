@@ -7,18 +7,22 @@ process alone: no process group, no sharding. The module owns every step the tra
 data went through: vocabulary lookup (hex -> frequency rank, OOV), the dense transform
 (``log(1 + max(x, 0))``), the key rewrite into the repacked tables, the tables and their
 projections, and the model. The code is the preprocessing's and the loader's own
-(``encode_block``, ``rows_batch``), so serving cannot drift from training.
+(``encode_block``, ``table_rows``, ``key_ids``), so serving cannot drift from training.
+``encode`` is the numpy part (raw rows -> dense values and ids), ``forward`` the tensor
+part (dense values and ids -> logits), which ``torch.export`` exports with a dynamic
+batch (``pipeline.inference.exported``).
 
-Repacked tables are served fused by width (``sharding.fused_lookup``), which reads only
-the values each id needs. ``bits=8`` or ``bits=4`` quantizes every table row-wise to
-INT8/INT4 with TorchRec's ``quantize_inference_model`` (one fused FBGEMM kernel for all
-widths; an entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus
-fp16 rounding of the row's scale and bias; bytes as ``pipeline.prune.bytes`` counts them).
+Every table is served by TorchRec's inference EBC (``quantize_inference_model``: FBGEMM's
+inference TBE, all tables in one kernel call), with fp32 rows (exactly the trained
+values) or, with ``bits=8`` or ``bits=4``, rows quantized row-wise to INT8/INT4 (an
+entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus fp16 rounding
+of the row's scale and bias; bytes as ``pipeline.prune.bytes`` counts them). A repacked
+model's ids go to its column slabs by ``SingleHotKeyRewriter`` (no sort, no per-key work).
 
 Example:
     >>> model = load_model("runs/synthetic/search/retrain")          # doctest: +SKIP
     >>> for _, block in read_tsv("new_rows.tsv"):                     # doctest: +SKIP
-    ...     probabilities = model.predict(block)
+    ...     probabilities = model.predict(block)   # == torch.sigmoid(model(*model.encode(block)))
 """
 
 from __future__ import annotations
@@ -32,28 +36,31 @@ from torchrec.inference.modules import quantize_inference_model
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from pipeline.data.batch import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pipeline.data.batch import single_hot_kjt
 from pipeline.data.chunk_passes import encode_block
 from pipeline.data.criteo_reader import ParsedBlock
 from pipeline.data.features import FeatureLayout
-from pipeline.data.loader import rows_batch, table_rows
+from pipeline.data.loader import key_ids, table_rows
 from pipeline.data.vocab import Vocabulary
 from pipeline.inference.artifact import (
     EXPORT_DIR, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE, Artifact, ArtifactError, check_weights, read_artifact,
 )
-from pipeline.prune.bytes import QUANT_ROW_ALIGNMENT, QUANTIZED_BITS
+from pipeline.prune.bytes import QUANT_ROW_ALIGNMENT
 from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_retrain_task, build_train_task
-from sharding.fused_lookup import FusedLookup
-from sharding.repack import KeyRewriter
+from sharding.repack import SingleHotKeyRewriter
 
-QUANTIZED_DTYPES = {8: torch.qint8, 4: torch.quint4x2}  # TorchRec's names for INT8 / INT4 tables
+FP32_BITS = 32
+# TorchRec's names for FP32 / INT8 / INT4 rows.
+TABLE_DTYPES = {FP32_BITS: torch.float, 8: torch.qint8, 4: torch.quint4x2}
 # FBGEMM's row-wise quantizer stores each row's values in whole fp16-sized units.
 QUANTIZED_ROW_UNIT_BITS = 16
 
 
 class ServingModel(nn.Module):
-    """Raw rows -> logits: encoding (numpy, the preprocessing's code) then the model.
+    """Raw rows -> logits: ``encode`` (numpy, the preprocessing's code), then ``forward``.
 
     Args:
         model: the trained model, ``model(dense, sparse) -> logits``.
@@ -65,44 +72,51 @@ class ServingModel(nn.Module):
 
     def __init__(
         self, model: nn.Module, layout: FeatureLayout, vocab: Vocabulary,
-        dense_fields: Sequence[str], rewrite: Optional[KeyRewriter] = None,
+        dense_fields: Sequence[str], rewrite: Optional[SingleHotKeyRewriter] = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.layout, self.vocab, self.rewrite = layout, vocab, rewrite
         self.dense_fields = tuple(dense_fields)
 
-    def encode(self, block: ParsedBlock) -> Batch:
-        """The model's batch of raw rows, exactly as preprocessing + loader build it."""
+    def encode(self, block: ParsedBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dense [B, D] float32, ids [B, C] int64)`` of raw rows, exactly as the
+        preprocessing and the loader make them (``D`` dense fields, ``C`` id columns)."""
         rows = table_rows(encode_block(block, self.vocab), self.dense_fields, self.layout.id_columns)
-        return rows_batch(rows, self.layout, self.rewrite)
+        return torch.from_numpy(rows.dense), torch.from_numpy(rows.ids)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits of an encoded batch."""
-        return self.model(batch.dense, batch.sparse)
+    def features(self, dense: torch.Tensor, ids: torch.Tensor) -> KeyedJaggedTensor:
+        """The KJT the model reads: every key single-hot (``key_ids``), or a repacked
+        model's slabs."""
+        ids, weights = key_ids(dense, ids.T, self.layout)
+        if self.rewrite is None:
+            return single_hot_kjt(self.layout.keys, ids, weights)
+        return self.rewrite(ids, weights)
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B]`` of encoded rows (``encode``): the tensor part of serving."""
+        return self.model(dense, self.features(dense, ids))
 
     @torch.no_grad()
     def predict(self, block: ParsedBlock) -> torch.Tensor:
         """Click probabilities of raw rows."""
         self.eval()
-        return torch.sigmoid(self(self.encode(block)))
+        return torch.sigmoid(self(*self.encode(block)))
 
     def embedding_bytes(self) -> int:
-        """Bytes held by the embedding module (tables, quantization scales, projections)."""
-        embedding = self.model.embedding
-        tensors = [*embedding.parameters(), *embedding.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes held by the embedding module (tables, quantization scales, projections)
+        and the key rewrite (its group tables)."""
+        modules = [self.model.embedding] + ([self.rewrite] if self.rewrite is not None else [])
+        return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
-def load_model(path: str | Path, bits: Optional[int] = None, fuse: bool = True) -> ServingModel:
+def load_model(path: str | Path, bits: Optional[int] = None) -> ServingModel:
     """The exported model (``dnis export``) on CPU in this process, ready to score raw rows.
 
     ``path`` is an artifact directory or a run directory holding one in ``model/``
     (a finished retrain or train run exports its best model there). Only JSON and
     safetensors are read, each file checked against the manifest first: nothing is
-    unpickled. ``bits`` (8 or 4) quantizes its tables (``quantize_tables``);
-    ``fuse=False`` keeps repacked tables in their training form (an EBC behind the key
-    rewrite).
+    unpickled. ``bits`` (8 or 4) quantizes its tables (``inference_tables``).
 
     Raises:
         ArtifactError: naming the missing, changed or malformed file (and key).
@@ -110,12 +124,12 @@ def load_model(path: str | Path, bits: Optional[int] = None, fuse: bool = True) 
     Example:
         >>> model = load_model("runs/synthetic/search/retrain", bits=8)  # doctest: +SKIP
     """
-    return serve_artifact(read_artifact(artifact_directory(path)), bits, fuse)
+    return serve_artifact(read_artifact(artifact_directory(path)), bits)
 
 
-def serve_artifact(artifact: Artifact, bits: Optional[int] = None, fuse: bool = True) -> ServingModel:
+def serve_artifact(artifact: Artifact, bits: Optional[int] = None) -> ServingModel:
     """The model of ``artifact`` (read from disk, or a run's checkpoint in memory:
-    ``launch.export.load_run``) on CPU, ready to serve; ``bits`` and ``fuse`` as ``load_model``.
+    ``launch.export.load_run``) on CPU, ready to serve; ``bits`` as ``load_model``.
 
     Raises:
         ArtifactError: naming ``model.json`` if no model can be built from it, or the tensor
@@ -132,7 +146,7 @@ def serve_artifact(artifact: Artifact, bits: Optional[int] = None, fuse: bool = 
         raise ArtifactError(f"{directory / MODEL_FILE}: no model can be built from it ({reason})") from None
     check_weights(directory / WEIGHTS_FILE, artifact.weights, task.state_dict())
     task.load_state_dict(artifact.weights)
-    return serving_model(task.model, layout, artifact.vocab, artifact.dense_fields, artifact.plan, bits, fuse)
+    return serving_model(task.model, layout, artifact.vocab, artifact.dense_fields, artifact.plan, bits)
 
 
 def artifact_directory(path: str | Path) -> Path:
@@ -152,41 +166,34 @@ def artifact_directory(path: str | Path) -> Path:
 
 def serving_model(
     model: nn.Module, layout: FeatureLayout, vocab: Vocabulary, dense_fields: Sequence[str],
-    plan: Optional[StructuredPlan] = None, bits: Optional[int] = None, fuse: bool = True,
+    plan: Optional[StructuredPlan] = None, bits: Optional[int] = None,
 ) -> ServingModel:
-    """A trained model (on CPU) ready to serve.
-
-    Repacked tables (``plan``) with the selection projection are fused by width
-    (``FusedLookup``: ids looked up directly, no key rewrite); quantized ones (``bits``)
-    stay an EBC, which TorchRec quantizes, behind the key rewrite. A learned projection
-    keeps the EBC too.
-    """
-    model = model.eval()
-    if plan is None or bits is not None or not fuse or getattr(model.embedding, "learned", False):
-        if bits is not None:
-            model = quantize_tables(model, bits)
-        rewrite = KeyRewriter(plan, layout.keys) if plan is not None else None
-        return ServingModel(model, layout, vocab, dense_fields, rewrite)
-    model.embedding = FusedLookup.from_repacked(model.embedding, plan)
-    return ServingModel(model, layout, vocab, dense_fields)
+    """A trained model (on CPU) ready to serve: its tables in TorchRec's inference EBC
+    (``inference_tables``: fp32, or ``bits`` 8 or 4), a repacked model's (``plan``) behind
+    its single-hot key rewrite."""
+    model = inference_tables(model.eval(), FP32_BITS if bits is None else bits)
+    rewrite = SingleHotKeyRewriter(plan, layout.keys) if plan is not None else None
+    return ServingModel(model, layout, vocab, dense_fields, rewrite)
 
 
-def quantize_tables(model: nn.Module, bits: int) -> nn.Module:
-    """``model`` with every ``EmbeddingBagCollection`` quantized row-wise to ``bits`` (8 or 4),
-    in place, by TorchRec's ``quantize_inference_model`` (fp32 outputs).
+def inference_tables(model: nn.Module, bits: int = FP32_BITS) -> nn.Module:
+    """``model`` with every ``EmbeddingBagCollection`` swapped, in place, for TorchRec's
+    inference EBC (``quantize_inference_model``: FBGEMM's inference TBE, fp32 outputs)
+    holding fp32 rows (``bits=32``, the trained values exactly) or rows quantized
+    row-wise to ``bits`` 8 or 4.
 
-    Rows are packed without padding (``QUANT_ROW_ALIGNMENT``). A table's width times
-    ``bits`` must be a multiple of 16 (FBGEMM's quantizer: even widths for INT8, multiples
-    of 4 for INT4; repacked widths always are).
+    Rows are packed without padding (``QUANT_ROW_ALIGNMENT``). A quantized table's width
+    times ``bits`` must be a multiple of 16 (FBGEMM's quantizer: even widths for INT8,
+    multiples of 4 for INT4; repacked widths always are).
 
     Raises:
         ValueError: for other ``bits``, or naming the first table of a width that cannot be quantized.
 
     Example:
-        >>> int4 = quantize_tables(load_model("runs/tiny").model, bits=4)  # doctest: +SKIP
+        >>> int4 = inference_tables(load_model("runs/tiny").model, bits=4)  # doctest: +SKIP
     """
-    if bits not in QUANTIZED_BITS:
-        raise ValueError(f"bits {bits}: quantized tables have {' or '.join(map(str, QUANTIZED_BITS))} bits")
+    if bits not in TABLE_DTYPES:
+        raise ValueError(f"bits {bits}: served tables have {', '.join(map(str, TABLE_DTYPES))} bits")
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             for table in module.embedding_bag_configs():
@@ -196,4 +203,4 @@ def quantize_tables(model: nn.Module, bits: int) -> nn.Module:
                         f"(width × {bits} must be a multiple of {QUANTIZED_ROW_UNIT_BITS} bits)"
                     )
     quant_prep_customize_row_alignment(model, [EmbeddingBagCollection], QUANT_ROW_ALIGNMENT)
-    return quantize_inference_model(model, quantization_dtype=QUANTIZED_DTYPES[bits], output_dtype=torch.float)
+    return quantize_inference_model(model, quantization_dtype=TABLE_DTYPES[bits], output_dtype=torch.float)

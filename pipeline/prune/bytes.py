@@ -13,7 +13,7 @@ serving (DESIGN.md, "Prune, repack, compression ratio"); MLP bytes are never inc
   column index (``K ≤ 128``): 9 bytes. scipy's default COO (int32 row and column) would
   be 12 bytes; the narrower column index is the honest minimum for ``K ≤ 128``.
 - Quantized tables (``bits`` 8 or 4: TorchRec's row-wise INT8/INT4, FBGEMM's fused
-  layout, as ``pipeline.inference.quantize_tables`` builds them): per row the packed
+  layout, as ``pipeline.inference.inference_tables`` builds them): per row the packed
   values ``ceil(width × bits / 8)`` plus an fp16 scale and an fp16 bias (4 bytes), rows
   padded to ``QUANT_ROW_ALIGNMENT`` bytes, each table's block padded to a 128-byte cache
   line: ``round_up(rows × round_up(ceil(width × bits / 8) + 4, align), 128)``. Range
