@@ -14,7 +14,8 @@ NPROC=${NPROC:-2}
 CR=${CR:-10}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CONFIG=configs/synthetic.yaml
-TORCHX=(torchx run -s local_cwd)
+# torchx logs each launch's trackers, log directory and wait at INFO: only its warnings and errors show
+TORCHX=(torchx --log_level WARNING run -s local_cwd)
 
 step() { echo; echo "== $*"; }
 

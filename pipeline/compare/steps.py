@@ -43,7 +43,7 @@ def torchx(cell: Cell, component: str, *args: str) -> list[str]:
     """``torchx run`` of one of the project's components on ``nproc`` ranks."""
     s = cell.settings
     return [
-        str(Path(sys.executable).with_name("torchx")), "run", "-s", s.scheduler,
+        str(Path(sys.executable).with_name("torchx")), "--log_level", "WARNING", "run", "-s", s.scheduler,
         f"{ROOT}/launch/components.py:{component}", "--nproc", str(s.nproc), *args,
     ]
 
