@@ -30,13 +30,17 @@ from pipeline.inference.exported import EXAMPLE_ROWS, PROGRAM_FILE
 pytestmark = pytest.mark.multirank  # the fixtures spawn 2-rank runs
 
 
-@pytest.fixture(scope="module")
-def raw_block(tmp_path_factory):
-    """200 fresh raw rows from the generator that made the dataset, as one parsed block."""
+def fresh_block(tmp_path_factory, rows: int, seed: int):
+    """``rows`` fresh raw rows from the generator that made the dataset, as one parsed block."""
     path = tmp_path_factory.mktemp("raw") / "rows.tsv"
-    synth.main(["--rows", "200", "--seed", "5", "--out", str(path)])
+    synth.main(["--rows", str(rows), "--seed", str(seed), "--out", str(path)])
     (_, block), = read_tsv(path)
     return block
+
+
+@pytest.fixture(scope="module")
+def raw_block(tmp_path_factory):
+    return fresh_block(tmp_path_factory, 200, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -223,11 +227,7 @@ def test_a_train_run_ships_its_full_tables_and_a_search_run_is_refused(train_run
 
 @pytest.fixture(scope="module")
 def block_4096(tmp_path_factory):
-    """4096 fresh raw rows as one parsed block."""
-    path = tmp_path_factory.mktemp("raw") / "rows.tsv"
-    synth.main(["--rows", "4096", "--seed", "7", "--out", str(path)])
-    (_, block), = read_tsv(path)
-    return block
+    return fresh_block(tmp_path_factory, 4096, seed=7)
 
 
 @pytest.mark.parametrize("run, precision", [("retrain_run", "fp32"), ("retrain_run", "int8"), ("train_run", "fp32")])
