@@ -7,7 +7,7 @@ it for each target CR as ``dnis prune --cr`` does (8 ranges per block; τ alloca
 ``--allocation value``).
 
 Example:
-    >>> cfg, layout, blocking, search, raw = synthetic_search(Path("/tmp/s"), 300_000)  # doctest: +SKIP
+    >>> cfg, layout, blocking, search, raw = synthetic_search(Path("runs/bench"), 300_000)  # doctest: +SKIP
     >>> plans = structured_plans(cfg, layout, blocking, search, [10.0, 20.0])       # doctest: +SKIP
 """
 
