@@ -12,23 +12,30 @@ Measured on a one-chunk ``.gz`` of 5M distinct values at ``--memory-mb 256``
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
 from pipeline.progress import progress_bar
 
 
-def release_freed_memory() -> None:
-    """Return freed heap to the OS: pyarrow's pool, then glibc's ``malloc_trim`` (a no-op
-    where the C library has none)."""
-    pa.default_memory_pool().release_unused()
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim``, looked up once per process (``find_library`` runs
+    ``ldconfig``); None where the C library has none."""
     libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
+def release_freed_memory() -> None:
+    """Return freed heap to the OS: pyarrow's pool, then ``malloc_trim``."""
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
