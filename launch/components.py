@@ -214,6 +214,7 @@ def prune(
     projection: str = "selection",
     mode: str = "structured",
     allocation: str = "threshold",
+    min_row_lookups: float = 0,
     nproc: int = 2,
     nnodes: int = 1,
     gpu: int = 0,
@@ -230,6 +231,8 @@ def prune(
         projection: ``selection`` (fixed) or ``learned`` (NIS-ME) (structured).
         mode: ``structured`` (what ships) or ``fine`` (paper eq. 9, COO bytes, evaluated).
         allocation: ``threshold`` (one τ) or ``value`` (worth per byte, any width) (structured).
+        min_row_lookups: value allocation: ids of groups seen fewer times than this on
+            average share rows, each serving at least this many train occurrences (0: off).
         nproc: processes (ranks) per node; the ranks that held the search's shards.
         nnodes: nodes.
         gpu: GPUs per node (0 = CPU with gloo).
@@ -238,6 +241,7 @@ def prune(
     """
     args = ["--run-dir", run_dir, "--cr", str(cr), "--ranges-per-block", str(ranges_per_block)]
     args += ["--projection", projection, "--mode", mode, "--allocation", allocation]
+    args += ["--min-row-lookups", str(min_row_lookups)]
     return _ddp("launch.prune", args, nproc, nnodes, gpu, memMB, image, "dnis-prune")
 
 

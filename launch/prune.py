@@ -69,6 +69,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
              "to int8, 4: to int4; FBGEMM needs width x bits to be a multiple of 16)",
     )
     parser.add_argument(
+        "--min-row-lookups", type=float, default=0,
+        help="value allocation: ids of a group seen fewer times than this on average share rows "
+             "(hashing), each shared row serving at least this many train occurrences; 0: a row per id",
+    )
+    parser.add_argument(
         "--ranges-per-block", type=int, default=8,
         help="cut each (feature, block) into this many id ranges with their own widths (higher CRs need more)",
     )
@@ -84,15 +89,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def width_table(plan: StructuredPlan) -> str:
-    """Rows-weighted mean kept width per α row (block), and the rows it covers."""
+    """Rows-weighted mean kept width per α row (block), the ids it covers and the rows
+    they are stored in (fewer where ids share rows)."""
     rows: dict[int, list[int]] = {}
     for g in plan.groups:
-        total = rows.setdefault(g.group.block, [0, 0])
+        total = rows.setdefault(g.group.block, [0, 0, 0])
         total[0] += g.group.rows * g.width
         total[1] += g.group.rows
-    lines = ["block  ids        mean width"]
-    for block, (weighted, count) in sorted(rows.items()):
-        lines.append(f"{block:>5}  {count:>9}  {weighted / max(count, 1):>10.2f}")
+        total[2] += g.stored_rows if g.width else 0
+    lines = ["block  ids        mean width  stored rows"]
+    for block, (weighted, count, stored) in sorted(rows.items()):
+        lines.append(f"{block:>5}  {count:>9}  {weighted / max(count, 1):>10.2f}  {stored:>11}")
     return "\n".join(lines)
 
 
@@ -122,7 +129,7 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
     mass = group_mass(groups, job.layout.counts)
     if args.cr is not None and args.allocation == "value":
         budget = unpruned_bytes(sum(g.rows for g in groups), job.cfg.model.embedding_dim) / args.cr
-        plan = plan_by_value(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step)
+        plan = plan_by_value(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step, args.min_row_lookups)
         landed = plan.compression_ratio(args.projection)
         if landed > args.cr * (1 + CR_TOLERANCE):  # every column scoring above zero fits
             raise ValueError(

@@ -71,11 +71,11 @@ class Slab:
 
     @property
     def rows(self) -> int:
-        return sum(g.group.rows for g in self.groups)
+        return sum(g.stored_rows for g in self.groups)
 
     def first_rows(self) -> list[int]:
         """Row of each group's first id in the slab's table."""
-        return [0, *accumulate(g.group.rows for g in self.groups)][:-1]
+        return [0, *accumulate(g.stored_rows for g in self.groups)][:-1]
 
 
 class ColumnSlabs:
@@ -102,12 +102,35 @@ class ColumnSlabs:
 @dataclass(frozen=True)
 class LocatedIds:
     """Every id of a batch with its bag (``segment``: key-major, then row), its field
-    position in ``GroupIndex.keys`` and its group slot."""
+    position in ``GroupIndex.keys``, its group slot and ``folded``: the id whose row it
+    reads (itself, or for a group of shared rows ``GroupIndex.fold``'s)."""
 
     ids: torch.Tensor
     segment: torch.Tensor
     field: torch.Tensor
     slot: torch.Tensor
+    folded: torch.Tensor
+
+
+NO_FOLD = torch.iinfo(torch.int64).max  # the modulus of groups whose ids keep their own rows
+
+
+def fold(ids: torch.Tensor, start: torch.Tensor, modulus: torch.Tensor) -> torch.Tensor:
+    """``start + (ids - start) mod modulus``: ids of a group of shared rows onto its first
+    ``modulus`` ids (``NO_FOLD`` leaves an id as it is).
+
+    Example:
+        >>> fold(torch.tensor([10, 13, 14, 99]), torch.tensor([10, 10, 10, 0]), torch.tensor([4, 4, 4, NO_FOLD]))
+        tensor([10, 13, 10, 99])
+    """
+    return start + torch.remainder(ids - start, modulus)
+
+
+def fold_constants(groups: Sequence[GroupPlan | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start, modulus)`` of ``fold`` for each of ``groups`` (``None``: no group)."""
+    start = [0 if g is None else g.group.start for g in groups]
+    modulus = [NO_FOLD if g is None or g.buckets is None else g.buckets for g in groups]
+    return torch.tensor(start, dtype=torch.int64), torch.tensor(modulus, dtype=torch.int64)
 
 
 class GroupIndex:
@@ -139,6 +162,7 @@ class GroupIndex:
         self.starts = torch.tensor(starts, dtype=torch.int64)
         self.offsets = torch.tensor(offsets, dtype=torch.int64)
         self.stops = torch.tensor(stops, dtype=torch.int64)
+        self.slot_start, self.slot_modulus = fold_constants(self.slots)
 
     def locate(self, features: KeyedJaggedTensor) -> LocatedIds:
         """Group slots of every id of ``features`` (whose keys are ``keys``, any order).
@@ -159,4 +183,4 @@ class GroupIndex:
             bad = (ids < 0) | (ids >= self.stops[field])
             if bool(bad.any()):
                 raise ValueError(f"id {int(ids[bad][0])} is outside the ranges of the prune plan's groups")
-        return LocatedIds(ids, segment, field, slot)
+        return LocatedIds(ids, segment, field, slot, fold(ids, self.slot_start[slot], self.slot_modulus[slot]))

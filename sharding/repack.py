@@ -41,8 +41,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from pipeline.prune.plan import StructuredPlan
-from sharding.column_slabs import ColumnSlabs, GroupIndex, Slab
+from pipeline.prune.plan import GroupPlan, StructuredPlan
+from sharding.column_slabs import NO_FOLD, ColumnSlabs, GroupIndex, Slab, fold, fold_constants
 
 PROJECTIONS = ("selection", "learned")
 
@@ -99,7 +99,7 @@ class KeyRewriter:
         weights = features.weights_or_none()
         return KeyedJaggedTensor(
             keys=self.out_keys,
-            values=(found.ids[which] + self._shift[entry])[order],
+            values=(found.folded[which] + self._shift[entry])[order],
             lengths=torch.bincount(order_key, minlength=len(self.out_keys) * batch).to(features.lengths().dtype),
             weights=None if weights is None else weights[which][order],
             stride=batch,
@@ -141,7 +141,15 @@ class SingleHotKeyRewriter(nn.Module):
         for i, slab in enumerate(slabs.slabs):
             for j, slot in enumerate(index.key_slots[slab.key][:-1], start=1):
                 code[i, j] = dict(entries[slot]).get(i, NOT_STORED)
+        # Per (feature, position): fold's start and modulus (groups of shared rows only).
+        self.folds = any(g.buckets is not None for g in index.slots if g is not None)
+        fold_start = torch.zeros(len(keys), positions, dtype=torch.int64)
+        fold_modulus = torch.full((len(keys), positions), NO_FOLD)
+        for f, key in enumerate(keys):
+            fold_start[f, 1 : len(groups[key]) + 1], fold_modulus[f, 1 : len(groups[key]) + 1] = fold_constants(groups[key])
         field = {key: i for i, key in enumerate(keys)}
+        self.register_buffer("fold_start", fold_start, persistent=False)
+        self.register_buffer("fold_modulus", fold_modulus, persistent=False)
         self.register_buffer("bounds", bounds, persistent=False)
         self.register_buffer("known", known, persistent=False)
         self.register_buffer("code", code, persistent=False)
@@ -158,6 +166,8 @@ class SingleHotKeyRewriter(nn.Module):
             known = torch.gather(self.known, 1, position)
             if not bool(known.all()):
                 raise ValueError(f"id {int(ids[~known][0])} is outside the ranges of the prune plan's groups")
+        if self.folds:
+            ids = fold(ids, torch.gather(self.fold_start, 1, position), torch.gather(self.fold_modulus, 1, position))
         code = torch.gather(self.code, 1, position.index_select(0, self.field))  # [S, B]
         stored = code != NOT_STORED
         values = ids.index_select(0, self.field).add_(code).masked_select(stored)
@@ -285,9 +295,28 @@ def repacked_weights(
 
 
 def slab_values(slab: Slab, table: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``[slab.rows, slab.width]``: the slab's columns of its groups' rows of ``table``, α-scaled."""
+    """``[slab.rows, slab.width]``: the slab's columns of its groups' rows of ``table``,
+    α-scaled; a shared row starts as the mean of the rows of the ids it serves."""
     cols = torch.tensor(slab.columns, dtype=torch.int64)
-    return torch.cat([table[g.group.start : g.group.stop][:, cols] * alpha[g.group.block, cols] for g in slab.groups])
+    return torch.cat([shared_mean(g, table[g.group.start : g.group.stop][:, cols] * alpha[g.group.block, cols])
+                      for g in slab.groups])
+
+
+def shared_mean(group: GroupPlan, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` of ``group``'s ids, or for a group of shared rows each row's mean over
+    the ids ``fold`` sends to it.
+
+    Example:
+        >>> from pipeline.prune.plan import Group
+        >>> shared_mean(GroupPlan(Group("a", 0, 0, 3), (0,), 1, buckets=2), torch.tensor([[1.0], [2.0], [5.0]]))
+        tensor([[3.],
+                [2.]])
+    """
+    if group.buckets is None:
+        return rows
+    bucket = torch.arange(rows.shape[0]) % group.buckets
+    sums = rows.new_zeros(group.buckets, rows.shape[1]).index_add_(0, bucket, rows)
+    return sums / torch.bincount(bucket, minlength=group.buckets).unsqueeze(1).to(rows.dtype)
 
 
 def load_repacked_weights(module: RepackedEmbedding, weights: dict[str, torch.Tensor]) -> None:

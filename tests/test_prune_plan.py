@@ -237,6 +237,24 @@ def test_value_allocation_keeps_every_id_when_the_budget_pays_one_column_each():
     assert any(g.width == 0 for g in tau_plan.groups)
 
 
+def test_rarely_seen_groups_share_rows_and_are_widened_for_the_same_bytes():
+    from pipeline.prune.knapsack import plan_by_value
+
+    groups, sum_sq, alpha = _value_case()
+    unpruned = sum(g.rows for g in groups) * 16 * 4
+    mass = [max(1, 20_000 // (i + 1) ** 2) for i in range(len(groups))]  # the tail: under one lookup per id
+    own = plan_by_value(groups, sum_sq, alpha, mass, unpruned / 20)
+    shared = plan_by_value(groups, sum_sq, alpha, mass, unpruned / 20, min_row_lookups=4)
+    assert all(g.buckets is None for g in own.groups)
+    for g, m in zip(shared.groups, mass):
+        assert g.buckets == (-(-m // 4) if -(-m // 4) < g.group.rows and g.width else None), g
+        assert g.stored_rows * 4 >= m or g.buckets is None
+    assert any(g.buckets for g in shared.groups)
+    assert sum(g.width for g in shared.groups) > sum(g.width for g in own.groups)
+    assert 0.9 * unpruned / 20 <= shared.embedding_bytes("selection") <= unpruned / 20
+    assert StructuredPlan.from_json(json.loads(json.dumps(shared.to_json()))) == shared
+
+
 def _value_case():
     """Twelve groups of one feature, sizes 1..~4000 ids, K=16, random column energies."""
     g = torch.Generator().manual_seed(0)

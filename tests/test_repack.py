@@ -5,6 +5,8 @@ parallel; the column statistics the plan needs are the same read from any shardi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -319,3 +321,45 @@ def test_int8_repacked_tables_shard_over_emulated_ranks_on_one_gpu():
         sharded, sharding_plan = shard_quant_model(quant, world_size=2, compute_device="cuda", sharding_device="cuda")
         assert len(sharding_plan.plan) > 0
         assert (sharded(kjt) - expected).abs().max() < 1e-5
+
+
+def with_shared_rows(plan: StructuredPlan) -> StructuredPlan:
+    """``plan`` with every kept group of more than 3 ids sharing a third of its rows."""
+    return StructuredPlan(tuple(
+        replace(g, buckets=g.group.rows // 3) if g.width and g.group.rows > 3 else g for g in plan.groups
+    ), plan.embedding_dim, plan.tau)
+
+
+def shared_reference(alpha_ebc, plan, ids: torch.Tensor) -> torch.Tensor:
+    """The structured α-model, each id of a group of shared rows embedded as the mean
+    over the ids of its group that share its row."""
+    out = structured_reference(alpha_ebc, plan, ids)
+    for f, key in enumerate(NUMS):
+        for g in plan.groups:
+            if g.group.key != key or g.buckets is None:
+                continue
+            members = torch.arange(g.group.start, g.group.stop)
+            for b, i in enumerate(ids[f].tolist()):
+                if g.group.start <= i < g.group.stop:
+                    mates = members[(members - g.group.start) % g.buckets == (i - g.group.start) % g.buckets]
+                    column = torch.full((len(NUMS), mates.numel()), 0, dtype=torch.int64)
+                    column[f] = mates
+                    out[b, f] = structured_reference(alpha_ebc, plan, column)[:, f].mean(0)
+    return out
+
+
+def test_groups_of_shared_rows_serve_the_mean_of_their_ids_through_both_rewriters():
+    alpha_ebc, plain = searched(seed=3)
+    plan = with_shared_rows(plain)
+    assert sum(g.buckets is not None for g in plan.groups) >= 3
+    keys = list(NUMS)
+    ids = random_ids(7, rows=64)
+    module = build_repacked(alpha_ebc, plan)
+    assert sum(c.num_embeddings * c.embedding_dim for c in module.ebc.embedding_bag_configs()) == sum(
+        g.stored_rows * g.width for g in plan.groups)
+    expected = shared_reference(alpha_ebc, plan, ids)
+    got = module(KeyRewriter(plan, keys)(single_hot_kjt(keys, ids)))
+    assert (got - expected).abs().max() < 1e-6
+    single_hot = SingleHotKeyRewriter(plan, keys)(ids)
+    assert torch.equal(single_hot.values(), KeyRewriter(plan, keys)(single_hot_kjt(keys, ids)).values())
+    assert StructuredPlan.from_json(plan.to_json()) == plan

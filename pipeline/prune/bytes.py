@@ -7,7 +7,8 @@ serving (DESIGN.md, "Prune, repack, compression ratio"); MLP bytes are never inc
 - Structured group of ``rows`` ids at ``width`` columns: the values ``rows × width × 4``,
   the first id of its range (int64, the key rewrite needs it; dropped groups too), and the
   projection back to ``K``: ``"selection"`` stores the column index of each stored column
-  (uint8, ``K ≤ 256``), ``"learned"`` (NIS-ME) a ``width × K`` fp32 matrix.
+  (uint8, ``K ≤ 256``), ``"learned"`` (NIS-ME) a ``width × K`` fp32 matrix. A group
+  whose ids share ``buckets`` rows (hashing) stores ``buckets`` rows and their count.
 - Fine-grained (paper eq. 9, COO as the paper reports it): per non-zero entry an fp32
   value, an int32 row index (local to its table: < 2^31 rows per field) and an int8
   column index (``K ≤ 128``): 9 bytes. scipy's default COO (int32 row and column) would
@@ -38,6 +39,7 @@ PROJECTIONS = ("selection", "learned")
 VALUE_BYTES = 4  # fp32
 RANGE_START_BYTES = 8  # int64 first id of a group's range
 SELECTION_INDEX_BYTES = 1  # uint8 column index per stored column
+BUCKETS_BYTES = 8  # int64 row count of a group whose ids share rows (hashing)
 COO_ENTRY_BYTES = 4 + 4 + 1  # fp32 value, int32 row, int8 column
 QUANTIZED_BITS = (8, 4)
 SCALE_BIAS_BYTES = 2 + 2  # fp16 scale and fp16 bias in front of each quantized row

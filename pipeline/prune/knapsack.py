@@ -20,6 +20,11 @@ Widths are any number of columns (``multiple=1``: narrow tables are data-paralle
 allocation fixes each group's width; which columns fill it is nested per feature
 (``nested.nested_columns``, occurrence-weighted like the worth), as the repacked layout needs.
 
+With ``min_row_lookups`` = c, a group whose ids average fewer than c train occurrences
+shares ``ceil(mass_g / c)`` rows between its ids (``GroupPlan.buckets``: the hashing
+trick): rows seen once or twice only memorise their labels, and a shared row is cheaper,
+so the allocation widens such groups for the same bytes (``shared_rows``).
+
 Example:
     >>> import torch
     >>> g = [Group("a", 0, 0, 2), Group("a", 1, 2, 100)]
@@ -33,18 +38,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.prune.bytes import RANGE_START_BYTES, SELECTION_INDEX_BYTES, VALUE_BYTES
+from pipeline.prune.bytes import BUCKETS_BYTES, RANGE_START_BYTES, SELECTION_INDEX_BYTES, VALUE_BYTES
 from pipeline.prune.nested import nested_columns
 from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, column_scores
 
 
+def shared_rows(groups: list[Group], mass, min_row_lookups: float) -> list[int | None]:
+    """Per group, the rows its ids share so that each row serves at least
+    ``min_row_lookups`` train occurrences (``None``: the group's ids keep a row each).
+
+    Example:
+        >>> shared_rows([Group("a", 0, 0, 10), Group("a", 1, 10, 1000)], [500, 1500], 4)
+        [None, 375]
+    """
+    out = []
+    for g, m in zip(groups, mass):
+        rows = max(1, -(-int(m) // int(min_row_lookups))) if min_row_lookups > 0 else g.rows
+        out.append(rows if rows < g.rows else None)
+    return out
+
+
 def plan_by_value(
     groups: list[Group], sum_sq, alpha, mass, budget: float, projection: str = "selection",
-    multiple: int = 1,
+    multiple: int = 1, min_row_lookups: float = 0,
 ) -> StructuredPlan:
     """The plan of most total worth within ``budget`` bytes (see the module docstring),
     widths in steps of ``multiple`` columns (2 lets FBGEMM quantize every table to int8,
-    4 to int4).
+    4 to int4), ids of rarely seen groups sharing rows with ``min_row_lookups`` > 0.
 
     Raises:
         ValueError: when the budget does not pay for the groups' range starts and one
@@ -54,14 +74,15 @@ def plan_by_value(
     num, dim = scores.shape
     if dim % multiple:
         raise ValueError(f"embedding_dim {dim} is not a multiple of the width step {multiple}")
-    rows = np.array([g.rows for g in groups], dtype=np.int64)
+    buckets = shared_rows(groups, mass, min_row_lookups)
+    rows = np.array([g.rows if b is None else b for g, b in zip(groups, buckets)], dtype=np.int64)
     per_column = rows * VALUE_BYTES + (SELECTION_INDEX_BYTES if projection == "selection" else dim * VALUE_BYTES)
     step_cost = per_column * multiple
     order = np.argsort(-scores, axis=1, kind="stable")
     # Worth of each group's steps, best columns first: it never rises from one step to the next.
     steps = np.take_along_axis(scores, order, axis=1).reshape(num, dim // multiple, multiple).sum(axis=2)
     worth = np.asarray(mass, dtype=np.float64)[:, None] * steps / step_cost[:, None]
-    left = budget - RANGE_START_BYTES * num
+    left = budget - RANGE_START_BYTES * num - BUCKETS_BYTES * sum(b is not None for b in buckets)
     if left < step_cost.min():
         raise ValueError(f"a budget of {budget:,.0f} bytes does not pay for one column of any group")
     taken = np.zeros(num, dtype=np.int64)
@@ -77,7 +98,7 @@ def plan_by_value(
             taken[g] += 1
             left -= step_cost[g]
     kept = nested_columns(groups, taken * multiple, scores, mass)
-    plans = tuple(GroupPlan(g, columns, multiple=multiple) for g, columns in zip(groups, kept))
+    plans = tuple(GroupPlan(g, columns, multiple, b if columns else None) for g, columns, b in zip(groups, kept, buckets))
     plan = StructuredPlan(plans, dim, tau=0.0)
     assert plan.embedding_bytes(projection) <= budget, (plan.embedding_bytes(projection), budget)
     return plan

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.prune.bytes import group_bytes, unpruned_bytes
+from pipeline.prune.bytes import BUCKETS_BYTES, group_bytes, unpruned_bytes
 from pipeline.prune.nested import nested_columns
 from pipeline.search.blocking import Blocking
 
@@ -61,16 +61,29 @@ class GroupPlan:
     ``multiple`` is the width granularity: 4 for the pruned tables (FBGEMM's sharded
     kernels need it), 1 for the baselines' narrow tables (1-3 columns), which
     ``sharding.dmp`` keeps data-parallel, the one TorchRec kernel that takes any width.
+
+    ``buckets`` (``None``: one row per id) makes the group's ids share that many rows:
+    id ``i`` reads row ``(i - start) mod buckets`` of the group (``fold``), the hashing
+    trick for ids seen too rarely to learn a row of their own.
     """
 
     group: Group
     columns: tuple[int, ...]
     multiple: int = WIDTH_MULTIPLE
+    buckets: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.buckets is not None and not 0 < self.buckets < self.group.rows:
+            raise ValueError(f"{self.group}: {self.buckets} shared rows; expected 1..{self.group.rows - 1}")
 
     @property
     def width(self) -> int:
         """Stored columns: ``len(columns)`` rounded up to a multiple of ``multiple``."""
         return -(-len(self.columns) // self.multiple) * self.multiple
+
+    @property
+    def stored_rows(self) -> int:
+        return self.group.rows if self.buckets is None else self.buckets
 
 
 @dataclass(frozen=True)
@@ -84,9 +97,10 @@ class StructuredPlan:
     def embedding_bytes(self, projection: str, bits: Optional[int] = None) -> int:
         """Serving bytes of all groups: values (fp32, or quantized to ``bits``), range
         starts and projections."""
-        rows = [g.group.rows for g in self.groups]
+        rows = [g.stored_rows for g in self.groups]
         widths = [g.width for g in self.groups]
-        return int(group_bytes(rows, widths, self.embedding_dim, projection, bits).sum())
+        shared = sum(g.buckets is not None for g in self.groups)
+        return int(group_bytes(rows, widths, self.embedding_dim, projection, bits).sum()) + shared * BUCKETS_BYTES
 
     def unpruned_bytes(self) -> int:
         return unpruned_bytes(sum(g.group.rows for g in self.groups), self.embedding_dim)
@@ -106,7 +120,8 @@ class StructuredPlan:
             "tau": self.tau,
             "groups": [
                 {"key": g.group.key, "block": g.group.block, "start": g.group.start,
-                 "stop": g.group.stop, "columns": list(g.columns), "multiple": g.multiple}
+                 "stop": g.group.stop, "columns": list(g.columns), "multiple": g.multiple,
+                 **({} if g.buckets is None else {"buckets": g.buckets})}
                 for g in self.groups
             ],
         }
@@ -116,7 +131,7 @@ class StructuredPlan:
         groups = tuple(
             GroupPlan(
                 Group(g["key"], g["block"], g["start"], g["stop"]), tuple(g["columns"]),
-                g.get("multiple", WIDTH_MULTIPLE),
+                g.get("multiple", WIDTH_MULTIPLE), g.get("buckets"),
             )
             for g in doc["groups"]
         )

@@ -108,7 +108,7 @@ def dense_parameters(cfg: Config) -> Optional[int]:
 
 def structured_parameters(model: StructuredModel) -> dict:
     """Stored values (rows × width) and learned projection matrices (width × K)."""
-    values = sum(g.group.rows * g.width for g in model.plan.groups)
+    values = sum(g.stored_rows * g.width for g in model.plan.groups)
     widths = sum(g.width for g in model.plan.groups)
     projection = widths * model.plan.embedding_dim if model.projection == "learned" else 0
     return parameter_row("structured", f"{model.plan_source} ({model.projection})",
