@@ -66,6 +66,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[Settings, bool]:
     p.add_argument("--grid", default="1,2,4,8,16", help="uniform widths K' of the grid baseline")
     p.add_argument("--candidates", type=int, default=4, help="random plans per budget (the paper: 16)")
     p.add_argument("--mde-temperature", type=float, default=0.3, help="MDE: width ∝ popularity^T")
+    p.add_argument("--min-row-lookups", default="0,10,30,100",
+                   help="dnis_shared's candidates: train occurrences each shared row serves at least")
     p.add_argument("--nproc", type=int, default=2, help="ranks of every run")
     p.add_argument("--scheduler", default="local_cwd", help="TorchX scheduler")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -86,7 +88,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[Settings, bool]:
         models=tuple(args.models.split(",")), methods=methods, crs=_floats(args.cr),
         seeds=args.seeds, out=str(Path(args.out).resolve()), epochs=args.epochs,
         search_epochs=args.search_epochs, grid=tuple(int(k) for k in args.grid.split(",")),
-        candidates=args.candidates, mde_temperature=args.mde_temperature, nproc=args.nproc,
+        candidates=args.candidates, mde_temperature=args.mde_temperature,
+        min_row_lookups=_floats(args.min_row_lookups), nproc=args.nproc,
         scheduler=args.scheduler, overrides=(*(SMOKE if args.smoke else ()), *args.set),
     )
     return settings, not args.tables_only

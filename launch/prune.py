@@ -159,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
     target = {"cr": args.cr, "tau": args.tau}
     summary = {
         **plan_summary(plan, args.projection, target, args.ranges_per_block, job.wall_s),
-        "score": score, "allocation": args.allocation,
+        "score": score, "allocation": args.allocation, "min_row_lookups": args.min_row_lookups,
     }
     job.run.write_json("prune.json", summary)
     job.run.log("prune", **{k: v for k, v in summary.items() if k != "plan"})

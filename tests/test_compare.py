@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -94,9 +95,10 @@ def _fake_run(run_dir: Path, val_losses: list[float], auc: float, nbytes: int = 
     (run_dir / "result.json").write_text(json.dumps(result))
 
 
-def test_grid_and_random_pick_by_validation_loss_only(tmp_path):
+def test_grid_random_and_shared_rows_pick_by_validation_loss_only(tmp_path):
     settings = Settings(configs=(TINY,), data={"d": ""}, models=("deepfm",), methods=("grid", "random"),
-                        crs=(4.0,), seeds=1, out=str(tmp_path), grid=(1, 2, 4, 8), candidates=3)
+                        crs=(4.0,), seeds=1, out=str(tmp_path), grid=(1, 2, 4, 8), candidates=3,
+                        min_row_lookups=(0, 10, 30, 100))
     cell = Cell(settings, "d", "deepfm", 0)
     # K'=8 has the best validation and test scores but is over the CR 4 budget (CR 2).
     for k, val, auc in ((1, [0.60, 0.55], 0.70), (2, [0.52, 0.50], 0.60), (4, [0.51], 0.90), (8, [0.40], 0.99)):
@@ -107,6 +109,12 @@ def test_grid_and_random_pick_by_validation_loss_only(tmp_path):
         _fake_run(cell.dir("random", "cr4", f"c{i}", "run"), [val], auc, nbytes=390)
     row = method_row(cell, "random", 4.0, unpruned=1600, dim=8)
     assert row["choice"] == "c1" and row["auc"] == 0.6 and row["cr"] == 1600 / 390
+    # dnis_shared: one retrain per min_row_lookups candidate, the search's wall counted once.
+    _fake_run(cell.dir("search"), [0.6], 0.5)
+    for c, val, auc in ((0, 0.45, 0.7), (10, 0.41, 0.6), (30, 0.43, 0.9)):
+        _fake_run(cell.dir("dnis_shared", "cr4", f"min{c}"), [val], auc, nbytes=400)
+    row = method_row(cell, "dnis_shared", 4.0, unpruned=1600, dim=8)
+    assert row["choice"] == "min 10" and row["auc"] == 0.6 and row["wall_s"] == 4.0
 
 
 def test_magnitude_prune_at_tau_zero_is_the_unpruned_model():
@@ -168,3 +176,18 @@ def test_grid_offers_the_widest_uniform_width_within_each_budget():
     # K = 32: CR 10 fits K' = 3 (CR 10.7), CR 20 and 50 fit K' = 1; K' = 8 stays as listed
     assert Cell(settings, "d", "deepfm", 0).grid_widths(32) == (1, 2, 3, 8)
     assert Cell(settings, "d", "deepfm", 0).grid_widths(16) == (1, 2, 8)
+
+
+def test_a_retrain_never_runs_on_the_plan_another_budget_left_behind(tmp_path):
+    from pipeline.compare.steps import method_steps
+
+    settings = Settings(configs=(TINY,), data={"d": ""}, models=("deepfm",), methods=("dnis_shared",),
+                        crs=(10.0,), seeds=1, out=str(tmp_path), min_row_lookups=(0, 30))
+    cell = Cell(settings, "d", "deepfm", 0)
+    cell.dir("search").mkdir(parents=True)
+    plan = {"target": {"cr": 10.0}, "allocation": "value", "min_row_lookups": 0}
+    (cell.dir("search") / "prune.json").write_text(json.dumps(plan))  # min 0's plan; min 30's prune failed
+    _, _, retrain_min0, _, retrain_min30 = method_steps(cell, "dnis_shared", 10.0)
+    retrain_min0.prepare()
+    with pytest.raises(ValueError, match="not this run's plan"):
+        retrain_min30.prepare()

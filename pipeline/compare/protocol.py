@@ -34,6 +34,9 @@ Methods and their stages (``E`` = epochs, ``s`` = search_epochs):
                         retrain E - s
 ``dnis_value``          as ``dnis``, the prune allocating columns by worth per byte
                         (``pipeline.prune.knapsack``, any width)
+``dnis_shared``         as ``dnis_value``, ids of groups seen fewer than c times on
+                        average sharing rows (hashing), one prune and retrain per c
+                        of ``min_row_lookups``; the best on validation
 ``dnis_fine``           search s, eq. 9 prune (COO bytes), no retrain
 ``dnis_int8``           ``dnis``'s retrained model quantised to int8 (compound CR)
 ======================  ==============================================================
@@ -47,7 +50,7 @@ from typing import Callable, Optional
 
 METHODS = (
     "full", "grid", "random", "mde", "nis_me", "magnitude", "magnitude_fine", "qr",
-    "int8", "int4", "dnis", "dnis_value", "dnis_fine", "dnis_int8",
+    "int8", "int4", "dnis", "dnis_value", "dnis_shared", "dnis_fine", "dnis_int8",
 )
 # Methods whose CR is set by their model or number format, not by the budget (None:
 # whatever the quantised rows give).
@@ -70,6 +73,7 @@ class Settings:
     grid: tuple[int, ...] = (1, 2, 4, 8, 16)
     candidates: int = 4
     mde_temperature: float = 0.3
+    min_row_lookups: tuple[float, ...] = (0, 10, 30, 100)
     nproc: int = 2
     scheduler: str = "local_cwd"
     overrides: tuple[str, ...] = ()

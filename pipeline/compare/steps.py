@@ -64,34 +64,44 @@ def train_step(cell: Cell, name: str, run_dir: Path, epochs: int, *extra: str, s
     )
 
 
-def structured_done(source: Path, cr: float, allocation: str) -> bool:
+def structured_done(source: Path, cr: float, allocation: str, min_row_lookups: float = 0) -> bool:
     """Whether the source's ``prune.json`` is the plan of target ``cr`` by ``allocation``."""
     path = source / "prune.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
-    return doc.get("target", {}).get("cr") == cr and doc.get("allocation") == allocation
+    return (doc.get("target", {}).get("cr") == cr and doc.get("allocation") == allocation
+            and doc.get("min_row_lookups", 0) == min_row_lookups)
 
 
 def prune_step(
     cell: Cell, name: str, source: Path, cr: float, mode: str, done=None, allocation: str = "threshold",
+    min_row_lookups: float = 0,
 ) -> Step:
     """``dnis prune`` of ``source``; a structured one is done when ``done()`` (its retrain)."""
     if mode == "fine":
         wrote = lambda: fine_done(source, cr)  # noqa: E731
     else:
-        wrote = lambda: structured_done(source, cr, allocation)  # noqa: E731
+        wrote = lambda: structured_done(source, cr, allocation, min_row_lookups)  # noqa: E731
     command = torchx(cell, "prune", "--run_dir", str(source), "--cr", f"{cr:g}", "--mode", mode,
-                     "--allocation", allocation)
+                     "--allocation", allocation, "--min_row_lookups", f"{min_row_lookups:g}")
+    shared = f"-min{min_row_lookups:g}" if min_row_lookups else ""
     return Step(name, done or wrote, command, succeeded=wrote,
-                log=source.parent / f"{source.name}.prune-{mode}-{allocation}-{cr_tag(cr)}.log")
+                log=source.parent / f"{source.name}.prune-{mode}-{allocation}{shared}-{cr_tag(cr)}.log")
 
 
-def retrain_step(cell: Cell, name: str, source: Path, out: Path, epochs: int, init: str) -> Step:
+def retrain_step(cell: Cell, name: str, source: Path, out: Path, epochs: int, init: str, planned=None) -> Step:
+    """``dnis retrain`` of ``source``'s ``prune.json``; with ``planned``, only when it says
+    the plan there is this run's (a prune that failed leaves another budget's plan)."""
     overrides = ",".join([f"train.epochs={epochs}"])
+
+    def check() -> None:
+        if planned is not None and not planned():
+            raise ValueError(f"{source / 'prune.json'} is not this run's plan: its prune did not finish")
+
     return Step(
         name, lambda: finished(out),
         torchx(cell, "retrain", "--run_dir", str(source), "--out", str(out), "--init", init,
                "--overrides", overrides, "--resume", "True"),
-        log=out.with_name(out.name + ".log"),
+        prepare=check, log=out.with_name(out.name + ".log"),
     )
 
 
@@ -149,13 +159,22 @@ def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
                 for k in cell.grid_widths(dim)]
     if method in ("int8", "int4"):
         return [full_step, quantize_step(f"full/{method}", full, int(method[3:]))]
+    if method == "dnis_shared":
+        steps = [search_step]
+        for c in s.min_row_lookups:
+            name, out = f"dnis_shared/{tag}/min{c:g}", cell.dir("dnis_shared", tag, f"min{c:g}")
+            planned = lambda c=c: structured_done(search, cr, "value", c)  # noqa: E731
+            steps += [prune_step(cell, f"{name}/prune", search, cr, "structured", lambda out=out: finished(out), "value", c),
+                      retrain_step(cell, name, search, out, R, "source", planned)]
+        return steps
     if method in ("dnis", "dnis_int8", "dnis_value", "magnitude"):
         source, first = (warm, warm_step) if method == "magnitude" else (search, search_step)
         name = f"{'dnis' if method == 'dnis_int8' else method}/{tag}"
         out = cell.dir(name)
         allocation = "value" if method == "dnis_value" else "threshold"
-        steps = [first, prune_step(cell, f"{name}/prune", source, cr, "structured", lambda: finished(out), allocation),
-                 retrain_step(cell, name, source, out, R, "source")]
+        prune = prune_step(cell, f"{name}/prune", source, cr, "structured", lambda: finished(out), allocation)
+        planned = lambda: structured_done(source, cr, allocation)  # noqa: E731
+        steps = [first, prune, retrain_step(cell, name, source, out, R, "source", planned)]
         return steps + ([quantize_step(f"{name}/int8", out, 8)] if method == "dnis_int8" else [])
     if method in ("dnis_fine", "magnitude_fine"):
         source, first = (warm, warm_step) if method == "magnitude_fine" else (search, search_step)
