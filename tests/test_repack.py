@@ -363,3 +363,29 @@ def test_groups_of_shared_rows_serve_the_mean_of_their_ids_through_both_rewriter
     single_hot = SingleHotKeyRewriter(plan, keys)(ids)
     assert torch.equal(single_hot.values(), KeyRewriter(plan, keys)(single_hot_kjt(keys, ids)).values())
     assert StructuredPlan.from_json(plan.to_json()) == plan
+
+
+class RewriteAndLookUp(torch.nn.Module):
+    """Ids ``[F, B]`` -> ``[B, F, K]`` through the single-hot rewrite and the served tables."""
+
+    def __init__(self, rewriter: torch.nn.Module, tables: torch.nn.Module) -> None:
+        super().__init__()
+        self.rewriter, self.tables = rewriter, tables
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tables(self.rewriter(ids))
+
+
+def test_shared_rows_export_with_a_dynamic_batch_and_serve_as_eager():
+    from pipeline.inference.exported import _fake_fbgemm_classes
+
+    alpha_ebc, plain = searched(seed=3)
+    plan = with_shared_rows(plain)
+    model = RewriteAndLookUp(SingleHotKeyRewriter(plan, list(NUMS)), inference_tables(build_repacked(alpha_ebc, plan))).eval()
+    _fake_fbgemm_classes()
+    with torch.no_grad():
+        model(random_ids(0, rows=8))
+        program = torch.export.export(model, (random_ids(0, rows=8),), dynamic_shapes={"ids": {1: torch.export.Dim("batch", min=1)}}, strict=False)
+        for rows in (1, 300):
+            ids = random_ids(rows, rows=rows)
+            assert (program.module()(ids) - shared_reference(alpha_ebc, plan, ids)).abs().max() < 1e-6
