@@ -34,7 +34,7 @@ from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
 from pipeline.prune.fine import FinePrune, apply_epsilon, epsilon_for_cr, table_bytes
 from pipeline.prune.bytes import unpruned_bytes
-from pipeline.prune.knapsack import plan_by_value
+from pipeline.prune.knapsack import value_plan_for_cr
 from pipeline.prune.plan import CR_TOLERANCE, StructuredPlan, group_mass, group_ranges, plan_for_cr, plan_for_tau
 from pipeline.tasks import retrained_plan
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
@@ -71,7 +71,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--min-row-lookups", type=float, default=0,
         help="value allocation: ids of a group seen fewer times than this on average share rows "
-             "(hashing), each shared row serving at least this many train occurrences; 0: a row per id",
+             "(hashing), each shared row serving at least this many train occurrences (halved while "
+             "the budget has room for more rows); 0: a row per id",
     )
     parser.add_argument(
         "--ranges-per-block", type=int, default=8,
@@ -122,24 +123,20 @@ def plan_summary(
     }
 
 
-def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> StructuredPlan:
+def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> tuple[StructuredPlan, dict]:
+    """The structured plan ``args`` ask for, and what ``prune.json`` should add about it."""
     alpha = searched_alpha(dmp, blocking, job.cfg.model.embedding_dim)
     groups = group_ranges(blocking, job.layout.num_embeddings, args.ranges_per_block)
     sum_sq = group_sum_sq(dmp, groups, job.cfg.model.embedding_dim)
     mass = group_mass(groups, job.layout.counts)
     if args.cr is not None and args.allocation == "value":
         budget = unpruned_bytes(sum(g.rows for g in groups), job.cfg.model.embedding_dim) / args.cr
-        plan = plan_by_value(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step, args.min_row_lookups)
-        landed = plan.compression_ratio(args.projection)
-        if landed > args.cr * (1 + CR_TOLERANCE):  # every column scoring above zero fits
-            raise ValueError(
-                f"compression ratio {args.cr:g} is not reachable within {CR_TOLERANCE:.0%}: every "
-                f"column that scores above zero fits and reaches CR {landed:.4g}; ask for CR ≤ {landed:.4g}"
-            )
-        return plan
+        plan, lookups = value_plan_for_cr(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step,
+                                          args.min_row_lookups, CR_TOLERANCE)
+        return plan, {"min_row_lookups_used": lookups}
     if args.cr is not None:
-        return plan_for_cr(groups, sum_sq, alpha, mass, args.cr, args.projection, CR_TOLERANCE)
-    return plan_for_tau(groups, sum_sq, alpha, mass, args.tau)
+        return plan_for_cr(groups, sum_sq, alpha, mass, args.cr, args.projection, CR_TOLERANCE), {}
+    return plan_for_tau(groups, sum_sq, alpha, mass, args.tau), {}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
@@ -153,17 +150,19 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
     if args.mode == "fine":
         return fine_prune(job, dmp, blocking, args)
     try:
-        plan = prune(job, dmp, blocking, args)
+        plan, notes = prune(job, dmp, blocking, args)
     except ValueError as error:  # an unreachable compression ratio
         raise SystemExit(f"dnis prune: {error}") from None
     target = {"cr": args.cr, "tau": args.tau}
     summary = {
         **plan_summary(plan, args.projection, target, args.ranges_per_block, job.wall_s),
-        "score": score, "allocation": args.allocation, "min_row_lookups": args.min_row_lookups,
+        "score": score, "allocation": args.allocation, "min_row_lookups": args.min_row_lookups, **notes,
     }
     job.run.write_json("prune.json", summary)
     job.run.log("prune", **{k: v for k, v in summary.items() if k != "plan"})
     how = "value per byte" if args.cr is not None and args.allocation == "value" else f"τ {plan.tau:.4g}"
+    if notes.get("min_row_lookups_used"):
+        how += f", ids of groups seen under {notes['min_row_lookups_used']:g} times on average sharing rows"
     job.log(
         f"structured prune: {how}, CR {plan.compression_ratio(args.projection):.2f} "
         f"({args.projection} projection), {plan.embedding_bytes(args.projection):,} of "

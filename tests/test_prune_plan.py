@@ -255,6 +255,19 @@ def test_rarely_seen_groups_share_rows_and_are_widened_for_the_same_bytes():
     assert StructuredPlan.from_json(json.loads(json.dumps(shared.to_json()))) == shared
 
 
+def test_shared_rows_give_way_to_rows_of_their_own_while_the_budget_has_room():
+    from pipeline.prune.knapsack import value_plan_for_cr
+
+    groups, sum_sq, alpha = _value_case()
+    unpruned = sum(g.rows for g in groups) * 16 * 4
+    mass = [max(1, 20_000 // (i + 1) ** 3) for i in range(len(groups))]  # at 4 lookups a row everything fits in 28%
+    plan, used = value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / 10, "selection", 1, 4, 0.1)
+    assert used < 4 and unpruned / 10 / 1.1 <= plan.embedding_bytes("selection") <= unpruned / 10
+    sum_sq[:, 8:] = 0  # half the columns score zero: no plan spends more than about half
+    with pytest.raises(ValueError, match=r"not reachable within 10%.*ask for CR ≤"):
+        value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / 1.01, "selection", 1, 4, 0.1)
+
+
 def _value_case():
     """Twelve groups of one feature, sizes 1..~4000 ids, K=16, random column energies."""
     g = torch.Generator().manual_seed(0)

@@ -389,3 +389,17 @@ def test_shared_rows_export_with_a_dynamic_batch_and_serve_as_eager():
         for rows in (1, 300):
             ids = random_ids(rows, rows=rows)
             assert (program.module()(ids) - shared_reference(alpha_ebc, plan, ids)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_plan_bytes_are_what_the_repacked_model_stores(projection):
+    _, plain = searched(seed=4)
+    plan = with_shared_rows(plain)
+    module = RepackedEmbedding(plan, list(NUMS), projection)
+    values = sum(c.num_embeddings * c.embedding_dim * 4 for c in module.ebc.embedding_bag_configs())
+    if projection == "learned":
+        projections = sum(p.numel() * 4 for p in module.projections.values())
+    else:  # one uint8 model column per stored column of each feature
+        projections = sum(max(g.width for g in plan.groups if g.group.key == key) for key in NUMS)
+    index = 8 * len(plan.groups) + 8 * sum(g.buckets is not None for g in plan.groups)
+    assert plan.embedding_bytes(projection) == values + projections + index

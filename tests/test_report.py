@@ -125,7 +125,7 @@ def test_report_of_a_search_its_prunes_and_retrains(tmp_path, capsys):
     assert_pngs(out)
     rows = report["cr_table"]
     selection, learned_cr = plan.compression_ratio("selection"), plan.compression_ratio("learned")
-    assert learned_cr < 1 < selection < FINE[1]["compression_ratio"]  # 512 / 3088 and 512 / 320
+    assert learned_cr < 1 < selection < FINE[1]["compression_ratio"]  # of 512 unpruned bytes; selection 296
     assert [(r["method"], r["compression_ratio"]) for r in rows] == [
         ("structured", learned_cr), ("structured+retrain", learned_cr),
         ("reference", 1.0), ("search (α)", 1.0),
@@ -136,7 +136,7 @@ def test_report_of_a_search_its_prunes_and_retrains(tmp_path, capsys):
     retrained = by_source[("structured+retrain", "retrain/result.json")]
     assert (retrained["auc"], retrained["logloss"]) == (AFTER["auc"], AFTER["logloss"])
     assert retrained["wall_s"] == 12.5
-    assert retrained["embedding_bytes"] == plan.embedding_bytes("selection") == 320
+    assert retrained["embedding_bytes"] == plan.embedding_bytes("selection") == 296
     before = by_source[("structured", "retrain/result.json")]
     assert (before["auc"], before["logloss"], before["wall_s"]) == (BEFORE["auc"], BEFORE["logloss"], 4.5)
     searched = by_source[("search (α)", "result.json")]

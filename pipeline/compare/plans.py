@@ -2,7 +2,7 @@
 
 Both assign a width to every (feature, block) group of the DNIS frequency blocking, so
 they ship through the same repacked tables (``sharding.repack``) and count their bytes
-with the same ``group_bytes`` as the structured prune. Widths may be any number of
+with the same ``plan_bytes`` as the structured prune. Widths may be any number of
 columns (``multiple=1``): narrow tables are data-parallel (``sharding.dmp``).
 
 - **MDE** (Ginart et al., mixed dimension embeddings): a group's width grows with the
@@ -19,14 +19,14 @@ Example:
     >>> groups = [Group("a", 0, 0, 2), Group("a", 1, 2, 100)]
     >>> plan = mde_plan(groups, counts, 8, budget=1400, temperature=0.5)
     >>> [g.width for g in plan.groups], plan.embedding_bytes("learned")
-    ([8, 2], 1184)
+    ([8, 2], 1120)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.prune.bytes import group_bytes
+from pipeline.prune.bytes import plan_bytes
 from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, group_mass
 
 
@@ -37,7 +37,7 @@ def width_plan(groups: list[Group], widths, dim: int) -> StructuredPlan:
 
 
 def _bytes(groups: list[Group], widths: np.ndarray, dim: int, projection: str) -> int:
-    return int(group_bytes([g.rows for g in groups], widths, dim, projection).sum())
+    return plan_bytes([g.key for g in groups], [g.rows for g in groups], widths, dim, projection)
 
 
 def mde_plan(

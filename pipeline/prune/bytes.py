@@ -4,11 +4,15 @@ CR = unpruned embedding bytes ÷ pruned embedding bytes, counting everything nee
 serving (DESIGN.md, "Prune, repack, compression ratio"); MLP bytes are never included.
 
 - Unpruned: every row at full width ``K`` in fp32: ``rows × K × 4``.
-- Structured group of ``rows`` ids at ``width`` columns: the values ``rows × width × 4``,
-  the first id of its range (int64, the key rewrite needs it; dropped groups too), and the
-  projection back to ``K``: ``"selection"`` stores the column index of each stored column
-  (uint8, ``K ≤ 256``), ``"learned"`` (NIS-ME) a ``width × K`` fp32 matrix. A group
-  whose ids share ``buckets`` rows (hashing) stores ``buckets`` rows and their count.
+- Structured group of ``rows`` ids at ``width`` columns: the values ``rows × width × 4``
+  and the first id of its range (int64, the key rewrite needs it; dropped groups too). A
+  group whose ids share ``buckets`` rows (hashing) stores ``buckets`` rows and their count.
+- The projection back to ``K``, once per feature (its groups use prefixes of one nested
+  column order, ``sharding.repack``): for the feature's widest group's ``W`` columns,
+  ``"selection"`` stores each one's model column (uint8, ``K ≤ 256``), ``"learned"``
+  (NIS-ME) a ``W × K`` fp32 matrix (``plan_bytes``). ``group_bytes`` charges each group
+  for a projection of its own width: an upper bound, linear in the widths, which the
+  knapsack and NIS's reward budget with.
 - Fine-grained (paper eq. 9, COO as the paper reports it): per non-zero entry an fp32
   value, an int32 row index (local to its table: < 2^31 rows per field) and an int8
   column index (``K ≤ 128``): 9 bytes. scipy's default COO (int32 row and column) would
@@ -23,6 +27,8 @@ serving (DESIGN.md, "Prune, repack, compression ratio"); MLP bytes are never inc
 Example:
     >>> group_bytes(rows=10, width=4, embedding_dim=64, projection="selection")
     172
+    >>> plan_bytes(["a", "a"], rows=[10, 90], widths=[4, 2], embedding_dim=64, projection="selection")
+    900
     >>> fine_grained_bytes(1000), nnz_for_cr(unpruned_bytes=90_000, target_cr=10.0)
     (9000, 1000)
     >>> quantized_table_bytes(rows=100, width=16, bits=8), quantized_table_bytes(100, 16, 4)
@@ -52,14 +58,33 @@ TABLE_ALIGNMENT = 128  # FBGEMM starts every table on a cache line
 
 def group_bytes(rows, width, embedding_dim: int, projection: str, bits: Optional[int] = None):
     """Serving bytes of groups (scalars or numpy arrays of ``rows`` and ``width``):
-    fp32 values, or ``bits``-bit quantized tables (``quantized_table_bytes``)."""
+    fp32 values, or ``bits``-bit quantized tables (``quantized_table_bytes``), each with a
+    projection of its own width (an upper bound: ``plan_bytes`` is exact)."""
+    rows, width = np.asarray(rows, dtype=np.int64), np.asarray(width, dtype=np.int64)
+    total = RANGE_START_BYTES + width * projection_column_bytes(projection, embedding_dim) + _values(rows, width, bits)
+    return int(total) if total.ndim == 0 else total
+
+
+def plan_bytes(keys, rows, widths, embedding_dim: int, projection: str, bits: Optional[int] = None) -> int:
+    """Exact serving bytes of groups of features ``keys``: values and range starts per
+    group, the projection once per feature at its widest group's width."""
+    rows, widths = np.asarray(rows, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    widest: dict = {}
+    for key, width in zip(keys, widths.tolist()):
+        widest[key] = max(widest.get(key, 0), width)
+    projections = sum(widest.values()) * projection_column_bytes(projection, embedding_dim)
+    return int(_values(rows, widths, bits).sum() + RANGE_START_BYTES * len(rows) + projections)
+
+
+def projection_column_bytes(projection: str, embedding_dim: int) -> int:
+    """Bytes of one stored column's projection back to ``K``."""
     if projection not in PROJECTIONS:
         raise ValueError(f"projection {projection!r}; known: {PROJECTIONS}")
-    rows, width = np.asarray(rows, dtype=np.int64), np.asarray(width, dtype=np.int64)
-    per_column = SELECTION_INDEX_BYTES if projection == "selection" else embedding_dim * VALUE_BYTES
-    values = rows * width * VALUE_BYTES if bits is None else quantized_table_bytes(rows, width, bits)
-    total = RANGE_START_BYTES + width * per_column + values
-    return int(total) if total.ndim == 0 else total
+    return SELECTION_INDEX_BYTES if projection == "selection" else embedding_dim * VALUE_BYTES
+
+
+def _values(rows: np.ndarray, width: np.ndarray, bits: Optional[int]):
+    return rows * width * VALUE_BYTES if bits is None else quantized_table_bytes(rows, width, bits)
 
 
 def quantized_table_bytes(rows, width, bits: int):

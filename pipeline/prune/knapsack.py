@@ -31,7 +31,7 @@ Example:
     >>> sum_sq = torch.tensor([[8.0, 2.0, 0.0, 0.0], [49.0, 9.8, 0.0, 0.0]])
     >>> p = plan_by_value(g, sum_sq, torch.ones(2, 4), mass=[200, 98], budget=500)
     >>> [(gp.columns, gp.width) for gp in p.groups], p.embedding_bytes("selection")
-    ([((0, 1), 2), ((0,), 1)], 427)
+    ([((0, 1), 2), ((0,), 1)], 426)
 """
 
 from __future__ import annotations
@@ -102,3 +102,30 @@ def plan_by_value(
     plan = StructuredPlan(plans, dim, tau=0.0)
     assert plan.embedding_bytes(projection) <= budget, (plan.embedding_bytes(projection), budget)
     return plan
+
+
+def value_plan_for_cr(
+    groups: list[Group], sum_sq, alpha, mass, budget: float, projection: str, multiple: int,
+    min_row_lookups: float, tolerance: float,
+) -> tuple[StructuredPlan, float]:
+    """``plan_by_value`` spending at least ``budget / (1 + tolerance)`` bytes, and the
+    ``min_row_lookups`` it used: halved (down to 0: a row per id) while every column fits
+    with fewer bytes, as the budget then has room for more rows.
+
+    Raises:
+        ValueError: when even a row per id and every column that scores above zero spend
+            less (the message names the highest CR reachable).
+    """
+    while True:
+        plan = plan_by_value(groups, sum_sq, alpha, mass, budget, projection, multiple, min_row_lookups)
+        if plan.embedding_bytes(projection) * (1 + tolerance) >= budget:
+            return plan, min_row_lookups
+        if min_row_lookups <= 1:
+            break
+        min_row_lookups = min_row_lookups / 2 if min_row_lookups > 2 else 0
+    cr = plan.unpruned_bytes() / budget
+    landed = plan.compression_ratio(projection)
+    raise ValueError(
+        f"compression ratio {cr:g} is not reachable within {tolerance:.0%}: every column that "
+        f"scores above zero fits and reaches CR {landed:.4g}; ask for CR ≤ {landed:.4g}"
+    )

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pipeline.prune.bytes import BUCKETS_BYTES, group_bytes, unpruned_bytes
+from pipeline.prune.bytes import BUCKETS_BYTES, plan_bytes, unpruned_bytes
 from pipeline.prune.nested import nested_columns
 from pipeline.search.blocking import Blocking
 
@@ -97,10 +97,11 @@ class StructuredPlan:
     def embedding_bytes(self, projection: str, bits: Optional[int] = None) -> int:
         """Serving bytes of all groups: values (fp32, or quantized to ``bits``), range
         starts and projections."""
+        keys = [g.group.key for g in self.groups]
         rows = [g.stored_rows for g in self.groups]
         widths = [g.width for g in self.groups]
         shared = sum(g.buckets is not None for g in self.groups)
-        return int(group_bytes(rows, widths, self.embedding_dim, projection, bits).sum()) + shared * BUCKETS_BYTES
+        return plan_bytes(keys, rows, widths, self.embedding_dim, projection, bits) + shared * BUCKETS_BYTES
 
     def unpruned_bytes(self) -> int:
         return unpruned_bytes(sum(g.group.rows for g in self.groups), self.embedding_dim)
@@ -239,11 +240,13 @@ def plan_for_cr(
     budget = unpruned_bytes(rows.sum(), dim) / target_cr
     taus = np.unique(scores)
 
+    keys = [g.key for g in groups]
+
     def fits(i: int) -> bool:
-        return group_bytes(rows, _widths(scores, taus[i]), dim, projection).sum() <= budget
+        return plan_bytes(keys, rows, _widths(scores, taus[i]), dim, projection) <= budget
 
     if not fits(len(taus) - 1):
-        smallest = group_bytes(rows, _widths(scores, taus[-1]), dim, projection).sum()
+        smallest = plan_bytes(keys, rows, _widths(scores, taus[-1]), dim, projection)
         raise ValueError(
             f"compression ratio {target_cr:g} is unreachable with {len(groups)} groups and "
             f"the {projection!r} projection: the smallest non-empty plan reaches CR "
