@@ -1,0 +1,89 @@
+"""MLPerf's multi-hot variant (``data.multi_hot_sizes``): the loader's bags are one per id,
+the same in every split, stage and rank, and counts count lookups."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from data_fixtures import read_split, write_dataset
+from launch_helpers import TINY
+from pipeline.config import ConfigError, load_config
+from pipeline.data.features import FeatureLayout
+from pipeline.data.loader import SplitReader
+from pipeline.data.metadata import decode_counts, encode_counts
+from pipeline.data.schema import SPARSE_FIELDS
+from pipeline.search.blocking import compute_blocking
+
+SIZES = [3, 1, 2] + [1] * 22 + [5]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The loader fixture's dataset, whose multi-hot fields' metadata holds their true
+    train counts by id (the fixture's ids are no frequency ranks; expanding needs neither)."""
+    path = tmp_path_factory.mktemp("multi_hot")
+    meta = write_dataset(path)
+    train = read_split(path, "train")
+    counts = {key: encode_counts(np.bincount(train[key], minlength=meta.vocab_sizes[key]))
+              for key, size in zip(SPARSE_FIELDS, SIZES) if size > 1}
+    meta = replace(meta, id_counts={**meta.id_counts, **counts})
+    meta.save(path)
+    return path, meta
+
+
+def layout_of(meta, distribution="uniform", sizes=SIZES, mode="embedding"):
+    return FeatureLayout.from_meta(meta, mode, sizes, distribution)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "pareto"])
+def test_every_split_and_rank_reads_one_bag_per_id_and_counts_are_its_lookups(data, distribution):
+    path, meta = data
+    layout = layout_of(meta, distribution)
+    again = layout_of(meta, distribution)  # another stage or rank builds its own
+    assert layout.multi_hot_keys == ("C1", "C3", "C26")
+    sizes = dict(zip(SPARSE_FIELDS, SIZES))
+    for key in layout.multi_hot_keys:
+        every_id = torch.arange(layout.num_embeddings[key])
+        bags = layout.multi_hot.bags(key, every_id)
+        assert bags.shape == (every_id.numel(), sizes[key]) and torch.equal(bags, again.multi_hot.bags(key, every_id))
+        assert torch.equal(bags[:, 0].sort().values, every_id)  # relabelling permutes the rows
+    source = {split: read_split(path, split) for split in ("train", "val", "test")}
+    row_ids = {split: {int(uid): i for i, uid in enumerate(cols["I1"])} for split, cols in source.items()}
+    seen: dict[tuple[str, int], list[int]] = {}
+    lookups = {key: np.zeros(layout.num_embeddings[key], np.int64) for key in layout.multi_hot_keys}
+    for split, cols in source.items():
+        for rank in range(2):
+            reader = SplitReader(path, split, layout, 16, rank=rank, world_size=2, drop_last=False, prefetch=0)
+            for batch in reader.batches():
+                real = batch.labels >= 0
+                rows = [row_ids[split][int(u)] for u in batch.dense[real, 0].tolist()]
+                per_key = batch.sparse.to_dict()
+                for key, size in sizes.items():
+                    bags = per_key[key].values().view(-1, size)[real]
+                    assert (per_key[key].weights() == 1).all()
+                    for row, bag in zip(rows, bags.tolist()):
+                        raw = int(cols[key][row])
+                        if size == 1:
+                            assert bag == [raw]  # single-hot fields are read as they are
+                        assert seen.setdefault((key, raw), bag) == bag, (split, rank, key, raw)
+                        if split == "train" and size > 1:
+                            np.add.at(lookups[key], bag, 1)
+    for key in layout.multi_hot_keys:  # train lookups per new id, non-increasing: frequency ranks
+        assert np.array_equal(decode_counts(layout.counts[key]), lookups[key])
+    blocking = compute_blocking(layout.counts, 4)
+    assert sum(blocking.block_mass) == sum(meta.dense_counts.values()) + 500 * sum(SIZES)
+
+
+def test_multi_hot_sizes_must_give_one_size_of_at_least_1_per_categorical_field(data, tmp_path):
+    meta = data[1]
+    with pytest.raises(ConfigError, match=r"data\.multi_hot_sizes: 3 sizes for the 26 categorical fields"):
+        layout_of(meta, sizes=[3, 2, 1])
+    with pytest.raises(ConfigError, match=r"data\.multi_hot_sizes must all be >= 1"):
+        load_config([TINY], ["data.multi_hot_sizes=[2, 0]"])
+    with pytest.raises(ConfigError, match=r"data\.multi_hot_distribution 'zipf'"):
+        load_config([TINY], ["data.multi_hot_distribution=zipf"])
+    assert layout_of(meta, sizes=[1] * 26).multi_hot is None  # all 1: single-hot
