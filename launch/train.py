@@ -17,6 +17,7 @@ import torch
 from launch import run_as_process
 from launch.common import evaluate_test_split, fit, shard_run_task, stage_parser, start
 from launch.export import export_run
+from pipeline.config import ConfigError
 from pipeline.tasks import RunTask, build_train_task, qr_plan
 from sharding.dmp import barrier
 
@@ -26,6 +27,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     job = start(args)
     try:
         plan = qr_plan(job.cfg, job.layout)  # an unreachable QR budget is a config error
+    except ConfigError:  # a multi-hot QR feature: data.multi_hot_sizes, not the budget
+        raise
     except ValueError as error:
         raise SystemExit(f"dnis train: model.qr_target_cr: {error}") from None
     dmp, optimizer = shard_run_task(job, RunTask(build_train_task(job.cfg, job.layout, torch.device("meta"))))

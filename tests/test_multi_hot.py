@@ -1,24 +1,33 @@
 """MLPerf's multi-hot variant (``data.multi_hot_sizes``): the loader's bags are one per id,
-the same in every split, stage and rank, and counts count lookups."""
+the same in every split, stage and rank; counts count lookups; a 2-rank search gives
+the unsharded α-EBC's outputs."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from torchrec.distributed.planner.types import ParameterConstraints
 
 from data_fixtures import read_split, write_dataset
 from launch_helpers import TINY
 from pipeline.config import ConfigError, load_config
 from pipeline.data.features import FeatureLayout
-from pipeline.data.loader import SplitReader
-from pipeline.data.metadata import decode_counts, encode_counts
+from pipeline.data.loader import SplitReader, search_batches
+from pipeline.data.metadata import DatasetMeta, decode_counts, encode_counts
 from pipeline.data.schema import SPARSE_FIELDS
 from pipeline.search.blocking import compute_blocking
+from pipeline.tasks import build_search_task, qr_plan
+from sharding.alpha_ebc import split_multi_hot
+from sharding.checkpoint import load_full_state
+from sharding.dmp import shard_model
+from sharding.local_ranks import run_ranks
 
 SIZES = [3, 1, 2] + [1] * 22 + [5]
+SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +96,45 @@ def test_multi_hot_sizes_must_give_one_size_of_at_least_1_per_categorical_field(
     with pytest.raises(ConfigError, match=r"data\.multi_hot_distribution 'zipf'"):
         load_config([TINY], ["data.multi_hot_distribution=zipf"])
     assert layout_of(meta, sizes=[1] * 26).multi_hot is None  # all 1: single-hot
+    cfg = load_config([TINY], ["model.embedding=qr", "model.qr_target_cr=2", "model.qr_min_rows=10"])
+    with pytest.raises(ConfigError, match=r"model\.embedding=qr needs single-hot.*\['C1', 'C3', 'C26'\]"):
+        qr_plan(cfg, layout_of(meta))
+
+
+def sharded_search_outputs(env, data_dir: str) -> dict:
+    """One search step's outputs on this rank's loader batch: unsharded, and sharded each
+    way TorchRec shards on CPU (max |difference|); and this rank's bags of C26."""
+    cfg = load_config([TINY], [f"data.path={data_dir}", f"data.multi_hot_sizes={SIZES}", "data.batch_size=16",
+                               "search.val_batch_size=8"])
+    layout = FeatureLayout.from_config(DatasetMeta.load(data_dir), cfg.data)
+    blocking = compute_blocking(layout.counts, cfg.blocking.num_blocks, cfg.blocking.mode)
+    split = partial(split_multi_hot, blocking=blocking, multi_hot=layout.multi_hot_keys)
+    train, val = (SplitReader(data_dir, s, layout, n, rank=env.rank, world_size=env.world_size, prefetch=0,
+                              transform=split) for s, n in (("train", 16), ("val", 8)))
+    batch = next(search_batches(train, val, 1, epoch=0, start=0, global_step=0))
+    torch.manual_seed(0)
+    full = build_search_task(cfg, layout, blocking, torch.device("cpu"))
+    full.model.embedding.alpha.data = torch.rand(full.model.embedding.alpha.shape)
+    full.train()
+    _, expected = full(batch)
+    diffs = {}
+    for kind in SHARDING_TYPES:
+        task = build_search_task(cfg, layout, blocking, torch.device("meta"))
+        constraints = {c.name: ParameterConstraints(sharding_types=[kind], min_partition=4)
+                       for c in task.model.embedding.ebc.embedding_bag_configs()}
+        dmp = shard_model(task, env, "rowwise_adagrad", 0.01, constraints)
+        load_full_state(dmp, full.state_dict())
+        dmp.train()
+        _, out = dmp(batch)
+        diffs[kind] = {name: (out[name] - expected[name]).abs().max().item()
+                       for name in ("logits", "val_loss", "grad_alpha")}
+    return {"diffs": diffs, "bags": layout.multi_hot.bags("C26", torch.arange(layout.num_embeddings["C26"]))}
+
+
+@pytest.mark.multirank
+def test_a_multi_hot_search_step_on_two_ranks_equals_the_unsharded_alpha_ebc(data):
+    results = run_ranks(sharded_search_outputs, 2, str(data[0]))
+    for rank, result in enumerate(results):
+        for kind, diffs in result["diffs"].items():
+            assert max(diffs.values()) < 1e-5, (rank, kind, diffs)
+    assert torch.equal(results[0]["bags"], results[1]["bags"])  # every rank draws the same bags
