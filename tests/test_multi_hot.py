@@ -1,9 +1,10 @@
 """MLPerf's multi-hot variant (``data.multi_hot_sizes``): the loader's bags are one per id,
 the same in every split, stage and rank; counts count lookups; a 2-rank search gives
-the unsharded α-EBC's outputs."""
+the unsharded α-EBC's outputs; search -> prune -> retrain runs, and serving refuses it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from functools import partial
 
@@ -13,7 +14,7 @@ import torch
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from data_fixtures import read_split, write_dataset
-from launch_helpers import TINY
+from launch_helpers import TINY, finish, search_args, torchrun
 from pipeline.config import ConfigError, load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.loader import SplitReader, search_batches
@@ -26,6 +27,8 @@ from sharding.checkpoint import load_full_state
 from sharding.dmp import shard_model
 from sharding.local_ranks import run_ranks
 
+# MLPerf DLRM-DCNv2's sizes (C21: 100 ids a row); sizes of 1 stay single-hot.
+MLPERF_SIZES = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
 SIZES = [3, 1, 2] + [1] * 22 + [5]
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
 
@@ -138,3 +141,26 @@ def test_a_multi_hot_search_step_on_two_ranks_equals_the_unsharded_alpha_ebc(dat
         for kind, diffs in result["diffs"].items():
             assert max(diffs.values()) < 1e-5, (rank, kind, diffs)
     assert torch.equal(results[0]["bags"], results[1]["bags"])  # every rank draws the same bags
+
+
+@pytest.mark.multirank
+def test_multi_hot_search_prune_retrain_runs_and_serving_refuses_it(dataset, tmp_path):
+    from launch import export
+    from pipeline.inference import ArtifactError, load_model
+
+    search = tmp_path / "search"
+    sizes = f"data.multi_hot_sizes={MLPERF_SIZES}"
+    finish(torchrun("launch.search", *search_args(dataset, search, "--set", sizes, "--set", "train.max_steps=12")))
+    finish(torchrun("launch.prune", "--run-dir", str(search), "--cr", "4", nproc=1))
+    retrain = tmp_path / "retrain"
+    out = finish(torchrun(
+        "launch.retrain", "--run-dir", str(search), "--out", str(retrain),
+        "--set", "train.max_steps=4", "--set", "train.eval_every=4", "--no-progress", nproc=1,
+    ))
+    assert "not exported: data.multi_hot_sizes is on" in out and not (retrain / "model").exists()
+    result = json.loads((retrain / "result.json").read_text())
+    assert result["test"]["rows"] > 0 and result["compression_ratio"] >= 4
+    with pytest.raises(SystemExit, match=r"dnis export: .*data\.multi_hot_sizes is on"):
+        export.main(["--run-dir", str(retrain)])
+    with pytest.raises(ArtifactError, match=r"data\.multi_hot_sizes is on"):
+        load_model(retrain)
