@@ -14,7 +14,7 @@ import torch
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from data_fixtures import read_split, write_dataset
-from launch_helpers import TINY, finish, search_args, torchrun
+from launch_helpers import ROOT, TINY, finish, search_args, torchrun
 from pipeline.config import ConfigError, load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.loader import SplitReader, search_batches
@@ -102,6 +102,16 @@ def test_multi_hot_sizes_must_give_one_size_of_at_least_1_per_categorical_field(
     cfg = load_config([TINY], ["model.embedding=qr", "model.qr_target_cr=2", "model.qr_min_rows=10"])
     with pytest.raises(ConfigError, match=r"model\.embedding=qr needs single-hot.*\['C1', 'C3', 'C26'\]"):
         qr_plan(cfg, layout_of(meta))
+
+
+def test_criteo_1tb_yaml_turns_mlperfs_sizes_on_by_uncommenting_its_line(tmp_path):
+    configs = ROOT / "configs"
+    text = (configs / "criteo_1tb.yaml").read_text()
+    assert load_config([configs / "criteo_1tb.yaml"]).data.multi_hot_sizes == ()  # off as shipped
+    on = tmp_path / "criteo_1tb.yaml"
+    on.write_text(text.replace("  # multi_hot_sizes:", "  multi_hot_sizes:")
+                  .replace("extends: base.yaml", f"extends: {configs / 'base.yaml'}"))
+    assert list(load_config([on]).data.multi_hot_sizes) == MLPERF_SIZES and len(MLPERF_SIZES) == len(SPARSE_FIELDS)
 
 
 def sharded_search_outputs(env, data_dir: str) -> dict:
