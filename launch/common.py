@@ -11,6 +11,7 @@ import argparse
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from pipeline.loop import StepHook, Trainer
 from pipeline.run_dir import RunDir
 from pipeline.search.blocking import Blocking, compute_blocking
 from pipeline.tasks import RunTask, build_run_task
+from sharding.alpha_ebc import split_multi_hot
 from sharding.checkpoint import latest_checkpoint, load_checkpoint
 from sharding.dmp import DistEnv, init_distributed, make_optimizer, shard_model
 from sharding.qr_embedding import QREmbedding, QRKeyWriter
@@ -125,7 +127,7 @@ def open_job(env: DistEnv, cfg: Config, run: RunDir, show_progress: bool = True)
     """Seed every generator and read the dataset's metadata for ``cfg``."""
     _seed(cfg.run.seed)
     meta = DatasetMeta.load(cfg.data.path)
-    layout = FeatureLayout.from_meta(meta, cfg.data.dense_mode)
+    layout = FeatureLayout.from_config(meta, cfg.data)
     return Job(env, cfg, run, meta, layout, env.is_main and show_progress)
 
 
@@ -172,10 +174,13 @@ def shard(job: Job, task: nn.Module, constraints: Optional[dict] = None):
 
 def shard_run_task(job: Job, built: RunTask):
     """``shard`` for any run's task; a repacked one also gets the key rewrite on its
-    batches and planner constraints for its tables, a QR one its quotient/remainder keys."""
+    batches and planner constraints for its tables, a QR one its quotient/remainder keys,
+    a search with multi-hot keys their ids split per α block."""
     constraints = None
     embedding = built.task.model.embedding
-    if built.plan is not None:
+    if built.blocking is not None and job.layout.multi_hot_keys:
+        job.transform = partial(split_multi_hot, blocking=built.blocking, multi_hot=job.layout.multi_hot_keys)
+    elif built.plan is not None:
         job.transform = KeyRewriter(built.plan, job.layout.keys)
         constraints = repacked_constraints(embedding)
     elif isinstance(embedding, QREmbedding):

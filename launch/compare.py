@@ -148,7 +148,7 @@ def rows(settings: Settings) -> list[dict]:
     out = []
     for cell in cells(settings):
         cfg = load_config(list(settings.configs), list(cell.overrides(cell.root, settings.epochs)))
-        layout = FeatureLayout.from_meta(DatasetMeta.load(cfg.data.path), cfg.data.dense_mode)
+        layout = FeatureLayout.from_config(DatasetMeta.load(cfg.data.path), cfg.data)
         dim = cfg.model.embedding_dim
         unpruned = unpruned_bytes(sum(layout.num_embeddings.values()), dim)
         for method in settings.methods:

@@ -9,8 +9,9 @@ read here, never on the serving side; the artifact (``pipeline.inference.artifac
 holds the weights in safetensors, the config, layout, prune plan and projection in JSON,
 and the dataset's vocabulary, so ``load_model`` needs neither the run nor the dataset.
 A retrain run ships its repacked tables, a train run its full ones (the baseline); a
-search run's α-scaled tables are no served model (prune and retrain it). The retrain and
-train stages export their best model into ``<run>/model`` when they finish.
+search run's α-scaled tables are no served model (prune and retrain it), nor is a run
+trained on multi-hot bags (``data.multi_hot_sizes``: serving is single-hot). The retrain
+and train stages export their best model into ``<run>/model`` when they finish.
 ``--exported`` also writes ``model.pt2``: the served model's tensor part (dense values and
 ids -> logits) exported by ``torch.export`` with a dynamic batch, fp32 or with int8/int4
 tables (``pipeline.inference.exported``).
@@ -24,13 +25,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
 from pipeline.inference.artifact import EXPORT_DIR, FILES, Artifact, write_artifact
 from pipeline.inference.exported import PROGRAM_FILE, export_program
-from pipeline.inference.model import serve_artifact
+from pipeline.inference.model import multi_hot_refusal, serve_artifact
 from pipeline.loop import BEST
 from pipeline.tasks import build_run_task
 from sharding.checkpoint import load_checkpoint
@@ -62,7 +63,7 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST) -> Artifact:
     writes it (``pipeline.inference.serve_artifact`` serves it as is).
 
     Raises:
-        ExportError: for a search run, QR tables, or a missing run or checkpoint.
+        ExportError: for a search run, QR tables, a multi-hot run, or a missing run or checkpoint.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -70,9 +71,12 @@ def load_run(run_dir: str | Path, checkpoint: str = BEST) -> Artifact:
     cfg = load_config([run_dir / "config.yaml"])
     if cfg.model.embedding != "full":
         raise ExportError(f"{run_dir}: model.embedding={cfg.model.embedding}: only full or repacked tables are served")
+    refused = multi_hot_refusal(cfg.data)
+    if refused:
+        raise ExportError(f"{run_dir}: {refused}")
     try:  # the dataset's metadata and vocabulary, and the checkpoint, must exist
         meta = DatasetMeta.load(cfg.data.path)
-        layout = FeatureLayout.from_meta(meta, cfg.data.dense_mode)
+        layout = FeatureLayout.from_config(meta, cfg.data)
         built = build_run_task(run_dir, cfg, layout, torch.device("cpu"))
         if built.blocking is not None:
             raise ExportError(
@@ -115,6 +119,15 @@ def export_run(
         program = export_program(served)
         extras[PROGRAM_FILE] = lambda path: torch.export.save(program, path)
     return write_artifact(out or Path(run_dir) / EXPORT_DIR, artifact, extras)
+
+
+def export_best(run_dir: str | Path, cfg: Config) -> str:
+    """The log line of a finished train or retrain stage (``cfg``: its config): its best
+    model exported into ``<run_dir>/model``, or why a multi-hot run is not."""
+    refused = multi_hot_refusal(cfg.data)
+    if refused:
+        return f"not exported: {refused}"
+    return f"exported the best model to {export_run(run_dir)}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:

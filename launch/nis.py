@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from launch import run_as_process
-from launch.common import blocking_for, evaluate_test_split, fit, shard, stage_parser, start
+from launch.common import blocking_for, evaluate_test_split, fit, shard_run_task, stage_parser, start
 from launch.prune import plan_summary
 from launch.search import alpha_parameter, search_train_batches
 from pipeline.search.alpha_table import alpha_rows
 from pipeline.search.blocking import Blocking
 from pipeline.search.nis import EpisodeLog, NISController, NISSearch
 from pipeline.search.nis_grid import PROJECTION, BlockGrid, most_probable_within_budget
-from pipeline.tasks import build_search_task
+from pipeline.tasks import RunTask, build_search_task
 from sharding.dmp import all_reduce_mean
 
 
@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except ValueError as error:
         raise SystemExit(f"dnis nis: {error}") from None
     task = build_search_task(job.cfg, job.layout, blocking, torch.device("meta"))
-    dmp, optimizer = shard(job, task)
+    dmp, optimizer = shard_run_task(job, RunTask(task, blocking=blocking))
     alpha = alpha_parameter(dmp)
     controller = NISController(grid.num_rows, cfg.dim_blocks, cfg.controller_lr, cfg.baseline_decay, job.cfg.run.seed)
     episodes = job.run.path / "nis.jsonl" if job.env.is_main else None

@@ -78,7 +78,7 @@ def layout_for(cfg: Config, source: str) -> FeatureLayout:
     """The dataset's layout from its metadata, else from ``data.table_sizes``."""
     data = cfg.data
     if (Path(data.path) / METADATA_FILE).is_file():
-        return FeatureLayout.from_meta(DatasetMeta.load(data.path), data.dense_mode)
+        return FeatureLayout.from_config(DatasetMeta.load(data.path), data)
     if not data.table_sizes:
         raise SystemExit(
             f"{source}: data.path {data.path} has no {METADATA_FILE} and data.table_sizes is empty; "

@@ -14,7 +14,8 @@ The source run directory holds ``prune.json`` and decides where the weights come
 The new run directory gets the usual config, metrics, checkpoints and ``result.json``
 with the test metrics before retraining (the pruned model as repacked: equal to the
 structurally pruned model) and after, and ``model/``: the best model exported for
-serving (``launch.export``). Rank 0 reads the source's tables whole to repack
+serving (``launch.export``; not for a multi-hot run, whose batches take ``KeyRewriter``'s
+bags while serving is single-hot). Rank 0 reads the source's tables whole to repack
 them (memory: one copy of the unpruned tables on that host).
 """
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from launch import run_as_process
 from launch.common import Job, add_run_options, evaluate_test_split, fit, new_run, open_job, shard_run_task
-from launch.export import export_run
+from launch.export import export_best
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
@@ -141,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     }
     metrics = evaluate_test_split(job, dmp, "retrain", extra)
     if env.is_main:  # the run ships: its best model as a weights-only artifact
-        job.log(f"exported the best model to {export_run(job.run.path)}")
+        job.log(export_best(job.run.path, cfg))
     barrier()
     return metrics
 

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from launch import run_as_process
-from launch.common import Job, blocking_for, evaluate_test_split, fit, shard, stage_parser, start
+from launch.common import Job, blocking_for, evaluate_test_split, fit, shard_run_task, stage_parser, start
 from pipeline.data.batch import Batch
 from pipeline.data.loader import search_batches
 from pipeline.search.alpha_table import alpha_rows, format_alpha_table
 from pipeline.search.blocking import Blocking
 from pipeline.search.dnis import AlphaUpdater, DNISTask
-from pipeline.tasks import build_search_task
+from pipeline.tasks import RunTask, build_search_task
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import all_reduce_mean
 
@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     blocking = blocking_for(job)
     job.run.write_json("blocking.json", blocking.to_json())
     task = build_search_task(cfg, job.layout, blocking, torch.device("meta"))
-    dmp, optimizer = shard(job, task)
+    dmp, optimizer = shard_run_task(job, RunTask(task, blocking=blocking))
     alpha = alpha_parameter(dmp)
     updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
     train_batches, steps_per_epoch = search_train_batches(job, task)

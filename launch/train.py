@@ -5,7 +5,8 @@ every search and retrain is compared with; or on the QR baseline's tables
     python -m launch.train --config configs/synthetic.yaml
     torchx run -s local_cwd launch/components.py:train --config configs/synthetic.yaml --nproc 2
 
-A full-table run exports its best model into ``<run>/model`` (``launch.export``).
+A full-table run exports its best model into ``<run>/model`` (``launch.export``), unless
+it trained on multi-hot bags (serving is single-hot).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from launch import run_as_process
 from launch.common import evaluate_test_split, fit, shard_run_task, stage_parser, start
-from launch.export import export_run
+from launch.export import export_best
+from pipeline.config import ConfigError
 from pipeline.tasks import RunTask, build_train_task, qr_plan
 from sharding.dmp import barrier
 
@@ -26,6 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     job = start(args)
     try:
         plan = qr_plan(job.cfg, job.layout)  # an unreachable QR budget is a config error
+    except ConfigError:  # a multi-hot QR feature: data.multi_hot_sizes, not the budget
+        raise
     except ValueError as error:
         raise SystemExit(f"dnis train: model.qr_target_cr: {error}") from None
     dmp, optimizer = shard_run_task(job, RunTask(build_train_task(job.cfg, job.layout, torch.device("meta"))))
@@ -36,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     evaluate_test_split(job, dmp, "train", plan.bytes_record() if plan else None)
     if plan is None and job.env.is_main:  # full tables ship as the baseline; QR tables are not served
-        job.log(f"exported the best model to {export_run(job.run.path)}")
+        job.log(export_best(job.run.path, job.cfg))
     barrier()
 
 

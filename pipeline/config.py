@@ -27,6 +27,9 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names key and source."""
 
 
+MULTI_HOT_DISTRIBUTIONS = ("uniform", "pareto")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the preprocessed dataset lives and how batches are cut from it."""
@@ -40,6 +43,23 @@ class DataConfig:
     # Rows of the tables of C1..Cn when the dataset at ``path`` is absent: ``dnis plan``
     # plans from these (e.g. Criteo 1TB's published sizes); training always reads metadata.
     table_sizes: tuple[int, ...] = ()
+    # MLPerf's synthetic multi-hot variant: one bag size per categorical field C1..Cn
+    # (1 = single-hot); empty = off. See pipeline.data.multi_hot.
+    multi_hot_sizes: tuple[int, ...] = ()
+    multi_hot_distribution: str = "uniform"  # uniform | pareto: how the extra ids are drawn
+
+    def __post_init__(self) -> None:
+        if any(size < 1 for size in self.multi_hot_sizes):
+            raise ConfigError(f"data.multi_hot_sizes must all be >= 1, got {list(self.multi_hot_sizes)}")
+        if self.multi_hot_distribution not in MULTI_HOT_DISTRIBUTIONS:
+            raise ConfigError(
+                f"data.multi_hot_distribution {self.multi_hot_distribution!r}: expected one of {MULTI_HOT_DISTRIBUTIONS}"
+            )
+
+    @property
+    def multi_hot(self) -> bool:
+        """Whether some categorical field is expanded to bags of several ids."""
+        return any(size > 1 for size in self.multi_hot_sizes)
 
 
 EMBEDDINGS = ("full", "qr")

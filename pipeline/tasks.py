@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.batch import Batch
 from pipeline.models import build_model
 from pipeline.prune.plan import StructuredPlan
@@ -38,6 +38,7 @@ class Layout(Protocol):
     weighted: bool
     num_embeddings: dict[str, int]
     num_dense: int
+    multi_hot_keys: tuple[str, ...]
 
 
 class TrainTask(nn.Module):
@@ -69,11 +70,22 @@ def _model(cfg: Config, layout: Layout, embedding: nn.Module) -> nn.Module:
 
 
 def qr_plan(cfg: Config, layout: Layout) -> Optional[QRPlan]:
-    """The QR baseline's table sizes for ``model.embedding=qr``; ``None`` for full tables."""
+    """The QR baseline's table sizes for ``model.embedding=qr``; ``None`` for full tables.
+
+    Raises:
+        ConfigError: when a QR table's feature is multi-hot (QR multiplies pooled sums).
+    """
     model = cfg.model
     if model.embedding != "qr":
         return None
-    return plan_qr(layout.num_embeddings, model.embedding_dim, model.qr_min_rows, model.qr_target_cr)
+    plan = plan_qr(layout.num_embeddings, model.embedding_dim, model.qr_min_rows, model.qr_target_cr)
+    multi = [key for key in layout.multi_hot_keys if key in plan.remainders]
+    if multi:
+        raise ConfigError(
+            f"model.embedding=qr needs single-hot bags, but data.multi_hot_sizes makes the QR tables' "
+            f"features {multi} multi-hot (raise model.qr_min_rows past their rows, or set their sizes to 1)"
+        )
+    return plan
 
 
 def build_train_task(cfg: Config, layout: Layout, device: torch.device) -> TrainTask:
@@ -90,8 +102,11 @@ def build_train_task(cfg: Config, layout: Layout, device: torch.device) -> Train
 def build_search_task(
     cfg: Config, layout: Layout, blocking: Blocking, device: torch.device
 ) -> DNISTask:
-    """The configured model on an α-EBC, wrapped in the DNIS step."""
-    embedding = AlphaEmbeddingBagCollection(_ebc(cfg, layout, device), blocking)
+    """The configured model on an α-EBC, wrapped in the DNIS step; its multi-hot keys read
+    their ids split per block (``split_multi_hot``)."""
+    multi_hot = layout.multi_hot_keys
+    ebc = _ebc(cfg, layout, device, multi_hot, blocking.num_blocks)
+    embedding = AlphaEmbeddingBagCollection(ebc, blocking, multi_hot)
     return DNISTask(_model(cfg, layout, embedding), cfg.data.batch_size, cfg.search.alpha_interval)
 
 

@@ -10,12 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.data.batch import single_hot_kjt
 from pipeline.inference import inference_tables
 from pipeline.prune.plan import GroupPlan, StructuredPlan, group_ranges
 from pipeline.search.blocking import compute_blocking
-from sharding.alpha_ebc import AlphaEmbeddingBagCollection
+from sharding.alpha_ebc import AlphaEmbeddingBagCollection, split_multi_hot
 from sharding.checkpoint import load_full_state
 from sharding.field_embedding import table_configs
 from sharding.local_ranks import run_ranks
@@ -93,6 +94,44 @@ def test_selection_projection_equals_the_structured_alpha_model():
         assert (got - expected).abs().max() < 1e-6
 
 
+MULTI = ("a", "b")  # the multi-hot features of the multi-hot case ("c" stays single-hot)
+
+
+def multi_hot_batch(seed: int, rows: int = 32) -> KeyedJaggedTensor:
+    """Bags of 0-4 ids of ``MULTI`` features, one id of the others, keys in ``NUMS`` order."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [torch.randint(0, 5, (rows,), generator=g) if k in MULTI else torch.ones(rows, dtype=torch.int64)
+               for k in NUMS]
+    values = [torch.randint(0, n, (int(length.sum()),), generator=g) for n, length in zip(NUMS.values(), lengths)]
+    return KeyedJaggedTensor.from_lengths_sync(list(NUMS), torch.cat(values), torch.cat(lengths))
+
+
+def structurally_pruned(alpha_ebc, plan):
+    """The multi-hot α-model (``MULTI`` split per block) holding ``alpha_ebc``'s α and
+    tables, each table's columns outside its groups' kept ones zeroed."""
+    blocking = skewed_blocking()
+    pruned = AlphaEmbeddingBagCollection(
+        EmbeddingBagCollection(table_configs(NUMS, K, 0.5, MULTI, L)), blocking, MULTI)
+    pruned.alpha.data = alpha_ebc.alpha.detach().clone()
+    with torch.no_grad():
+        for key in NUMS:
+            pruned.ebc.embedding_bags[f"t_{key}"].weight.copy_(alpha_ebc.ebc.embedding_bags[f"t_{key}"].weight)
+        for g in plan.groups:
+            dropped = [c for c in range(K) if c not in g.columns]
+            pruned.ebc.embedding_bags[f"t_{g.group.key}"].weight[g.group.start : g.group.stop, dropped] = 0.0
+    return lambda kjt: pruned(split_multi_hot(kjt, blocking, MULTI))
+
+
+def test_selection_projection_equals_the_structured_alpha_model_on_multi_hot_bags():
+    alpha_ebc, plan = searched(seed=8)
+    assert any(g.width == 0 for g in plan.groups) and any(0 < g.width < K for g in plan.groups)
+    module, reference = build_repacked(alpha_ebc, plan), structurally_pruned(alpha_ebc, plan)
+    for seed in range(3):
+        kjt = multi_hot_batch(seed)
+        got = module(KeyRewriter(plan, list(NUMS))(kjt))
+        assert (got - reference(kjt)).abs().max() < 1e-6
+
+
 def test_slabs_store_each_kept_value_once_in_one_key_per_distinct_width_of_a_feature():
     _, plan = searched(seed=5)
     module = RepackedEmbedding(plan, list(NUMS))
@@ -154,8 +193,6 @@ def naive_rewrite(features, plan, keys):
 
 
 def test_key_rewriter_matches_a_per_group_rewrite_on_weighted_multi_hot_batches():
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
     _, plan = searched(seed=2)
     g = torch.Generator().manual_seed(0)
     keys = ["c", "a", "b"]  # not the plan's key order

@@ -116,7 +116,7 @@ def plan_step(cell: Cell, name: str, plan_dir: Path, method: str, cr: float, can
     def write() -> None:
         cfg = load_config(list(cell.settings.configs), cell.overrides(plan_dir, cell.settings.epochs))
         meta = DatasetMeta.load(cfg.data.path)
-        layout = FeatureLayout.from_meta(meta, cfg.data.dense_mode)
+        layout = FeatureLayout.from_config(meta, cfg.data)
         b = cfg.blocking
         groups = group_ranges(compute_blocking(layout.counts, b.num_blocks, b.mode, b.per_field), layout.num_embeddings)
         dim = cfg.model.embedding_dim

@@ -7,7 +7,9 @@
 - ``mlp`` (DLRM's): keys ``C1..C26``, unweighted; the dense values go to a bottom MLP.
 - ``bucket``: keys ``C1..C26`` then ``B1..B13`` (bucketised integers), unweighted.
 
-In every mode ``Batch.dense`` is the ``[B, 13]`` transformed integer fields.
+In every mode ``Batch.dense`` is the ``[B, 13]`` transformed integer fields. With
+``data.multi_hot_sizes`` (``from_config``) the ``C`` keys of size > 1 carry bags of ids
+(``pipeline.data.multi_hot``), and their counts count lookups.
 
 Example:
     >>> layout = FeatureLayout.from_meta(DatasetMeta.load("runs/data/synthetic"), "embedding")
@@ -18,11 +20,12 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
-from typing import Sequence
-
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data.metadata import DatasetMeta
+from pipeline.data.multi_hot import MultiHot
 from pipeline.data.schema import DENSE_FIELDS, SPARSE_FIELDS
 
 DENSE_MODES = ("embedding", "mlp", "bucket")
@@ -42,6 +45,7 @@ class FeatureLayout:
         dense_keys: keys whose id is always 0 and whose weight is the dense value
             (the first ``len(dense_keys)`` keys; empty unless ``embedding``).
         id_columns: parquet columns holding the ids of the remaining keys, in key order.
+        multi_hot: the bags of the multi-hot keys (``None``: every key single-hot).
     """
 
     keys: tuple[str, ...]
@@ -52,10 +56,30 @@ class FeatureLayout:
     dense_mode: str
     dense_keys: tuple[str, ...]
     id_columns: tuple[str, ...]
+    multi_hot: Optional[MultiHot] = field(default=None, compare=False)
+
+    @property
+    def multi_hot_keys(self) -> tuple[str, ...]:
+        """Keys whose bags hold several ids, in key order."""
+        return self.multi_hot.keys if self.multi_hot is not None else ()
 
     @classmethod
-    def from_meta(cls, meta: DatasetMeta, dense_mode: str) -> "FeatureLayout":
-        """The layout of ``meta``'s dataset under ``dense_mode``."""
+    def from_config(cls, meta: DatasetMeta, data: DataConfig) -> "FeatureLayout":
+        """The layout a run with ``data`` (its ``dense_mode`` and multi-hot sizes) trains on."""
+        return cls.from_meta(meta, data.dense_mode, data.multi_hot_sizes, data.multi_hot_distribution)
+
+    @classmethod
+    def from_meta(
+        cls, meta: DatasetMeta, dense_mode: str, multi_hot_sizes: Sequence[int] = (),
+        multi_hot_distribution: str = "uniform",
+    ) -> "FeatureLayout":
+        """The layout of ``meta``'s dataset under ``dense_mode``, its categorical fields
+        expanded to bags of ``multi_hot_sizes`` ids (one size per field; empty: single-hot).
+
+        Raises:
+            ConfigError: naming ``data.multi_hot_sizes`` when its length is not the number
+                of categorical fields.
+        """
         if dense_mode not in DENSE_MODES:
             raise ValueError(f"dense_mode {dense_mode!r}: expected one of {DENSE_MODES}")
         dense_keys = tuple(meta.dense_fields) if dense_mode == "embedding" else ()
@@ -71,6 +95,16 @@ class FeatureLayout:
         num_embeddings.update({c: meta.vocab_sizes[c] for c in id_columns})
         counts = {k: [[meta.dense_counts[k], 1]] for k in dense_keys}
         counts.update({c: meta.id_counts[c] for c in id_columns})
+        if multi_hot_sizes and len(multi_hot_sizes) != len(meta.sparse_fields):
+            raise ConfigError(
+                f"data.multi_hot_sizes: {len(multi_hot_sizes)} sizes for the {len(meta.sparse_fields)} "
+                f"categorical fields {meta.sparse_fields[0]}..{meta.sparse_fields[-1]}, one size each"
+            )
+        multi_hot = None
+        if any(size > 1 for size in multi_hot_sizes):
+            sizes = dict(zip(meta.sparse_fields, multi_hot_sizes))
+            multi_hot = MultiHot(sizes, multi_hot_distribution, num_embeddings, counts)
+            counts.update(multi_hot.counts)
         return cls(
             keys=dense_keys + id_columns,
             weighted=bool(dense_keys),
@@ -80,6 +114,7 @@ class FeatureLayout:
             dense_mode=dense_mode,
             dense_keys=dense_keys,
             id_columns=id_columns,
+            multi_hot=multi_hot,
         )
 
     @classmethod

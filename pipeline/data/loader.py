@@ -13,6 +13,9 @@ parquet metadata, what it reads, and no rows are left over but the remainder:
   and ranks with fewer batches add padding batches, so all ranks yield the same count.
   Padding rows have label ``-1``, id 0 for every key, dense and weights 0.
 
+A multi-hot layout (``data.multi_hot_sizes``) turns each id of its multi-hot keys into
+that id's bag (``pipeline.data.multi_hot``), padding rows' too.
+
 Batches are built in a background thread, ``prefetch`` ahead.
 
 Example:
@@ -234,10 +237,12 @@ def rows_batch(
     rows: Rows, layout: FeatureLayout,
     transform: Optional[Callable[[KeyedJaggedTensor], KeyedJaggedTensor]] = None,
 ) -> Batch:
-    """The model's ``Batch`` of ``rows`` under ``layout`` (training and serving alike)."""
+    """The model's ``Batch`` of ``rows`` under ``layout``: one id per key, or the bag of
+    each multi-hot key's id (``layout.multi_hot``)."""
     dense = torch.from_numpy(np.ascontiguousarray(rows.dense))
     ids = torch.from_numpy(np.ascontiguousarray(rows.ids.T))
-    sparse = single_hot_kjt(layout.keys, *key_ids(dense, ids, layout))
+    make_kjt = single_hot_kjt if layout.multi_hot is None else layout.multi_hot.kjt
+    sparse = make_kjt(layout.keys, *key_ids(dense, ids, layout))
     if transform is not None:
         sparse = transform(sparse)
     return Batch(dense=dense, sparse=sparse, labels=torch.from_numpy(rows.labels))

@@ -131,7 +131,8 @@ def write_artifact(
 
 
 def _model_doc(artifact: Artifact) -> dict[str, Any]:
-    layout = {k: v for k, v in dataclasses.asdict(artifact.layout).items() if k != "counts"}
+    # Serving never blocks (no counts) and is single-hot (no multi-hot bags).
+    layout = {k: v for k, v in dataclasses.asdict(artifact.layout).items() if k not in ("counts", "multi_hot")}
     return {
         "config": config_to_dict(artifact.config),
         "layout": layout,

@@ -18,6 +18,8 @@ values) or, with ``bits=8`` or ``bits=4``, rows quantized row-wise to INT8/INT4 
 entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus fp16 rounding
 of the row's scale and bias; bytes as ``pipeline.prune.bytes`` counts them). A repacked
 model's ids go to its column slabs by ``SingleHotKeyRewriter`` (no sort, no per-key work).
+Serving reads one id per categorical field: a run trained on multi-hot bags
+(``data.multi_hot_sizes``) is refused (``multi_hot_refusal``).
 
 Example:
     >>> model = load_model("runs/synthetic/search/retrain")          # doctest: +SKIP
@@ -38,6 +40,7 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from pipeline.config import DataConfig, load_config
 from pipeline.data.batch import single_hot_kjt
 from pipeline.data.chunk_passes import encode_block
 from pipeline.data.criteo_reader import ParsedBlock
@@ -132,10 +135,13 @@ def serve_artifact(artifact: Artifact, bits: Optional[int] = None) -> ServingMod
     ``launch.export.load_run``) on CPU, ready to serve; ``bits`` as ``load_model``.
 
     Raises:
-        ArtifactError: naming ``model.json`` if no model can be built from it, or the tensor
-            whose name, dtype or shape the model does not have.
+        ArtifactError: naming ``model.json`` if no model can be built from it (or it was
+            trained multi-hot), or the tensor whose name, dtype or shape the model does not have.
     """
     cfg, layout, directory = artifact.config, artifact.layout, Path(artifact.directory or ".")
+    refused = multi_hot_refusal(cfg.data)
+    if refused:
+        raise ArtifactError(f"{directory / MODEL_FILE}: {refused}")
     try:
         if artifact.plan is not None:
             task = build_retrain_task(cfg, layout, artifact.plan, artifact.projection, torch.device("cpu"))
@@ -153,15 +159,28 @@ def artifact_directory(path: str | Path) -> Path:
     """``path`` if it holds an exported model, else its ``model/`` (a run directory's export).
 
     Raises:
-        ArtifactError: for a run directory that was never exported.
+        ArtifactError: for a run directory that was never exported, or cannot be (multi-hot).
     """
     path = Path(path)
     if (path / MANIFEST_FILE).is_file() or not (path / "config.yaml").is_file():
         return path  # an artifact, or a path whose error read_artifact names
     exported = path / EXPORT_DIR
     if not (exported / MANIFEST_FILE).is_file():
-        raise ArtifactError(f"{path}: no exported model in {exported}; run `dnis export --run-dir {path}`")
+        refused = multi_hot_refusal(load_config([path / "config.yaml"]).data)
+        raise ArtifactError(
+            f"{path}: {refused}" if refused else
+            f"{path}: no exported model in {exported}; run `dnis export --run-dir {path}`"
+        )
     return exported
+
+
+def multi_hot_refusal(data: DataConfig) -> Optional[str]:
+    """Why a model trained with ``data`` cannot be served, or ``None``: serving reads one
+    id per categorical field, and a multi-hot run's fields took bags of ids."""
+    if not data.multi_hot:
+        return None
+    return ("data.multi_hot_sizes is on (trained on multi-hot bags); serving (dnis export, "
+            "load_model, dnis predict) reads one id per categorical field")
 
 
 def serving_model(

@@ -101,7 +101,7 @@ def dense_parameters(cfg: Config) -> Optional[int]:
     """Parameters of the configured model outside its embeddings (None: no dataset)."""
     if not (Path(cfg.data.path) / "metadata.json").is_file():
         return None
-    layout = FeatureLayout.from_meta(DatasetMeta.load(cfg.data.path), cfg.data.dense_mode)
+    layout = FeatureLayout.from_config(DatasetMeta.load(cfg.data.path), cfg.data)
     task = build_train_task(cfg, layout, torch.device("meta"))
     return sum(p.numel() for name, p in task.named_parameters() if "embedding" not in name)
 
