@@ -7,8 +7,11 @@ chunk's counts spill to disk past a share of the memory budget), then writes
 (the good rows' splits, labels and dictionary codes, so that pass 2 never parses text
 again) and last ``_work/counts/<chunk>.npz`` (the runs' sizes; row, missing and dense
 counts). Pass 2 (``write_chunk``) maps each block's dictionary entries to ids with the
-vocabulary and writes ``<split>/<chunk>.parquet`` per split, then
-``_work/shards/<chunk>.json``, then drops the coded file. Every file appears by rename, so
+vocabulary (in slices of ``vocab_slice_keys`` entries when the whole vocabulary is larger,
+so that the mapped pages it keeps stay within the budget) and writes
+``<split>/<chunk>.parquet`` per split in row groups of ``row_group_rows`` (buffered: one
+per split), then ``_work/shards/<chunk>.json`` (rows per split, row-group size), then
+drops the coded file. Every file appears by rename, so
 a killed run leaves finished chunks reusable and nothing half-written under its final name
 (a chunk recounted after a kill starts by dropping the runs it had spilled).
 """
@@ -41,6 +44,7 @@ SHARD_SCHEMA = pa.schema(
     + [(f, pa.float32()) for f in DENSE_FIELDS]
     + [(f, pa.int32()) for f in SPARSE_FIELDS + BUCKET_FIELDS]
 )
+SHARD_ROW_BYTES = sum(f.type.bit_width for f in SHARD_SCHEMA) // 8  # 212: a buffered row
 RAW_ROW_CHARS = 200  # raw row text kept in rejects.tsv
 
 
@@ -58,7 +62,8 @@ class ChunkContext:
     strict: bool
     block_bytes: int
     count_keys: int  # pass 1 spills a run of counts past this many held entries
-    row_group_rows: int
+    row_group_rows: int  # pass 2: rows per row group (--row-group-rows, or fewer for the budget)
+    vocab_slice_keys: int  # pass 2: vocabulary entries per lookup slice
 
     @property
     def work(self) -> Path:
@@ -225,17 +230,19 @@ def _vocabulary(output: str) -> Vocabulary:
     return _VOCABS[key]
 
 
-def encode_block(block: ParsedBlock, vocab: Vocabulary) -> pa.Table:
+def encode_block(block: ParsedBlock, vocab: Vocabulary, slice_keys: int = 0) -> pa.Table:
     """The shard columns of a block's good rows: each dictionary entry is transformed or
-    looked up once, then gathered by the rows' codes."""
+    looked up (``FieldVocab.ids_of``, in slices of ``slice_keys`` entries) once, then
+    gathered by the rows' codes."""
     columns = {LABEL: block.label}
     for j, f in enumerate(DENSE_FIELDS):  # an empty integer's entry is 0, which maps to 0
         columns[f] = dense_transform(block.values[j])[block.codes[j]]
     for j, f in enumerate(SPARSE_FIELDS):
         c = NUM_DENSE + j
-        columns[f] = vocab.fields[f].ids_of(block.values[c], block.absent[c])[block.codes[c]]
+        columns[f] = vocab.fields[f].ids_of(block.values[c], block.absent[c], slice_keys)[block.codes[c]]
     for j, f in enumerate(BUCKET_FIELDS):
-        columns[f] = vocab.fields[f].ids_of(bucket_keys(block.values[j], block.absent[j]))[block.codes[j]]
+        keys = bucket_keys(block.values[j], block.absent[j])
+        columns[f] = vocab.fields[f].ids_of(keys, slice_keys=slice_keys)[block.codes[j]]
     return pa.table(columns, schema=SHARD_SCHEMA)
 
 
@@ -278,14 +285,17 @@ class ShardWriter:
 def write_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
     """Pass 2 over ``chunk``'s coded rows: write their ids per split; returns the chunk id."""
     vocab = _vocabulary(ctx.output)
+    # a vocabulary that fits in one slice keeps its pages: no lookup drops and refaults them
+    slice_keys = ctx.vocab_slice_keys if vocab.num_keys > ctx.vocab_slice_keys else 0
     writers = [ShardWriter(Path(ctx.output) / shard_file(s, chunk), ctx.row_group_rows) for s in SPLITS]
     for splits, block in load_coded(coded_path(ctx, chunk)):
-        table = encode_block(block, vocab)
+        table = encode_block(block, vocab, slice_keys)
         for s, writer in enumerate(writers):
             mask = splits == s
             if mask.any():
                 writer.write(table.filter(pa.array(mask)))
     rows = {split: writer.close() for split, writer in zip(SPLITS, writers)}
-    atomic_write_bytes(shard_marker(ctx, chunk), json.dumps(rows).encode())
+    marker = {"rows": rows, "row_group_rows": ctx.row_group_rows}
+    atomic_write_bytes(shard_marker(ctx, chunk), json.dumps(marker).encode())
     coded_path(ctx, chunk).unlink()
     return chunk.id

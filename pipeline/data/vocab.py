@@ -10,7 +10,9 @@ Stored as a directory of ``.npy`` files (per field: sorted keys and their ids) p
 ``index.json``; loading memory-maps them, so worker processes share one copy. The pages a
 lookup touches count in the process's RSS until it drops them: ``ids_of(..., slice_keys=n)``
 looks keys up in slices of ``n`` entries (12 B each) and drops each slice's pages after
-it, so a lookup keeps at most ``12 n`` bytes of a vocabulary of any size resident.
+it, so a lookup keeps about ``12 n`` bytes of a vocabulary of any size resident (plus
+what the kernel maps around a fault at either end of a slice: 64 KiB, or a large folio
+of the page cache, 2 MiB at most).
 
 Example:
     >>> vocab = Vocabulary.load("data/criteo/vocab")          # doctest: +SKIP
@@ -137,6 +139,7 @@ class FieldVocab:
             ids = np.empty(keys.shape, np.int32)
             order = np.argsort(keys)
             cuts = np.r_[0, np.searchsorted(keys[order], self.keys[slice_keys::slice_keys]), keys.size]
+            self.drop_pages()  # the slice boundaries' pages
             for lo, a, b in zip(range(0, self.keys.size, slice_keys), cuts[:-1], cuts[1:]):
                 ids[order[a:b]] = self._ids_in(keys[order[a:b]], lo, lo + slice_keys)
                 self.drop_pages()
