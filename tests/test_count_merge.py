@@ -21,7 +21,7 @@ from pipeline.data.count_merge import merge_range, plan_merge, range_bits, write
 from pipeline.data.count_runs import COUNT_BYTES_PER_KEY, CountRuns, run_file, runs_dir
 from pipeline.data.metadata import DatasetMeta, encode_counts
 from pipeline.data.schema import SPLITS
-from pipeline.data.vocab import VOCAB_BYTES_PER_KEY, MISSING_BUCKET, FieldVocab, Vocabulary, frequency_rank
+from pipeline.data.vocab import MISSING_BUCKET, VOCAB_BYTES_PER_KEY, FieldVocab, Vocabulary, frequency_rank
 from tests.test_preprocess import dataset_tables, make_lines, stable_meta, write
 
 FIELDS = ("wide", "buckets", "empty")

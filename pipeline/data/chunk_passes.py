@@ -11,9 +11,9 @@ vocabulary (in slices of ``vocab_slice_keys`` entries when the whole vocabulary 
 so that the mapped pages it keeps stay within the budget) and writes
 ``<split>/<chunk>.parquet`` per split in row groups of ``row_group_rows`` (buffered: one
 per split), then ``_work/shards/<chunk>.json`` (rows per split, row-group size), then
-drops the coded file. Every file appears by rename, so
-a killed run leaves finished chunks reusable and nothing half-written under its final name
-(a chunk recounted after a kill starts by dropping the runs it had spilled).
+drops the coded file. Every file appears by rename, so a killed run leaves finished
+chunks reusable and nothing half-written under its final name (a chunk recounted after a
+kill starts by dropping the runs it had spilled).
 """
 
 from __future__ import annotations

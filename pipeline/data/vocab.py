@@ -237,7 +237,7 @@ def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap]:
         read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(f)
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return np.frombuffer(mapping, dtype, int(np.prod(shape)), f.tell()), mapping
+        return np.frombuffer(mapping, dtype, int(np.prod(shape)), f.tell()).reshape(shape), mapping
 
 
 class VocabularyWriter:
