@@ -230,25 +230,40 @@ def _vocabulary(output: str) -> Vocabulary:
     return _VOCABS[key]
 
 
-def encode_block(block: ParsedBlock, vocab: Vocabulary, slice_keys: int = 0) -> pa.Table:
-    """The shard columns of a block's good rows: each dictionary entry is transformed or
-    looked up (``FieldVocab.ids_of``, in slices of ``slice_keys`` entries) once, then
-    gathered by the rows' codes."""
-    columns = {LABEL: block.label}
-    for j, f in enumerate(DENSE_FIELDS):  # an empty integer's entry is 0, which maps to 0
-        columns[f] = dense_transform(block.values[j])[block.codes[j]]
-    for j, f in enumerate(SPARSE_FIELDS):
-        c = NUM_DENSE + j
-        columns[f] = vocab.fields[f].ids_of(block.values[c], block.absent[c], slice_keys)[block.codes[c]]
-    for j, f in enumerate(BUCKET_FIELDS):
-        keys = bucket_keys(block.values[j], block.absent[j])
-        columns[f] = vocab.fields[f].ids_of(keys, slice_keys=slice_keys)[block.codes[j]]
-    return pa.table(columns, schema=SHARD_SCHEMA)
+def entry_values(block: ParsedBlock, vocab: Vocabulary, slice_keys: int = 0) -> list[np.ndarray]:
+    """Per shard column after the label, its value for each of the block's dictionary
+    entries: integers transformed, categorical and bucket keys looked up once
+    (``FieldVocab.ids_of``, in slices of ``slice_keys`` entries)."""
+    # an empty integer's entry is 0, which maps to 0
+    dense = [dense_transform(block.values[j]) for j in range(NUM_DENSE)]
+    sparse = [vocab.fields[f].ids_of(block.values[NUM_DENSE + j], block.absent[NUM_DENSE + j], slice_keys)
+              for j, f in enumerate(SPARSE_FIELDS)]
+    buckets = [vocab.fields[f].ids_of(bucket_keys(block.values[j], block.absent[j]), slice_keys=slice_keys)
+               for j, f in enumerate(BUCKET_FIELDS)]
+    return dense + sparse + buckets
+
+
+# the code column (I1..I13 then C1..C26) each shard column after the label is gathered by
+_CODE_COLUMNS = [*range(NUM_DENSE), *range(NUM_DENSE, NUM_DENSE + len(SPARSE_FIELDS)), *range(NUM_DENSE)]
+
+
+def shard_table(block: ParsedBlock, entries: list[np.ndarray], rows=slice(None)) -> pa.Table:
+    """The shard columns of the block's good rows ``rows`` (a slice or indices): the
+    ``entry_values`` gathered by the rows' codes."""
+    columns = [block.label[rows]] + [v[block.codes[c][rows]] for v, c in zip(entries, _CODE_COLUMNS)]
+    return pa.table(dict(zip(SHARD_SCHEMA.names, columns)), schema=SHARD_SCHEMA)
+
+
+def encode_block(block: ParsedBlock, vocab: Vocabulary) -> pa.Table:
+    """The shard columns of all the block's good rows (serving encodes raw rows so)."""
+    return shard_table(block, entry_values(block, vocab))
 
 
 class ShardWriter:
     """Writes one shard in row groups of exactly ``row_group_rows`` (the last one shorter),
-    to a temp file renamed on ``close``; writes nothing when no row came."""
+    to a temp file renamed on ``close``; writes nothing when no row came. ``write`` takes
+    at most ``room`` rows, so a table never straddles two row groups and its memory is
+    freed with the row group it went to."""
 
     def __init__(self, path: Path, row_group_rows: int):
         self.path, self.row_group_rows = path, row_group_rows
@@ -257,43 +272,53 @@ class ShardWriter:
         self.buffered = self.rows = 0
         self.writer: pq.ParquetWriter | None = None
 
+    @property
+    def room(self) -> int:
+        """Rows until the row group being buffered is full."""
+        return self.row_group_rows - self.buffered
+
     def write(self, table: pa.Table) -> None:
+        if table.num_rows > self.room:
+            raise ValueError(f"{table.num_rows} rows for a row group with room for {self.room}")
         self.buffer.append(table)
         self.buffered += table.num_rows
         self.rows += table.num_rows
-        while self.buffered >= self.row_group_rows:
-            self._flush(self.row_group_rows)
+        if not self.room:
+            self._flush()
 
     def close(self) -> int:
         if self.buffered:
-            self._flush(self.buffered)
+            self._flush()
         if self.writer is not None:
             self.writer.close()
             os.replace(self.tmp, self.path)
         return self.rows
 
-    def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.buffer)  # no combine_chunks: it would copy the row group
+    def _flush(self) -> None:
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = pq.ParquetWriter(self.tmp, SHARD_SCHEMA)
-        self.writer.write_table(table.slice(0, n), row_group_size=n)
-        rest = table.slice(n)
-        self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+        # no combine_chunks: it would copy the row group
+        self.writer.write_table(pa.concat_tables(self.buffer), row_group_size=self.buffered)
+        self.buffer, self.buffered = [], 0
 
 
 def write_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
-    """Pass 2 over ``chunk``'s coded rows: write their ids per split; returns the chunk id."""
+    """Pass 2 over ``chunk``'s coded rows: write their ids per split; returns the chunk id.
+    Each split's rows of a block are gathered in pieces that fill the row group being
+    buffered at most, so pass 2 holds no more than one row group per split besides the
+    coded block."""
     vocab = _vocabulary(ctx.output)
     # a vocabulary that fits in one slice keeps its pages: no lookup drops and refaults them
     slice_keys = ctx.vocab_slice_keys if vocab.num_keys > ctx.vocab_slice_keys else 0
     writers = [ShardWriter(Path(ctx.output) / shard_file(s, chunk), ctx.row_group_rows) for s in SPLITS]
     for splits, block in load_coded(coded_path(ctx, chunk)):
-        table = encode_block(block, vocab, slice_keys)
+        entries = entry_values(block, vocab, slice_keys)
         for s, writer in enumerate(writers):
-            mask = splits == s
-            if mask.any():
-                writer.write(table.filter(pa.array(mask)))
+            rows = np.flatnonzero(splits == s)
+            while rows.size:
+                piece, rows = rows[: writer.room], rows[writer.room :]
+                writer.write(shard_table(block, entries, piece))
     rows = {split: writer.close() for split, writer in zip(SPLITS, writers)}
     marker = {"rows": rows, "row_group_rows": ctx.row_group_rows}
     atomic_write_bytes(shard_marker(ctx, chunk), json.dumps(marker).encode())
