@@ -38,6 +38,7 @@ from pipeline.data.schema import (
     dense_transform,
 )
 from pipeline.data.vocab import INDEX_FILE, MISSING_BUCKET, Vocabulary
+from pipeline.data.workers import release_freed_memory
 
 SHARD_SCHEMA = pa.schema(
     [(LABEL, pa.float32())]
@@ -46,6 +47,11 @@ SHARD_SCHEMA = pa.schema(
 )
 SHARD_ROW_BYTES = sum(f.type.bit_width for f in SHARD_SCHEMA) // 8  # 212: a buffered row
 RAW_ROW_CHARS = 200  # raw row text kept in rejects.tsv
+# A shard writer hands freed memory back after this many row groups: pass 2's heap otherwise
+# creeps up with the rows, every row group's footer metadata (~44 KiB) staying allocated
+# among freed pieces (pass 2 alone, 5M / 10M rows: 203 / 214-223 MiB without, 199 /
+# 199-204 with, for at most 3% more CPU; after every row group: 185 MiB, 9% more CPU).
+RELEASE_ROW_GROUPS = 16
 
 
 class BadRowError(ValueError):
@@ -269,7 +275,7 @@ class ShardWriter:
         self.path, self.row_group_rows = path, row_group_rows
         self.tmp = path.with_name(path.name + ".tmp")
         self.buffer: list[pa.Table] = []
-        self.buffered = self.rows = 0
+        self.buffered = self.rows = self.row_groups = 0
         self.writer: pq.ParquetWriter | None = None
 
     @property
@@ -301,6 +307,9 @@ class ShardWriter:
         # no combine_chunks: it would copy the row group
         self.writer.write_table(pa.concat_tables(self.buffer), row_group_size=self.buffered)
         self.buffer, self.buffered = [], 0
+        self.row_groups += 1
+        if self.row_groups % RELEASE_ROW_GROUPS == 0:
+            release_freed_memory()
 
 
 def write_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
