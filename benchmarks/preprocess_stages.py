@@ -5,7 +5,7 @@
 Every stage runs here with one worker (``--workers 1`` is appended), and the high-water
 mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` before each, so a stage's peak
 is its own, on top of whatever earlier stages left allocated. Prints one line per stage
-(seconds, peak RSS MiB) and the runs pass 1 spilled; leaves OUT unfinished (its
+(wall and CPU seconds, peak RSS MiB) and the runs pass 1 spilled; leaves OUT unfinished (its
 ``_work/``; ``dnis-preprocess`` with the same options finishes it). Linux only. Set
 ``MALLOC_TRIM_THRESHOLD_=131072 MALLOC_MMAP_THRESHOLD_=131072 ARROW_DEFAULT_MEMORY_POOL=system``
 to have freed memory returned, so that a stage does not inherit an earlier one's heap.
@@ -43,9 +43,10 @@ def main(argv: list[str]) -> None:
         for name, stage in stages.items():
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             stage()
-            print(f"{name}: {time.perf_counter() - start:.1f} s, peak RSS {peak_rss_mib():.0f} MiB", flush=True)
+            print(f"{name}: {time.perf_counter() - start:.1f} s (CPU {time.process_time() - cpu:.1f} s), "
+                  f"peak RSS {peak_rss_mib():.0f} MiB", flush=True)
             if name.startswith("pass 1"):
                 runs = list((Path(opts.output) / "_work" / "counts").rglob("*.keys.npy"))
                 print(f"  {len(chunks)} chunk(s), {len(runs)} count run(s)")

@@ -7,8 +7,9 @@
    draw from 2^30 values without label signal, Zipf 0.5: mostly singletons, as in the
    real days), so its train split holds millions of distinct values.
 2. The ``preprocess`` TorchX component on 2 ranks (``--dataset criteo_1tb``,
-   ``--memory-mb``, 200k-row row groups). Peak RSS per rank is its ``VmHWM``, sampled by
-   ``benchmarks/preprocess.py``'s ``measure``; rows/s/core divides by wall and 2 cores.
+   ``--memory-mb``, row groups of 200k rows or fewer if that budget caps them). Peak RSS
+   per rank is its ``VmHWM``, sampled by ``benchmarks/preprocess.py``'s ``measure``;
+   rows/s/core divides by wall and 2 cores.
 3. The loader reads one batch of each split in ``configs/criteo_1tb.yaml``'s dense mode.
 4. The ``search`` TorchX component on 2 ranks: ``configs/criteo_1tb.yaml`` (DCNv2, MLPerf
    sizes) shrunk by overrides: ``--steps`` steps of 256 train rows per rank (64 validation

@@ -69,10 +69,9 @@ def preprocess(
         min_count: train-split values seen fewer times share the OOV id.
         seed: seed of the split hash.
         strict: stop at the first bad row instead of writing it to the reject file.
-        memory_mb: per-process budget for read blocks and summing counts
-            (``dnis-preprocess --memory-mb``).
-        row_group_rows: rows per parquet row group; pass 2 buffers one per split, outside
-            ``memory_mb`` (about 212 B a row).
+        memory_mb: per-process memory budget (``dnis-preprocess --memory-mb``).
+        row_group_rows: rows per parquet row group (at most); pass 2 buffers one per split
+            (212 B a row) and writes smaller ones where ``memory_mb`` cannot hold that.
         nproc: processes per node.
         nnodes: nodes.
         memMB: memory per node.

@@ -1,23 +1,27 @@
-"""Pass 1's counts spill in runs under a key budget, and counts merged in key ranges
-under a memory budget rank exactly like one whole-field merge."""
+"""Pass 1's counts spill in runs under a key budget, counts merged in key ranges under a
+memory budget rank exactly like one whole-field merge, and pass 2's row groups and
+vocabulary lookups fit the budget with the same rows and ids."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import tracemalloc
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import preprocess
+from pipeline.data.chunk_passes import SHARD_ROW_BYTES
 from pipeline.data.count_merge import merge_range, plan_merge, range_bits, write_vocabulary
 from pipeline.data.count_runs import COUNT_BYTES_PER_KEY, CountRuns, run_file, runs_dir
-from pipeline.data.metadata import encode_counts
+from pipeline.data.metadata import DatasetMeta, encode_counts
 from pipeline.data.schema import SPLITS
-from pipeline.data.vocab import MISSING_BUCKET, Vocabulary, frequency_rank
+from pipeline.data.vocab import MISSING_BUCKET, VOCAB_BYTES_PER_KEY, FieldVocab, Vocabulary, frequency_rank
 from tests.test_preprocess import dataset_tables, make_lines, stable_meta, write
 
 FIELDS = ("wide", "buckets", "empty")
@@ -108,12 +112,58 @@ def test_count_bytes_per_key_bounds_the_peak_of_spilling_counts(tmp_path):
 
 
 @pytest.mark.parametrize("memory_mb", [1, 64, 256, 2048])
-def test_blocks_and_pass_one_counts_share_the_budget(memory_mb):
+def test_blocks_share_the_budget_with_pass_one_counts_and_pass_two_buffers(memory_mb):
     ctx = preprocess.Options(("x",), "out", memory_mb=memory_mb).context()
     budget = memory_mb << 20
+    blocks = preprocess.BLOCK_RSS_FACTOR * ctx.block_bytes
     counts = ctx.count_keys * COUNT_BYTES_PER_KEY
-    assert preprocess.BLOCK_RSS_FACTOR * ctx.block_bytes + counts <= budget
+    assert blocks + counts <= budget
     assert counts >= budget * (1 - preprocess.BLOCK_SHARE) - COUNT_BYTES_PER_KEY
+    row_groups = len(SPLITS) * SHARD_ROW_BYTES * ctx.row_group_rows
+    assert blocks + row_groups + ctx.vocab_slice_keys * VOCAB_BYTES_PER_KEY <= budget
+    if memory_mb == 2048:  # the default row groups fit the default budget
+        assert ctx.row_group_rows == 1_000_000
+    else:  # else they take their share of what the blocks leave
+        assert row_groups >= (budget - blocks) * preprocess.ROW_GROUP_SHARE - len(SPLITS) * SHARD_ROW_BYTES
+    asked = preprocess.Options(("x",), "out", memory_mb=memory_mb, row_group_rows=300)
+    assert asked.context().row_group_rows == 300 and preprocess.row_group_note(asked) is None
+
+
+def mapped_rss(path: Path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, mapped = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line.startswith("Rss:") and mapped:
+                total += int(line.split()[1]) << 10
+            elif not line.split()[0].endswith(":"):  # a mapping's header: range perms offset dev inode path
+                mapped = line.rstrip().endswith(str(path))
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+def test_sliced_lookups_give_the_same_ids_and_keep_one_slice_of_pages(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    keys = np.unique(rng.integers(0, 2**32, 2_400_000))
+    Vocabulary({"C1": FieldVocab(keys, rng.permutation(keys.size).astype(np.int32), 7)}).save(tmp_path / "vocab")
+    field = Vocabulary.load(tmp_path / "vocab").fields["C1"]
+    files = [tmp_path / "vocab" / f"C1.{part}.npy" for part in ("keys", "ids")]
+    queries = np.r_[rng.choice(keys, 200_000), rng.integers(0, 2**32, 5000), -1, 2**40]
+    missing = rng.random(queries.size) < 0.01
+    want = field.ids_of(queries, missing)
+    assert sum(map(mapped_rss, files)) > 0.9 * sum(p.stat().st_size for p in files)  # every page touched
+    resident = []
+    real_drop = FieldVocab.drop_pages
+    monkeypatch.setattr(FieldVocab, "drop_pages", lambda f: resident.append(sum(map(mapped_rss, files))) or real_drop(f))
+    for slice_keys in (100_000, 800_000, keys.size - 1, keys.size):
+        resident.clear()
+        np.testing.assert_array_equal(field.ids_of(queries, missing, slice_keys), want)
+        slices = -(-keys.size // slice_keys)
+        assert len(resident) == (1 if slices == 1 else 1 + slices)  # first drop: the boundaries' pages
+        # a slice's pages, and what the kernel maps around a fault at either end of it, per file:
+        # 64 KiB, or a whole large folio of the page cache (2 MiB at most)
+        assert max(resident[-slices:]) <= slice_keys * VOCAB_BYTES_PER_KEY + 4 * (2 << 20)
+        assert sum(map(mapped_rss, files)) == 0
 
 
 @pytest.mark.parametrize("memory_bytes", [1 << 30, 200_000], ids=["one_range", "many_ranges"])
@@ -162,7 +212,7 @@ def runs_per_chunk(work: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain_chunks", "gz"])
-def test_output_does_not_depend_on_the_memory_budget_or_workers(tmp_path, monkeypatch, compressed):
+def test_output_does_not_depend_on_the_memory_budget_or_workers(tmp_path, monkeypatch, capsys, compressed):
     planned, runs = [], []
     monkeypatch.setattr(preprocess, "plan_merge", lambda *a: planned.append(plan_merge(*a)) or planned[-1])
     real_merge = preprocess.merge_counts
@@ -177,13 +227,21 @@ def test_output_does_not_depend_on_the_memory_budget_or_workers(tmp_path, monkey
     common = ["--dataset", "synthetic", "--min-count", "2", "--no-progress", "--chunk-mb", "1", path]
     preprocess.main(["--output", str(tmp_path / "big"), "--workers", "1", *common])
     assert max(t.bits for t in planned[-1]) == 0 and set(runs[-1]) == {1}
-    small = preprocess.Options((path,), str(tmp_path / "small"), memory_mb=1)
-    assert small.context().block_bytes < 200_000  # blocks shrink to the budget too
+    ctx = preprocess.Options((path,), str(tmp_path / "small"), memory_mb=1).context()
+    assert ctx.block_bytes < 200_000  # blocks shrink to the budget too
     preprocess.main(["--output", str(tmp_path / "small"), "--workers", "2", "--memory-mb", "1", *common])
     assert {t.name for t in planned[-1] if t.bits >= 1} >= {"C3"}  # C3 was merged in key ranges
     assert sum(runs[-1]) > len(runs[-1]) and min(runs[-1]) >= (3 if compressed else 1)  # pass 1 spilled
     big, small = tmp_path / "big", tmp_path / "small"
-    assert stable_meta(big) == stable_meta(small)
+    # pass 2 wrote smaller row groups, said so and recorded it, and looked C3 up in two slices
+    assert capsys.readouterr().err.count("row groups of 309 rows, not 1,000,000: --memory-mb 1") == 1
+    assert (DatasetMeta.load(big).row_group_rows, DatasetMeta.load(small).row_group_rows) == (1_000_000, 309)
+    assert ctx.row_group_rows == 309 and ctx.vocab_slice_keys < Vocabulary.load(big / "vocab").fields["C3"].keys.size
+    for f in DatasetMeta.load(small).files["train"]:
+        sizes = [g.num_rows for g in map(pq.ParquetFile(small / f).metadata.row_group, range(
+            pq.ParquetFile(small / f).metadata.num_row_groups))]
+        assert set(sizes[:-1]) == {309} and sizes[-1] <= 309
+    assert {**stable_meta(big), "row_group_rows": 309} == stable_meta(small)
     a, b = dataset_tables(big), dataset_tables(small)
     assert all(a[s].equals(b[s]) for s in SPLITS)
     for f in sorted(p.name for p in (big / "vocab").iterdir()):

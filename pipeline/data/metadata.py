@@ -64,6 +64,9 @@ class DatasetMeta:
         distinct_values: per ``C*`` and ``B*`` field, distinct values seen on the train split
             (missing excluded), before ``min_count`` folds the rare ones into OOV.
         options: the preprocessing options (a re-run with equal options is a no-op).
+        row_group_rows: rows per parquet row group (at most) as written: ``options``'
+            ``row_group_rows``, or fewer where ``--memory-mb`` could not buffer one per split
+            (0: written before this was recorded).
     """
 
     dataset: str
@@ -82,6 +85,7 @@ class DatasetMeta:
     versions: dict[str, str] = field(default_factory=dict)
     distinct_values: dict[str, int] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    row_group_rows: int = 0
     format_version: int = FORMAT_VERSION
 
     def counts(self, name: str) -> np.ndarray:

@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.chunk_passes import (
-    ChunkContext, atomic_write_bytes, count_chunk, counts_path, rejects_path, shard_file,
-    shard_marker, write_chunk,
+    SHARD_ROW_BYTES, ChunkContext, atomic_write_bytes, count_chunk, counts_path, rejects_path,
+    shard_file, shard_marker, write_chunk,
 )
 from pipeline.data.count_merge import merge_range, plan_merge, spill_path, write_vocabulary
 from pipeline.data.count_runs import COUNT_BYTES_PER_KEY
@@ -45,6 +45,7 @@ from pipeline.data.workers import WorkerPool
 from pipeline.data.criteo_reader import DATASETS, Chunk, check_sources, plan_chunks, source_name, split_rule
 from pipeline.data.metadata import METADATA_FILE, DatasetMeta
 from pipeline.data.schema import BUCKET_FIELDS, DENSE_FIELDS, SPARSE_FIELDS, SPLITS
+from pipeline.data.vocab import VOCAB_BYTES_PER_KEY
 
 OUTPUT_ENTRIES = ("train", "val", "test", "vocab", "_work", "rejects.tsv", METADATA_FILE)
 CHECKSUM = "sha256 over the crc32 of each chunk's uncompressed bytes (chunks of --chunk-mb)"
@@ -52,8 +53,11 @@ CHECKSUM = "sha256 over the crc32 of each chunk's uncompressed bytes (chunks of 
 # 40 offsets and dictionary codes, our codes and temporaries), so the worst case is the
 # narrowest row (~45 B, fields empty): ~20x, measured; Criteo-like rows (~240 B) need ~4x.
 BLOCK_RSS_FACTOR = 24
-# Blocks take at most this share of the budget; pass 1's counts the rest (count_runs).
+# Blocks take at most this share of the budget; pass 1's counts the rest (count_runs), and
+# in pass 2 (whose blocks cost less: no text is parsed) the row groups buffered per split
+# take ROW_GROUP_SHARE of the rest, the vocabulary pages of a lookup slice the remainder.
 BLOCK_SHARE = 0.75
+ROW_GROUP_SHARE = 0.75
 # Larger blocks only add page faults and cache misses: 2M rows on 2 workers took 10.5 CPU s
 # (3.2 of them system) with 64 MiB blocks, 7.4 with 8 MiB, 8.1 with 4 MiB.
 MAX_BLOCK_BYTES = 8 << 20
@@ -88,13 +92,22 @@ class Options:
         }
 
     def context(self) -> ChunkContext:
-        """Blocks sized to ``BLOCK_SHARE`` of the budget (at most); pass 1's counts spill
-        past what the rest of it holds, so the two fit the budget together."""
+        """Blocks sized to ``BLOCK_SHARE`` of the budget (at most); what they leave bounds
+        pass 1's counts, and pass 2's row groups (one buffered per split) and vocabulary
+        slices, so that each pass fits the budget.
+
+        >>> ctx = Options(("x",), "out", memory_mb=256).context()
+        >>> ctx.block_bytes >> 20, ctx.count_keys, ctx.row_group_rows, ctx.vocab_slice_keys
+        (8, 838860, 79137, 1398101)
+        """
         block_bytes = min(self.chunk_mb << 20, int(self.budget_bytes * BLOCK_SHARE) // BLOCK_RSS_FACTOR,
                           MAX_BLOCK_BYTES)
-        count_keys = (self.budget_bytes - BLOCK_RSS_FACTOR * block_bytes) // COUNT_BYTES_PER_KEY
-        return ChunkContext(self.output, self.dataset, self.seed, self.strict, block_bytes, count_keys,
-                            self.row_group_rows)
+        rest = self.budget_bytes - BLOCK_RSS_FACTOR * block_bytes
+        row_groups = int(rest * ROW_GROUP_SHARE)
+        row_group_rows = min(self.row_group_rows, max(1, row_groups // (len(SPLITS) * SHARD_ROW_BYTES)))
+        return ChunkContext(self.output, self.dataset, self.seed, self.strict, block_bytes,
+                            rest // COUNT_BYTES_PER_KEY, row_group_rows,
+                            max(1, (rest - row_groups) // VOCAB_BYTES_PER_KEY))
 
     @property
     def budget_bytes(self) -> int:
@@ -126,15 +139,19 @@ def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
     p.add_argument("--chunk-mb", type=int, default=64,
                    help="plain inputs are cut into chunks of about this many MiB (one shard "
                    "per chunk and split; .gz files are one chunk each)")
-    p.add_argument("--row-group-rows", type=int, default=1_000_000, help="rows per parquet row group (at most)")
+    p.add_argument("--row-group-rows", type=int, default=1_000_000,
+                   help="rows per parquet row group (at most); pass 2 buffers one per split "
+                   f"({SHARD_ROW_BYTES} B a row), so where --memory-mb cannot hold that, row groups "
+                   "are smaller (said on stderr, recorded as row_group_rows in metadata.json; the "
+                   "rows and ids are the same)")
     p.add_argument("--memory-mb", type=int, default=2048,
-                   help="memory per process for read blocks and for summing counts: blocks shrink, "
-                   "pass 1 spills a chunk's counts to disk in sorted runs and fields with many "
-                   "distinct values are merged in key ranges, so peak RSS grows neither with the "
-                   "input nor with its distinct values (the output does not depend on it); on top "
-                   "come the interpreter (~150 MiB), pass 2's memory-mapped vocabulary (12 B per "
-                   "kept value, shared by a node's processes) and its row-group buffers "
-                   "(--row-group-rows x 212 B per split)")
+                   help="memory per process, the interpreter (~150 MiB) not included: read blocks "
+                   "shrink, pass 1 spills a chunk's counts to disk in sorted runs, fields with many "
+                   "distinct values are merged in key ranges, pass 2 looks values up in slices of "
+                   "the memory-mapped vocabulary and caps its row groups, so peak RSS grows neither "
+                   "with the input nor with its distinct values, but for the parquet footer of a "
+                   "chunk's shards (~44 KiB a row group until written); the rows and ids written do "
+                   "not depend on it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output made with other options (else that is an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -235,6 +252,19 @@ def write_chunks(chunks: list[Chunk], opts: Options, pool: WorkerPool, show: boo
     pool.run(partial(write_chunk, ctx=opts.context()), todo, [c.nbytes for c in todo], "pass 2 (write)", show)
 
 
+def row_group_note(opts: Options) -> Optional[str]:
+    """Why pass 2 writes smaller row groups than ``--row-group-rows`` asks, if it does.
+
+    >>> print(row_group_note(Options(("x",), "out", memory_mb=256)))
+    row groups of 79,137 rows, not 1,000,000: --memory-mb 256 buffers no more per split
+    """
+    rows = opts.context().row_group_rows
+    if rows == opts.row_group_rows:
+        return None
+    return (f"row groups of {rows:,} rows, not {opts.row_group_rows:,}: --memory-mb {opts.memory_mb} "
+            "buffers no more per split")
+
+
 def sum_counts(chunks: list[Chunk], opts: Options, pool: WorkerPool, rank: int, world_size: int,
                show: bool) -> None:
     """Every rank: sum this rank's share of the (field, key range) merge tasks."""
@@ -309,8 +339,11 @@ def finalize(chunks: list[Chunk], opts: Options) -> tuple[DatasetMeta, str]:
     plan = json.loads((ctx.work / "plan.json").read_text())
     files: dict[str, list[str]] = {s: [] for s in SPLITS}
     kept = dict.fromkeys(SPLITS, 0)
+    row_group_rows = 0  # chunks written by resumed runs with other budgets may differ: the largest
     for chunk in chunks:
-        for split, n in json.loads(shard_marker(ctx, chunk).read_text()).items():
+        marker = json.loads(shard_marker(ctx, chunk).read_text())
+        row_group_rows = max(row_group_rows, marker["row_group_rows"])
+        for split, n in marker["rows"].items():
             if n:
                 files[split].append(shard_file(split, chunk))
                 kept[split] += n
@@ -326,6 +359,7 @@ def finalize(chunks: list[Chunk], opts: Options) -> tuple[DatasetMeta, str]:
         split=split_rule(opts.dataset, opts.seed),
         rows={"read": read, "kept": read - rejected, "rejected": rejected, **kept},
         files=files, sources=sources, versions=_versions(), options=_json(opts.recorded()),
+        row_group_rows=row_group_rows,
     )
     if read - rejected != sum(kept.values()):
         raise PreprocessError(f"pass 2 wrote {sum(kept.values())} rows, pass 1 kept {read - rejected}")
@@ -373,6 +407,9 @@ def run(opts: Options, rank: int = 0, world_size: int = 1, barrier: Callable[[],
             merge_counts(chunks, opts)
         barrier()
         check_rows_kept(opts)
+        note = row_group_note(opts)
+        if note and rank == 0:
+            print(f"dnis-preprocess: {note}", file=sys.stderr)
         write_chunks(mine, opts, pool, show)
     barrier()
     if rank == 0:

@@ -7,7 +7,12 @@ fewer than ``min_count`` times on the train split and values never seen there sh
 OOV id per field, ranked by its combined count like any other value.
 
 Stored as a directory of ``.npy`` files (per field: sorted keys and their ids) plus
-``index.json``; loading memory-maps them, so worker processes share one copy.
+``index.json``; loading memory-maps them, so worker processes share one copy. The pages a
+lookup touches count in the process's RSS until it drops them: ``ids_of(..., slice_keys=n)``
+looks keys up in slices of ``n`` entries (12 B each) and drops each slice's pages after
+it, so a lookup keeps about ``12 n`` bytes of a vocabulary of any size resident (plus
+what the kernel maps around a fault at either end of a slice: 64 KiB, or a large folio
+of the page cache, 2 MiB at most).
 
 Example:
     >>> vocab = Vocabulary.load("data/criteo/vocab")          # doctest: +SKIP
@@ -18,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ from pipeline.data.schema import BUCKET_FIELDS, bucket_key
 
 MISSING_BUCKET = np.iinfo(np.int64).min  # bucket key of a missing integer
 INDEX_FILE = "index.json"
+VOCAB_BYTES_PER_KEY = 12  # int64 key + int32 id
 
 # byte -> nibble value, 255 for a byte that is not a hex digit
 _HEX_LUT = np.full(256, 255, dtype=np.uint8)
@@ -104,27 +111,59 @@ def frequency_rank(
 
 @dataclass(frozen=True)
 class FieldVocab:
-    """One field's sorted keys, their ids, and the shared OOV id."""
+    """One field's sorted keys, their ids, the shared OOV id, and the mappings of the
+    keys and ids files when memory-mapped (``Vocabulary.load``)."""
 
     keys: np.ndarray
     ids: np.ndarray
     oov_id: int
+    mappings: tuple[mmap.mmap, ...] = ()
 
     @property
     def size(self) -> int:
         return int(self.keys.size) + 1
 
-    def ids_of(self, keys: np.ndarray, missing: np.ndarray | None = None) -> np.ndarray:
-        """Ids of int64 ``keys``; unknown keys and rows flagged ``missing`` get the OOV id."""
+    def ids_of(self, keys: np.ndarray, missing: np.ndarray | None = None, slice_keys: int = 0) -> np.ndarray:
+        """Ids of int64 ``keys``; unknown keys and rows flagged ``missing`` get the OOV id.
+
+        With ``slice_keys``, the keys are sorted and looked up in slices of that many
+        vocabulary entries, and each slice's mapped pages are dropped after it (the page
+        cache keeps them): the ids are the same, the resident pages at most one slice's.
+
+        >>> v = FieldVocab(np.array([3, 5, 8, 9]), np.array([2, 0, 3, 1], np.int32), oov_id=4)
+        >>> v.ids_of(np.array([9, 3, 4, 5]), slice_keys=2)
+        array([1, 2, 4, 0], dtype=int32)
+        """
         keys = np.asarray(keys, dtype=np.int64)
-        if self.keys.size == 0:
-            return np.full(keys.shape, self.oov_id, dtype=np.int32)
-        pos = np.searchsorted(self.keys, keys)
-        np.minimum(pos, self.keys.size - 1, out=pos)
-        found = self.keys[pos] == keys
+        if slice_keys and self.keys.size > slice_keys:
+            ids = np.empty(keys.shape, np.int32)
+            order = np.argsort(keys)
+            cuts = np.r_[0, np.searchsorted(keys[order], self.keys[slice_keys::slice_keys]), keys.size]
+            self.drop_pages()  # the slice boundaries' pages
+            for lo, a, b in zip(range(0, self.keys.size, slice_keys), cuts[:-1], cuts[1:]):
+                ids[order[a:b]] = self._ids_in(keys[order[a:b]], lo, lo + slice_keys)
+                self.drop_pages()
+        else:
+            ids = self._ids_in(keys, 0, self.keys.size)
+            if slice_keys:
+                self.drop_pages()
         if missing is not None:
-            found &= ~missing
-        return np.where(found, self.ids[pos], np.int32(self.oov_id)).astype(np.int32, copy=False)
+            ids[missing] = self.oov_id
+        return ids
+
+    def _ids_in(self, keys: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Ids of ``keys`` among vocabulary entries ``[lo, hi)`` (OOV if not there)."""
+        part = self.keys[lo:hi]
+        if part.size == 0:
+            return np.full(keys.shape, self.oov_id, dtype=np.int32)
+        pos = np.searchsorted(part, keys)
+        np.minimum(pos, part.size - 1, out=pos)
+        return np.where(part[pos] == keys, self.ids[lo:hi][pos], np.int32(self.oov_id)).astype(np.int32, copy=False)
+
+    def drop_pages(self) -> None:
+        """Unmap the pages lookups touched from this process (no-op unless memory-mapped)."""
+        for mapping in self.mappings:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class Vocabulary:
@@ -140,6 +179,11 @@ class Vocabulary:
     @property
     def oov_ids(self) -> dict[str, int]:
         return {name: f.oov_id for name, f in self.fields.items()}
+
+    @property
+    def num_keys(self) -> int:
+        """Stored keys of all fields (``VOCAB_BYTES_PER_KEY`` each)."""
+        return sum(int(f.keys.size) for f in self.fields.values())
 
     def lookup(self, field: str, values, missing: np.ndarray | None = None) -> np.ndarray:
         """Ids of raw values of ``field``.
@@ -175,15 +219,25 @@ class Vocabulary:
         """Read a saved vocabulary; ``mmap`` shares the arrays between processes."""
         directory = Path(directory)
         index = json.loads((directory / INDEX_FILE).read_text())["fields"]
-        mode = "r" if mmap else None
-        return cls({
-            name: FieldVocab(
-                keys=np.load(directory / f"{name}.keys.npy", mmap_mode=mode),
-                ids=np.load(directory / f"{name}.ids.npy", mmap_mode=mode),
-                oov_id=int(entry["oov_id"]),
-            )
-            for name, entry in index.items()
-        })
+        fields = {}
+        for name, entry in index.items():
+            paths = (directory / f"{name}.keys.npy", directory / f"{name}.ids.npy")
+            if mmap:
+                (keys, keys_map), (ids, ids_map) = (_map_npy(p) for p in paths)
+                fields[name] = FieldVocab(keys, ids, int(entry["oov_id"]), (keys_map, ids_map))
+            else:
+                fields[name] = FieldVocab(np.load(paths[0]), np.load(paths[1]), int(entry["oov_id"]))
+        return cls(fields)
+
+
+def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap]:
+    """A ``.npy`` file's array, memory-mapped read-only, and its mapping."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapping, dtype, int(np.prod(shape)), f.tell()).reshape(shape), mapping
 
 
 class VocabularyWriter:
