@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.prune.bytes import BUCKETS_BYTES, RANGE_START_BYTES, SELECTION_INDEX_BYTES, VALUE_BYTES
+from pipeline.prune.bytes import BUCKETS_BYTES, RANGE_START_BYTES, VALUE_BYTES, projection_column_bytes
 from pipeline.prune.nested import nested_columns
 from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, column_scores
 
@@ -76,7 +76,7 @@ def plan_by_value(
         raise ValueError(f"embedding_dim {dim} is not a multiple of the width step {multiple}")
     buckets = shared_rows(groups, mass, min_row_lookups)
     rows = np.array([g.rows if b is None else b for g, b in zip(groups, buckets)], dtype=np.int64)
-    per_column = rows * VALUE_BYTES + (SELECTION_INDEX_BYTES if projection == "selection" else dim * VALUE_BYTES)
+    per_column = rows * VALUE_BYTES + projection_column_bytes(projection, dim)
     step_cost = per_column * multiple
     order = np.argsort(-scores, axis=1, kind="stable")
     # Worth of each group's steps, best columns first: it never rises from one step to the next.
