@@ -163,6 +163,7 @@ class GroupIndex:
         self.offsets = torch.tensor(offsets, dtype=torch.int64)
         self.stops = torch.tensor(stops, dtype=torch.int64)
         self.slot_start, self.slot_modulus = fold_constants(self.slots)
+        self.folds = any(g is not None and g.buckets is not None for g in self.slots)
 
     def locate(self, features: KeyedJaggedTensor) -> LocatedIds:
         """Group slots of every id of ``features`` (whose keys are ``keys``, any order).
@@ -183,4 +184,5 @@ class GroupIndex:
             bad = (ids < 0) | (ids >= self.stops[field])
             if bool(bad.any()):
                 raise ValueError(f"id {int(ids[bad][0])} is outside the ranges of the prune plan's groups")
-        return LocatedIds(ids, segment, field, slot, fold(ids, self.slot_start[slot], self.slot_modulus[slot]))
+        folded = fold(ids, self.slot_start[slot], self.slot_modulus[slot]) if self.folds else ids
+        return LocatedIds(ids, segment, field, slot, folded)

@@ -142,7 +142,7 @@ class SingleHotKeyRewriter(nn.Module):
             for j, slot in enumerate(index.key_slots[slab.key][:-1], start=1):
                 code[i, j] = dict(entries[slot]).get(i, NOT_STORED)
         # Per (feature, position): fold's start and modulus (groups of shared rows only).
-        self.folds = any(g.buckets is not None for g in index.slots if g is not None)
+        self.folds = index.folds
         fold_start = torch.zeros(len(keys), positions, dtype=torch.int64)
         fold_modulus = torch.full((len(keys), positions), NO_FOLD)
         for f, key in enumerate(keys):
