@@ -252,6 +252,21 @@ class RepackedEmbedding(nn.Module):
         out = scatter_columns(pooled, self._places, self._place_range, width)
         return out.view(-1, self.num_fields, self.embedding_dim)
 
+    def output_map(self) -> torch.Tensor:
+        """``[C, F * K]``: the output as a linear map of the pooled slab columns (slabs in
+        table order), ``forward(f) == (ebc(f).values() @ output_map()).view(-1, F, K)``.
+        A selected column has a 1 at its place; a learned one its feature's projection row."""
+        out = torch.zeros(sum(s.width for s in self.slabs.slabs), self.num_fields * self.embedding_dim)
+        field, start = {key: i for i, key in enumerate(self.keys)}, 0
+        for s in self.slabs.slabs:
+            rows, place = slice(start, start + s.width), field[s.key] * self.embedding_dim
+            if self.learned:
+                out[rows, place : place + self.embedding_dim] = self.projections[s.key].detach()[s.lo : s.hi]
+            else:
+                out[torch.arange(start, start + s.width), place + torch.tensor(s.columns)] = 1.0
+            start += s.width
+        return out
+
     def _learned(self, key: str, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, K]``: the feature's slabs side by side times its projection (zeros when
         the plan keeps nothing of it)."""

@@ -150,13 +150,14 @@ def embedding_error_bound(tables, keys, sparse, bits: int) -> torch.Tensor:
 
 
 def embedding_jacobian(model, inputs, sparse) -> torch.Tensor:
-    """∂ logit_b / ∂ embedding output [b, f, k] (rows are independent)."""
+    """∂ logit_b / ∂ embedding output [b, f, k] (rows are independent), through the
+    trained model's own interaction (serving runs it folded, without the embedding's output)."""
     with torch.no_grad():
         emb = model.model.embedding(sparse)
     emb.requires_grad_(True)
     hook = model.model.embedding.register_forward_hook(lambda module, args, output: emb)
     try:
-        model(*inputs).sum().backward()
+        model.model(inputs[0], sparse).sum().backward()
     finally:
         hook.remove()
     return emb.grad

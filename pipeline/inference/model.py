@@ -17,7 +17,10 @@ inference TBE, all tables in one kernel call), with fp32 rows (exactly the train
 values) or, with ``bits=8`` or ``bits=4``, rows quantized row-wise to INT8/INT4 (an
 entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus fp16 rounding
 of the row's scale and bias; bytes as ``pipeline.prune.bytes`` counts them). A repacked
-model's ids go to its column slabs by ``SingleHotKeyRewriter`` (no sort, no per-key work).
+model's ids go to its column slabs by ``SingleHotKeyRewriter`` (no sort, no per-key work),
+and an FM, DeepFM or Wide & Deep reads its pooled slab columns directly
+(``pipeline.models.folded``): the selection or learned projection is folded into the first
+layers, so the mostly-zero ``[B, F, K]`` fields are never built.
 Serving reads one id per categorical field: a run trained on multi-hot bags
 (``data.multi_hot_sizes``) is refused (``multi_hot_refusal``).
 
@@ -50,6 +53,7 @@ from pipeline.data.vocab import Vocabulary
 from pipeline.inference.artifact import (
     EXPORT_DIR, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE, Artifact, ArtifactError, check_weights, read_artifact,
 )
+from pipeline.models.folded import FoldedInteraction
 from pipeline.prune.bytes import QUANT_ROW_ALIGNMENT
 from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_retrain_task, build_train_task
@@ -71,14 +75,17 @@ class ServingModel(nn.Module):
         vocab: the dataset's vocabulary.
         dense_fields: the integer fields, in ``Batch.dense`` column order.
         rewrite: the repacked model's key rewrite (``None`` for full tables).
+        folded: the repacked model's interaction read from its pooled slab columns
+            (``CTRModel.folded``), or ``None`` to run ``model`` as trained.
     """
 
     def __init__(
         self, model: nn.Module, layout: FeatureLayout, vocab: Vocabulary,
         dense_fields: Sequence[str], rewrite: Optional[SingleHotKeyRewriter] = None,
+        folded: Optional[FoldedInteraction] = None,
     ) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.folded = model, folded
         self.layout, self.vocab, self.rewrite = layout, vocab, rewrite
         self.dense_fields = tuple(dense_fields)
 
@@ -98,7 +105,13 @@ class ServingModel(nn.Module):
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B]`` of encoded rows (``encode``): the tensor part of serving."""
-        return self.model(dense, self.features(dense, ids))
+        sparse = self.features(dense, ids)
+        if self.folded is None:
+            return self.model(dense, sparse)
+        pooled = self.model.embedding.ebc(sparse)
+        if pooled.keys() != self.rewrite.out_keys:  # the order output_map's rows are in
+            raise RuntimeError(f"pooled keys {pooled.keys()} are not the slabs' {self.rewrite.out_keys}")
+        return self.folded(dense, pooled.values())
 
     @torch.no_grad()
     def predict(self, block: ParsedBlock) -> torch.Tensor:
@@ -185,14 +198,18 @@ def multi_hot_refusal(data: DataConfig) -> Optional[str]:
 
 def serving_model(
     model: nn.Module, layout: FeatureLayout, vocab: Vocabulary, dense_fields: Sequence[str],
-    plan: Optional[StructuredPlan] = None, bits: Optional[int] = None,
+    plan: Optional[StructuredPlan] = None, bits: Optional[int] = None, fold: bool = True,
 ) -> ServingModel:
     """A trained model (on CPU) ready to serve: its tables in TorchRec's inference EBC
     (``inference_tables``: fp32, or ``bits`` 8 or 4), a repacked model's (``plan``) behind
-    its single-hot key rewrite."""
+    its single-hot key rewrite, and with ``fold`` its interaction folded onto the pooled
+    slab columns where the model allows (``pipeline.models.folded``)."""
     model = inference_tables(model.eval(), FP32_BITS if bits is None else bits)
-    rewrite = SingleHotKeyRewriter(plan, layout.keys) if plan is not None else None
-    return ServingModel(model, layout, vocab, dense_fields, rewrite)
+    if plan is None:
+        return ServingModel(model, layout, vocab, dense_fields)
+    folded = model.folded(model.embedding.output_map()) if fold else None
+    rewrite = SingleHotKeyRewriter(plan, layout.keys)
+    return ServingModel(model, layout, vocab, dense_fields, rewrite, None if folded is None else folded.eval())
 
 
 def inference_tables(model: nn.Module, bits: int = FP32_BITS) -> nn.Module:

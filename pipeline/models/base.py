@@ -8,12 +8,15 @@ split lets the DNIS step run the interaction on α-scaled embeddings it built it
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import ModelConfig
+from pipeline.models.folded import FoldedInteraction
 
 
 def mlp_head(in_features: int, dims: tuple[int, ...]) -> nn.Sequential:
@@ -63,3 +66,14 @@ class CTRModel(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         return self.interact(dense, self.embedding(sparse))
+
+    def folded(self, output_map: torch.Tensor) -> Optional[FoldedInteraction]:
+        """The interaction read from pooled columns whose fields are ``pooled @ output_map``
+        (``[C, F * K]``; ``pipeline.models.folded``), or ``None`` where it cannot be folded."""
+        return None
+
+    def lift(self, output_map: torch.Tensor) -> torch.Tensor:
+        """``[dense field, pooled] -> flat(fields)`` (the dense field, if any, passes as it is)."""
+        if self.dense_arch is None:
+            return output_map
+        return torch.block_diag(torch.eye(self.embedding_dim), output_map)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.models.base import CTRModel, fm_pairwise, mlp_head
+from pipeline.models.folded import FoldedInteraction, fold_head, fold_linear
 
 
 class DeepFM(CTRModel):
@@ -20,3 +21,8 @@ class DeepFM(CTRModel):
         fields = self.fields(dense, embeddings)
         flat = fields.flatten(1)
         return (self.first_order(flat) + self.deep(flat)).squeeze(1) + fm_pairwise(fields)
+
+    def folded(self, output_map: torch.Tensor) -> FoldedInteraction:
+        lift = self.lift(output_map)
+        heads = [fold_linear(self.first_order, lift), fold_head(self.deep, lift)]
+        return FoldedInteraction(self.dense_arch, heads, lift, self.embedding_dim, fm=True)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.models.base import CTRModel, fm_pairwise
+from pipeline.models.folded import FoldedInteraction, fold_linear
 
 
 class FM(CTRModel):
@@ -22,3 +23,8 @@ class FM(CTRModel):
     def interact(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         fields = self.fields(dense, embeddings)
         return self.first_order(fields.flatten(1)).squeeze(1) + fm_pairwise(fields)
+
+    def folded(self, output_map: torch.Tensor) -> FoldedInteraction:
+        lift = self.lift(output_map)
+        heads = [fold_linear(self.first_order, lift)]
+        return FoldedInteraction(self.dense_arch, heads, lift, self.embedding_dim, fm=True)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.models.base import CTRModel, mlp_head
+from pipeline.models.folded import FoldedInteraction, fold_head, fold_linear
 
 
 class WideDeep(CTRModel):
@@ -22,3 +23,8 @@ class WideDeep(CTRModel):
     def interact(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         flat = self.fields(dense, embeddings).flatten(1)
         return (self.wide(flat) + self.deep(flat)).squeeze(1)
+
+    def folded(self, output_map: torch.Tensor) -> FoldedInteraction:
+        lift = self.lift(output_map)
+        heads = [fold_linear(self.wide, lift), fold_head(self.deep, lift)]
+        return FoldedInteraction(self.dense_arch, heads, lift, self.embedding_dim, fm=False)

@@ -1,0 +1,64 @@
+"""Serving folds a model's interaction onto the repacked model's pooled slab columns
+(``pipeline.models.folded``): the folded logits equal the model's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.data.batch import single_hot_kjt
+from pipeline.models import build_model
+from sharding.repack import KeyRewriter
+from test_repack import K, NUMS, build_repacked, random_ids, searched
+
+DENSE = 3  # dense values of the bottom-MLP case
+
+
+def repacked_model(name: str, projection: str, num_dense: int, seed: int = 0):
+    """A model on a repacked embedding with random weights (and random learned
+    projections, so that their Gram matrix is not the identity), and its plan."""
+    alpha_ebc, plan = searched(seed)
+    embedding = build_repacked(alpha_ebc, plan, projection)
+    cfg = ModelConfig(name=name, embedding_dim=K, mlp_dims=(16, 8), bottom_mlp_dims=(8,))
+    model = build_model(cfg, embedding, num_fields=len(NUMS), num_dense=num_dense).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model, plan
+
+
+@pytest.mark.parametrize("num_dense", [0, DENSE])
+@pytest.mark.parametrize("projection", ["selection", "learned"])
+@pytest.mark.parametrize("name", ["fm", "deepfm", "wide_deep"])
+def test_folded_interaction_equals_the_model_on_its_pooled_columns(name, projection, num_dense):
+    model, plan = repacked_model(name, projection, num_dense)
+    embedding = model.embedding
+    folded = model.folded(embedding.output_map()).eval()
+    assert (folded.gram is None) == (projection == "selection")
+    for seed in range(3):
+        sparse = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), random_ids(seed)))
+        dense = torch.randn(sparse.stride(), num_dense)
+        pooled = embedding.ebc(sparse)
+        with torch.no_grad():
+            fields = (pooled.values() @ embedding.output_map()).view(-1, len(NUMS), K)
+            assert torch.allclose(fields, embedding(sparse), atol=1e-6)
+            expected, got = model(dense, sparse), folded(dense, pooled.values())
+        assert expected.abs().max() > 1.0  # the weights make every term count
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (got - expected).abs().max()
+
+
+def test_the_folded_first_layer_reads_only_the_pooled_columns():
+    model, _ = repacked_model("deepfm", "selection", 0, seed=3)  # a plan that drops a feature's column
+    folded = model.folded(model.embedding.output_map())
+    columns = sum(s.width for s in model.embedding.slabs.slabs)
+    assert columns == len(NUMS) * K - 4
+    first = [m for m in folded.heads[1].modules() if isinstance(m, torch.nn.Linear)][0]
+    assert first.in_features == columns and first.out_features == 16
+
+
+@pytest.mark.parametrize("name", ["dcnv2", "dlrm"])
+def test_models_whose_fields_meet_a_non_linearity_first_are_not_folded(name):
+    model, _ = repacked_model(name, "selection", 0)
+    assert model.folded(model.embedding.output_map()) is None
