@@ -18,9 +18,9 @@ values) or, with ``bits=8`` or ``bits=4``, rows quantized row-wise to INT8/INT4 
 entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus fp16 rounding
 of the row's scale and bias; bytes as ``pipeline.prune.bytes`` counts them). A repacked
 model's ids go to its column slabs by ``SingleHotKeyRewriter`` (no sort, no per-key work),
-and an FM, DeepFM or Wide & Deep reads its pooled slab columns directly
-(``pipeline.models.folded``): the selection or learned projection is folded into the first
-layers, so the mostly-zero ``[B, F, K]`` fields are never built.
+and where it costs less an FM, DeepFM or Wide & Deep reads its pooled slab columns
+directly (``pipeline.models.folded``): the selection or learned projection is folded into
+the first layers, so the mostly-zero ``[B, F, K]`` fields are never built.
 Serving reads one id per categorical field: a run trained on multi-hot bags
 (``data.multi_hot_sizes``) is refused (``multi_hot_refusal``).
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from pipeline.models.base import CTRModel, fm_pairwise, mlp_head
-from pipeline.models.folded import FoldedInteraction, fold_head, fold_linear
+from pipeline.models.folded import FoldedInteraction, folded_interaction
 
 
 class DeepFM(CTRModel):
@@ -22,7 +24,6 @@ class DeepFM(CTRModel):
         flat = fields.flatten(1)
         return (self.first_order(flat) + self.deep(flat)).squeeze(1) + fm_pairwise(fields)
 
-    def folded(self, output_map: torch.Tensor) -> FoldedInteraction:
-        lift = self.lift(output_map)
-        heads = [fold_linear(self.first_order, lift), fold_head(self.deep, lift)]
-        return FoldedInteraction(self.dense_arch, heads, lift, self.embedding_dim, fm=True)
+    def folded(self, output_map: torch.Tensor) -> Optional[FoldedInteraction]:
+        heads = [self.first_order, self.deep]
+        return folded_interaction(self.dense_arch, heads, self.lift(output_map), self.embedding_dim, fm=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from pipeline.models.base import CTRModel, fm_pairwise
-from pipeline.models.folded import FoldedInteraction, fold_linear
+from pipeline.models.folded import FoldedInteraction, folded_interaction
 
 
 class FM(CTRModel):
@@ -24,7 +26,6 @@ class FM(CTRModel):
         fields = self.fields(dense, embeddings)
         return self.first_order(fields.flatten(1)).squeeze(1) + fm_pairwise(fields)
 
-    def folded(self, output_map: torch.Tensor) -> FoldedInteraction:
-        lift = self.lift(output_map)
-        heads = [fold_linear(self.first_order, lift)]
-        return FoldedInteraction(self.dense_arch, heads, lift, self.embedding_dim, fm=True)
+    def folded(self, output_map: torch.Tensor) -> Optional[FoldedInteraction]:
+        heads = [self.first_order]
+        return folded_interaction(self.dense_arch, heads, self.lift(output_map), self.embedding_dim, fm=True)

@@ -9,8 +9,11 @@ places each column (selection) or projects it (NIS-ME). Every linear layer that 
 FM, DeepFM or Wide & Deep never builds the mostly-zero ``[B, F, K]`` fields, and its
 first layer is ``C`` wide instead of ``F * K``: at CR 10 the 1,248 → 400 layer of the
 benchmark's DeepFM becomes 260 → 400. Outputs equal the unfolded model's up to float
-rounding (sums over fewer terms). Models whose interaction is not linear in the fields
-before its first non-linearity (DCNv2's cross, DLRM's dots) are not folded.
+rounding (sums over fewer terms). A model is folded only where that costs fewer
+multiply-adds per row (``folded_interaction``): a plan that keeps all ``K`` columns of some
+group of every feature (the value allocation's frequent ids) pools as many columns as the
+fields have, and gains nothing. Models whose fields meet a non-linearity first (DCNv2's
+cross, DLRM's dots) are not folded.
 
 Example:
     >>> lift = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # 2 columns -> F=2, K=2
@@ -42,10 +45,35 @@ def fold_head(head: nn.Module, lift: torch.Tensor) -> nn.Module:
     if isinstance(head, nn.Linear):
         return fold_linear(head, lift)
     folded = copy.deepcopy(head)
-    name, first = next((n, m) for n, m in folded.named_modules() if isinstance(m, nn.Linear))
+    name = next(n for n, m in folded.named_modules() if m is first_linear(folded))
     parent, _, attr = name.rpartition(".")
-    setattr(folded.get_submodule(parent), attr, fold_linear(first, lift))
+    setattr(folded.get_submodule(parent), attr, fold_linear(first_linear(folded), lift))
     return folded
+
+
+def first_linear(head: nn.Module) -> nn.Linear:
+    """The first linear layer ``head`` applies (itself, for a linear layer)."""
+    return head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+
+
+def folded_interaction(
+    dense_arch: Optional[nn.Module], heads: Sequence[nn.Module], lift: torch.Tensor, embedding_dim: int, fm: bool,
+) -> Optional[FoldedInteraction]:
+    """``FoldedInteraction`` of a model's ``heads`` (unfolded: its linear layers and MLPs
+    that read ``flat(fields)``), or ``None`` where folding would cost more multiply-adds
+    per row than the model's own interaction: a plan that keeps every column of some
+    group of each feature pools as many columns as the fields have, and a learned
+    projection's Gram term costs ``C²``.
+    """
+    columns, flat = lift.shape
+    outputs = sum(first_linear(h).out_features for h in heads)
+    gram = lift @ lift.T
+    identity = torch.equal(gram, torch.eye(columns))
+    folded = columns * outputs + (columns * embedding_dim + (columns if identity else columns * columns) if fm else 0)
+    unfolded = flat * outputs + (3 * flat if fm else 0) + flat  # the last: building the fields
+    if folded >= unfolded:
+        return None
+    return FoldedInteraction(dense_arch, [fold_head(h, lift) for h in heads], lift, embedding_dim, fm)
 
 
 class FoldedInteraction(nn.Module):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from pipeline.models.base import CTRModel, mlp_head
-from pipeline.models.folded import FoldedInteraction, fold_head, fold_linear
+from pipeline.models.folded import FoldedInteraction, folded_interaction
 
 
 class WideDeep(CTRModel):
@@ -24,7 +26,6 @@ class WideDeep(CTRModel):
         flat = self.fields(dense, embeddings).flatten(1)
         return (self.wide(flat) + self.deep(flat)).squeeze(1)
 
-    def folded(self, output_map: torch.Tensor) -> FoldedInteraction:
-        lift = self.lift(output_map)
-        heads = [fold_linear(self.wide, lift), fold_head(self.deep, lift)]
-        return FoldedInteraction(self.dense_arch, heads, lift, self.embedding_dim, fm=False)
+    def folded(self, output_map: torch.Tensor) -> Optional[FoldedInteraction]:
+        heads = [self.wide, self.deep]
+        return folded_interaction(self.dense_arch, heads, self.lift(output_map), self.embedding_dim, fm=False)
