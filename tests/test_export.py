@@ -230,7 +230,9 @@ def block_4096(tmp_path_factory):
     return fresh_block(tmp_path_factory, 4096, seed=7)
 
 
-@pytest.mark.parametrize("run, precision", [("retrain_run", "fp32"), ("retrain_run", "int8"), ("train_run", "fp32")])
+@pytest.mark.parametrize("run, precision", [
+    ("retrain_run", "fp32"), ("retrain_run", "int8"), ("retrain_run", "int4"), ("train_run", "fp32"),
+])
 def test_the_exported_program_equals_eager_at_batch_1_and_4096(run, precision, request, block_4096, tmp_path):
     out = tmp_path / "model"
     cli.main(["export", "--run-dir", str(request.getfixturevalue(run)), "--out", str(out), "--exported", precision])

@@ -68,3 +68,16 @@ def test_the_folded_first_layer_reads_only_the_pooled_columns():
 def test_models_are_not_folded_where_it_would_not_pay_or_is_not_linear(name, seed):
     model, _ = repacked_model(name, "selection", 0, seed)
     assert model.folded(model.embedding.output_map()) is None
+
+
+def test_the_folded_interaction_exports_with_a_dynamic_batch():
+    model, _ = repacked_model("deepfm", "learned", DENSE)
+    folded = model.folded(model.embedding.output_map()).eval()
+    columns = folded.field_sums.shape[0] - K  # the dense field's K columns come first
+    batch = torch.export.Dim("batch", min=1)
+    example = (torch.randn(8, DENSE), torch.randn(8, columns))
+    program = torch.export.export(folded, example, dynamic_shapes=({0: batch}, {0: batch})).module()
+    for rows in (1, 300):
+        dense, pooled = torch.randn(rows, DENSE), torch.randn(rows, columns)
+        with torch.no_grad():
+            assert torch.equal(program(dense, pooled), folded(dense, pooled)), rows
