@@ -3,8 +3,12 @@ fp32 and int8 tables: latency at batch 1, 64 and 4096 (p50 and p99) and embeddin
 
 All models come from one search in this process: the unpruned model holds the searched
 tables (α folded in), the repacked ones their structured prune for each CR (selection
-projection, as ``dnis prune`` + ``dnis retrain`` would start from), each served as
-``load_model`` serves it (TorchRec's inference EBC: FBGEMM's TBE with fp32 or int8 rows).
+projection, as ``dnis prune`` + ``dnis retrain`` would start from; by default the value
+allocation with shared rows below 30 lookups, as ``dnis compare``'s ``dnis_shared``),
+each served as ``load_model`` serves it (TorchRec's inference EBC: FBGEMM's TBE with fp32
+or int8 rows; the interaction folded onto the pooled slab columns,
+``pipeline.models.folded``), and once more unfolded (``... unfolded``: the trained model's
+interaction on the ``[B, F, K]`` fields), to show what the fold saves.
 Without ``--run-dir`` a synthetic dataset is made and an untrained search model with a
 seeded α stands in (latency and memory do not depend on training). Per batch size the
 models are timed in alternation on the same rows, ``--rounds`` times (10× that below
@@ -12,6 +16,7 @@ models are timed in alternation on the same rows, ``--rounds`` times (10× that 
 
     python benchmarks/inference.py [--run-dir runs/big/search --raw rows.tsv] [--crs 10 20]
                                    [--batches 1 64 4096] [--rounds 100] [--threads 1]
+                                   [--allocation value --min-row-lookups 30]
 
 Each batch is the first rows of the raw file parsed on their own, as a request of that
 many rows would be (parsing is not timed). Prints two markdown tables: per (tables,
@@ -78,15 +83,18 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
         rows, dim = list(layout.num_embeddings.values()), cfg.model.embedding_dim
         return 1.0 if bits is None else unpruned_bytes(sum(rows), dim) / quantized_table_bytes(rows, dim, bits).sum()
 
-    plans = {"unpruned": None}
-    for cr, plan in structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block).items():
-        plans[f"CR {cr:g}"] = plan
+    plans = {"unpruned": (None, False)}
+    made = structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block, args.allocation,
+                            args.width_step, args.min_row_lookups)
+    for cr, plan in made.items():
+        plans[f"CR {cr:g}"] = (plan, True)
+        plans[f"CR {cr:g} unfolded"] = (plan, False)
     return {
         (tables, name): (
             unpruned_cr(bits) if plan is None else plan.compression_ratio("selection", bits),
-            serving_model(unpruned() if plan is None else repacked(plan), layout, vocab, dense_fields, plan, bits),
+            serving_model(unpruned() if plan is None else repacked(plan), layout, vocab, dense_fields, plan, bits, fold),
         )
-        for tables, bits in PRECISIONS.items() for name, plan in plans.items()
+        for tables, bits in PRECISIONS.items() for name, (plan, fold) in plans.items()
     }
 
 
@@ -153,6 +161,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--rows", type=int, default=300_000, help="synthetic rows (without --run-dir)")
     parser.add_argument("--ranges-per-block", type=int, default=8)
+    parser.add_argument("--allocation", choices=("threshold", "value"), default="value", help="as dnis prune")
+    parser.add_argument("--width-step", type=int, default=2, help="as dnis prune (value allocation; 2: int8 needs even widths)")
+    parser.add_argument("--min-row-lookups", type=float, default=30.0, help="as dnis prune (value allocation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="dnis-bench-") as scratch:

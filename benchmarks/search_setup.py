@@ -69,15 +69,19 @@ def layout_of(cfg) -> FeatureLayout:
 
 def structured_plans(
     cfg, layout: FeatureLayout, blocking: Blocking, search, crs: Sequence[float], ranges_per_block: int = 8,
-    allocation: str = "threshold", width_step: int = 1,
+    allocation: str = "threshold", width_step: int = 1, min_row_lookups: float = 0,
 ) -> dict[float, StructuredPlan]:
     """Per target CR, the plan ``dnis prune --cr`` makes of ``search`` (selection
-    projection) with ``--allocation`` and ``--width-step``."""
+    projection) with ``--allocation``, ``--width-step`` and ``--min-row-lookups``."""
     groups = group_ranges(blocking, layout.num_embeddings, ranges_per_block)
     dim = cfg.model.embedding_dim
     sum_sq = group_sum_sq(search, groups, dim)
     alpha, mass = search.model.embedding.alpha.detach(), group_mass(groups, layout.counts)
     if allocation == "value":
         unpruned = unpruned_bytes(sum(g.rows for g in groups), dim)
-        return {cr: plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=width_step) for cr in crs}
+        return {
+            cr: plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=width_step,
+                              min_row_lookups=min_row_lookups)
+            for cr in crs
+        }
     return {cr: plan_for_cr(groups, sum_sq, alpha, mass, cr) for cr in crs}
