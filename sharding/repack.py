@@ -106,47 +106,72 @@ class KeyRewriter:
         )
 
 
-NOT_STORED = torch.iinfo(torch.int64).min  # marks (slab, group) pairs whose group the slab does not store
+NOT_STORED = torch.iinfo(torch.int64).min  # marks (slab, segment) pairs whose ids the slab does not store
+# From COMPARE_ROWS rows on, counting the bounds at or below each id (one compare per
+# bound, no branch) finds the ids' segments faster than a binary search per id, whose
+# branches frequency-ranked ids mispredict: 0.7 against 1.3 ms at 4096 rows of the
+# benchmark's CR-10 plan (39 features, 13 bounds each), slower below 128 rows. The
+# compares grow with the bounds per feature, the search with their log: about even at 32.
+COMPARE_ROWS, COMPARE_BOUNDS = 128, 32
+
+
+def segments(
+    index: GroupIndex, entries: list[list[tuple[int, int]]], key: str
+) -> list[tuple[GroupPlan, list[tuple[int, int]]]]:
+    """Feature ``key``'s groups merged into segments, each as its first group and its
+    ``slot_entries``: consecutive groups merge when every slab stores both at the same
+    shift (row - id), or neither, and neither shares rows. A slab stores its feature's
+    ids as a few runs of consecutive rows (a group of shared rows is a run of its own);
+    the segment starts are where any of them starts or ends, a few per feature in nested
+    plans, however many groups."""
+    out: list[tuple[GroupPlan, list[tuple[int, int]]]] = []
+    for slot in index.key_slots[key][:-1]:
+        g = index.slots[slot]
+        if not (out and g.buckets is None and out[-1][0].buckets is None and out[-1][1] == entries[slot]):
+            out.append((g, entries[slot]))
+    return out
 
 
 class SingleHotKeyRewriter(nn.Module):
     """``KeyRewriter`` of single-hot batches from tensors: ids ``[F, B]`` of ``keys`` (and
     their weights) -> the slab KJT, with no sort and no per-key work.
 
-    One ``searchsorted`` of every id in its own feature's group starts gives its group;
-    a slab's bags are its feature's ``B`` rows in order, so every slab takes its
-    feature's whole row of ids (``[S, B]``), adds each id's shift into the slab (one
-    gather from a ``[S, groups]`` table) and keeps the ids whose group the slab stores.
-    Buffers only, so it exports with ``torch.export``. Ids are checked against the plan
-    eagerly; in an exported graph an id outside its feature's groups embeds to zeros.
+    Every id's position among its own feature's segment starts (``segments``) gives its
+    segment: one ``searchsorted``, or from ``COMPARE_ROWS`` rows on the count of starts at
+    or below it, one compare per start. A slab's bags are its feature's ``B`` rows in
+    order, so every slab takes its feature's whole row of ids (``[S, B]``), adds each
+    id's shift into the slab (one gather from a ``[S, segments]`` table) and keeps the
+    ids it stores (with weights, one ``nonzero`` for both). Buffers only, so it exports
+    with ``torch.export`` (which takes the ``searchsorted``). Ids are checked against the
+    plan eagerly; in an exported graph an id outside its feature's groups embeds to zeros.
     """
 
     def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
         super().__init__()
         index, slabs = GroupIndex(plan, keys), ColumnSlabs(plan, keys)
         self.out_keys = [s.name for s in slabs.slabs]
-        # Row f: feature f's group starts, then its stop, padded. An id's position there
-        # (searchsorted, right) is 0 below the first group, j in the j-th group, and
-        # groups + 1 at or past the stop.
-        groups = {key: [index.slots[slot] for slot in index.key_slots[key][:-1]] for key in keys}
-        positions = 2 + max(len(g) for g in groups.values())
+        entries = slot_entries(index, slabs)
+        merged = {key: segments(index, entries, key) for key in keys}
+        # Row f: feature f's segment starts, then its stop, padded. An id's position there
+        # (searchsorted, right) is 0 below the first segment, j in the j-th segment, and
+        # segments + 1 at or past the stop.
+        positions = 2 + max(len(m) for m in merged.values())
         bounds = torch.full((len(keys), positions - 1), torch.iinfo(torch.int64).max)
         known = torch.zeros(len(keys), positions, dtype=torch.bool)
-        for f, key in enumerate(keys):
-            bounds[f, : len(groups[key]) + 1] = torch.tensor([g.group.start for g in groups[key]] + [int(index.stops[f])])
-            known[f, 1 : len(groups[key]) + 1] = True
-        # code[s, position]: the shift of an id at that position into slab s, or NOT_STORED.
+        # code[s, position]: the shift of an id at that position into slab s, or NOT_STORED;
+        # per (feature, position): fold's start and modulus (groups of shared rows only).
         code = torch.full((len(slabs.slabs), positions), NOT_STORED)
-        entries = slot_entries(index, slabs)
-        for i, slab in enumerate(slabs.slabs):
-            for j, slot in enumerate(index.key_slots[slab.key][:-1], start=1):
-                code[i, j] = dict(entries[slot]).get(i, NOT_STORED)
-        # Per (feature, position): fold's start and modulus (groups of shared rows only).
-        self.folds = index.folds
         fold_start = torch.zeros(len(keys), positions, dtype=torch.int64)
         fold_modulus = torch.full((len(keys), positions), NO_FOLD)
         for f, key in enumerate(keys):
-            fold_start[f, 1 : len(groups[key]) + 1], fold_modulus[f, 1 : len(groups[key]) + 1] = fold_constants(groups[key])
+            firsts = [g for g, _ in merged[key]]
+            bounds[f, : len(firsts) + 1] = torch.tensor([g.group.start for g in firsts] + [int(index.stops[f])])
+            known[f, 1 : len(firsts) + 1] = True
+            fold_start[f, 1 : len(firsts) + 1], fold_modulus[f, 1 : len(firsts) + 1] = fold_constants(firsts)
+            for j, (_, shifts) in enumerate(merged[key], start=1):
+                for i, shift in shifts:
+                    code[i, j] = shift
+        self.folds = index.folds
         field = {key: i for i, key in enumerate(keys)}
         self.register_buffer("fold_start", fold_start, persistent=False)
         self.register_buffer("fold_modulus", fold_modulus, persistent=False)
@@ -161,20 +186,29 @@ class SingleHotKeyRewriter(nn.Module):
         Raises:
             ValueError: naming an id outside its feature's groups (not while exporting).
         """
-        position = torch.searchsorted(self.bounds, ids, right=True)  # [F, B]
+        bounds, field = self.bounds, self.field  # each buffer read costs 0.5 µs (nn.Module.__getattr__)
+        if torch.compiler.is_compiling() or ids.shape[1] < COMPARE_ROWS or bounds.shape[1] > COMPARE_BOUNDS:
+            position = torch.searchsorted(bounds, ids, right=True)  # [F, B]
+        else:
+            position = (ids >= bounds.t().unsqueeze(2)).view(torch.uint8).sum(0, dtype=torch.uint8).long()
         if not torch.compiler.is_compiling():  # an exported graph has no data checks
             known = torch.gather(self.known, 1, position)
             if not bool(known.all()):
                 raise ValueError(f"id {int(ids[~known][0])} is outside the ranges of the prune plan's groups")
         if self.folds:
             ids = fold(ids, torch.gather(self.fold_start, 1, position), torch.gather(self.fold_modulus, 1, position))
-        code = torch.gather(self.code, 1, position.index_select(0, self.field))  # [S, B]
+        code = torch.gather(self.code, 1, position.index_select(0, field))  # [S, B]
         stored = code != NOT_STORED
-        values = ids.index_select(0, self.field).add_(code).masked_select(stored)
+        lengths = stored.view(-1)
+        values = ids.index_select(0, field).add_(code)
+        if weights is None:
+            values = values.masked_select(stored)
+        else:  # one nonzero for both: each masked_select scans the mask again
+            kept = lengths.nonzero().view(-1)
+            values = values.view(-1).index_select(0, kept)
+            weights = weights.index_select(0, field).view(-1).index_select(0, kept)
         return KeyedJaggedTensor(
-            keys=self.out_keys, values=values, lengths=stored.view(-1).to(torch.int32),
-            weights=None if weights is None else weights.index_select(0, self.field).masked_select(stored),
-            stride=ids.shape[1],
+            keys=self.out_keys, values=values, lengths=lengths.to(torch.int32), weights=weights, stride=ids.shape[1]
         )
 
 

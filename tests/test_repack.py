@@ -14,14 +14,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.data.batch import single_hot_kjt
 from pipeline.inference import inference_tables
-from pipeline.prune.plan import GroupPlan, StructuredPlan, group_ranges
+from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, group_ranges
 from pipeline.search.blocking import compute_blocking
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection, split_multi_hot
 from sharding.checkpoint import load_full_state
 from sharding.field_embedding import table_configs
 from sharding.local_ranks import run_ranks
 from sharding.repack import (
-    PROJECTIONS, RepackedEmbedding, KeyRewriter, SingleHotKeyRewriter, load_repacked_weights, repacked_weights,
+    COMPARE_BOUNDS, COMPARE_ROWS, PROJECTIONS, RepackedEmbedding, KeyRewriter, SingleHotKeyRewriter,
+    load_repacked_weights, repacked_weights,
 )
 from sharding.table_stats import group_sum_sq
 
@@ -341,6 +342,71 @@ def test_single_hot_key_rewriter_equals_the_key_rewriter_and_serves_the_alpha_mo
             wrong[f, 7] = bad
             with pytest.raises(ValueError, match=f"id {bad} is outside"):
                 rewriter(wrong)
+
+
+def runs_plan() -> StructuredPlan:
+    """Feature "a": groups that merge into one segment (ids 0-4, 36-41), a narrow group
+    before a wide one (5-6, 7-9: two runs in slab a:4-8), a group of shared rows right
+    after a group as wide (10-15, with the shift of 7-9 into both slabs), dropped groups
+    between kept ones (16-18) and at the end (42-45), two groups of shared rows side by
+    side (19-25, 26-35); "b" keeps nothing; "c" is one segment of two groups."""
+    def group(key, start, stop, width, buckets=None):
+        return GroupPlan(Group(key, 0, start, stop), tuple(range(width)), buckets=buckets)
+
+    return StructuredPlan((
+        group("a", 0, 2, 8), group("a", 2, 5, 8), group("a", 5, 7, 4), group("a", 7, 10, 8),
+        group("a", 10, 16, 8, buckets=2), group("a", 16, 18, 0), group("a", 18, 19, 0),
+        group("a", 19, 26, 4, buckets=3), group("a", 26, 36, 8, buckets=4), group("a", 36, 40, 4),
+        group("a", 40, 42, 4), group("a", 42, 46, 0),
+        group("b", 0, 3, 0), group("b", 3, 6, 0), group("c", 0, 5, 4), group("c", 5, 9, 4),
+    ), embedding_dim=K, tau=0.0)
+
+
+def alternating_plan(groups: int) -> StructuredPlan:
+    """One feature of ``groups`` one-id groups, widths 4 and 8 in turn: a segment each."""
+    return StructuredPlan(tuple(
+        GroupPlan(Group("a", 0, i, i + 1), tuple(range(4 + 4 * (i % 2)))) for i in range(groups)
+    ), embedding_dim=K, tau=0.0)
+
+
+def assert_rewrites_alike(plan: StructuredPlan, keys: list[str], ids: torch.Tensor) -> None:
+    """``SingleHotKeyRewriter`` gives ``KeyRewriter``'s KJT of ``ids``, without weights and with."""
+    rewriter, reference = SingleHotKeyRewriter(plan, keys), KeyRewriter(plan, keys)
+    for weights in (None, torch.rand(ids.shape, generator=torch.Generator().manual_seed(ids.shape[1]))):
+        got, expected = rewriter(ids, weights), reference(single_hot_kjt(keys, ids, weights))
+        assert got.keys() == expected.keys() and got.stride() == expected.stride() == ids.shape[1]
+        for part in ("values", "lengths", "weights_or_none"):
+            mine, theirs = getattr(got, part)(), getattr(expected, part)()
+            assert (mine is None and theirs is None) or torch.equal(mine, theirs.to(mine.dtype)), part
+
+
+@pytest.mark.parametrize("rows", [1, 7, COMPARE_ROWS - 1, COMPARE_ROWS, 300])
+def test_single_hot_key_rewriter_merges_groups_into_segments_and_rewrites_every_id_as_the_key_rewriter(rows):
+    plan, keys = runs_plan(), ["a", "b", "c"]
+    rewriter = SingleHotKeyRewriter(plan, keys)
+    # a: 0-4 one segment, then 5, 7, each group of shared rows, the dropped 16-18, 36-41, the dropped tail.
+    assert rewriter.bounds[0, :10].tolist() == [0, 5, 7, 10, 16, 19, 26, 36, 42, 46]
+    assert rewriter.bounds[2, :2].tolist() == [0, 9] and rewriter.bounds[1, 0] == 0
+    stops = [46, 6, 9]
+    # Every id of every feature (so every segment's first and last), batch after batch of `rows`.
+    ids = torch.stack([torch.arange(max(stops) * 8) % stop for stop in stops])
+    for start in range(0, ids.shape[1], rows):
+        assert_rewrites_alike(plan, keys, ids[:, start : start + rows].contiguous())
+    for f, stop in enumerate(stops):  # past the last group of the first, a middle or the last feature
+        for bad in (stop, -1):
+            wrong = torch.zeros(len(keys), rows, dtype=torch.int64)
+            wrong[f, rows // 2] = bad
+            with pytest.raises(ValueError, match=f"id {bad} is outside"):
+                rewriter(wrong)
+
+
+@pytest.mark.parametrize("groups", [COMPARE_BOUNDS // 2, 2 * COMPARE_BOUNDS])
+def test_single_hot_key_rewriter_of_a_feature_with_a_segment_per_group(groups):
+    plan = alternating_plan(groups)
+    assert SingleHotKeyRewriter(plan, ["a"]).bounds.shape[1] == groups + 1
+    for rows in (1, 300):
+        ids = torch.randint(0, groups, (1, rows), generator=torch.Generator().manual_seed(rows))
+        assert_rewrites_alike(plan, ["a"], ids)
 
 
 @pytest.mark.gpu
