@@ -328,7 +328,10 @@ def scatter_columns(
         index = places
     else:
         index = torch.cat([places[slice(*place_range[key])] for key in keys])
-    return values.new_zeros(values.shape[0], width).index_copy_(1, index, values)
+    # Places are distinct: a plan that keeps every column of some group of each feature
+    # writes all of them, and nothing needs zeroing first (the fill costs as much as the copy).
+    make = values.new_empty if index.numel() == width else values.new_zeros
+    return make(values.shape[0], width).index_copy_(1, index, values)
 
 
 def repacked_weights(
