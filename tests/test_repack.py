@@ -328,7 +328,7 @@ def test_single_hot_key_rewriter_equals_the_key_rewriter_and_serves_the_alpha_mo
     keys = list(NUMS)
     rewriter = SingleHotKeyRewriter(plan, keys)
     ids, weights = random_ids(4, rows=50), torch.rand(len(keys), 50, generator=torch.Generator().manual_seed(5))
-    got, expected = rewriter(ids, weights), KeyRewriter(plan, keys)(single_hot_kjt(keys, ids, weights))
+    got, expected = rewriter(ids, weights), KeyRewriter(plan, keys).rewrite_bags(single_hot_kjt(keys, ids, weights))
     assert got.keys() == expected.keys() and got.stride() == 50
     for part in ("values", "lengths", "weights"):
         assert torch.equal(getattr(got, part)(), getattr(expected, part)().to(getattr(got, part)().dtype)), part
@@ -370,14 +370,17 @@ def alternating_plan(groups: int) -> StructuredPlan:
 
 
 def assert_rewrites_alike(plan: StructuredPlan, keys: list[str], ids: torch.Tensor) -> None:
-    """``SingleHotKeyRewriter`` gives ``KeyRewriter``'s KJT of ``ids``, without weights and with."""
-    rewriter, reference = SingleHotKeyRewriter(plan, keys), KeyRewriter(plan, keys)
+    """``SingleHotKeyRewriter`` gives ``KeyRewriter``'s KJT of ``ids`` (the bags path, and
+    ``KeyRewriter`` itself, which hands a single-hot batch to it), without weights and with."""
+    rewriter, key_rewriter = SingleHotKeyRewriter(plan, keys), KeyRewriter(plan, keys)
     for weights in (None, torch.rand(ids.shape, generator=torch.Generator().manual_seed(ids.shape[1]))):
-        got, expected = rewriter(ids, weights), reference(single_hot_kjt(keys, ids, weights))
-        assert got.keys() == expected.keys() and got.stride() == expected.stride() == ids.shape[1]
-        for part in ("values", "lengths", "weights_or_none"):
-            mine, theirs = getattr(got, part)(), getattr(expected, part)()
-            assert (mine is None and theirs is None) or torch.equal(mine, theirs.to(mine.dtype)), part
+        kjt = single_hot_kjt(keys, ids, weights)
+        expected = key_rewriter.rewrite_bags(kjt)
+        for got in (rewriter(ids, weights), key_rewriter(kjt)):
+            assert got.keys() == expected.keys() and got.stride() == expected.stride() == ids.shape[1]
+            for part in ("values", "lengths", "weights_or_none"):
+                mine, theirs = getattr(got, part)(), getattr(expected, part)()
+                assert (mine is None and theirs is None) or torch.equal(mine, theirs.to(mine.dtype)), part
 
 
 @pytest.mark.parametrize("rows", [1, 7, COMPARE_ROWS - 1, COMPARE_ROWS, 300])
@@ -464,7 +467,7 @@ def test_groups_of_shared_rows_serve_the_mean_of_their_ids_through_both_rewriter
     got = module(KeyRewriter(plan, keys)(single_hot_kjt(keys, ids)))
     assert (got - expected).abs().max() < 1e-6
     single_hot = SingleHotKeyRewriter(plan, keys)(ids)
-    assert torch.equal(single_hot.values(), KeyRewriter(plan, keys)(single_hot_kjt(keys, ids)).values())
+    assert torch.equal(single_hot.values(), KeyRewriter(plan, keys).rewrite_bags(single_hot_kjt(keys, ids)).values())
     assert StructuredPlan.from_json(plan.to_json()) == plan
 
 
@@ -506,3 +509,20 @@ def test_plan_bytes_are_what_the_repacked_model_stores(projection):
         projections = sum(max(g.width for g in plan.groups if g.group.key == key) for key in NUMS)
     index = 8 * len(plan.groups) + 8 * sum(g.buckets is not None for g in plan.groups)
     assert plan.embedding_bytes(projection) == values + projections + index
+
+
+def test_the_key_rewriter_hands_single_hot_batches_in_key_order_to_the_single_hot_rewriter(monkeypatch):
+    _, plan = searched()
+    rewriter = KeyRewriter(plan, list(NUMS))
+    single_hot = single_hot_kjt(list(NUMS), random_ids(3))
+    expected = rewriter(single_hot)
+
+    def bags_path(features):
+        raise AssertionError("took the bags path")
+
+    monkeypatch.setattr(rewriter, "rewrite_bags", bags_path)
+    assert torch.equal(rewriter(single_hot).values(), expected.values())
+    reordered = single_hot_kjt(list(NUMS)[::-1], random_ids(3).flip(0))
+    for other in (multi_hot_batch(4), reordered):
+        with pytest.raises(AssertionError, match="bags path"):
+            rewriter(other)
