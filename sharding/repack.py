@@ -74,9 +74,9 @@ class KeyRewriter:
     """Batch transform: each id of ``keys`` into the slabs of its group, as its row there.
 
     A single-hot batch in ``keys`` order (what the loader makes without multi-hot bags)
-    goes through ``SingleHotKeyRewriter``: the same KJT at a third of the cost (2.7 → 1.0
-    ms per 1024-row batch on the benchmark's plan), and the loader's prefetch thread shares
-    the cores with the ranks. Any other batch (multi-hot, weighted, any key order) takes
+    goes through ``SingleHotKeyRewriter``: the same KJT at a fifth of the cost (per
+    1024-row batch on the inference benchmark's plans, one thread: 2.7 → 0.5 ms threshold,
+    3.9 → 0.75 ms value), and the loader's prefetch thread shares the cores with the ranks. Any other batch (multi-hot, weighted, any key order) takes
     ``rewrite_bags``: the ``GroupIndex`` lookup, one repeat per slab an id is stored in,
     then one stable sort by (slab, row of the batch). Ids of dropped groups leave the batch.
     """
