@@ -97,8 +97,11 @@ class KeyRewriter:
         if features.keys() == self.index.keys and lengths.numel() == fields * features.stride() \
                 and bool((lengths == 1).all()):
             weights = features.weights_or_none()
-            return self.single_hot(features.values().long().view(fields, -1),
-                                   None if weights is None else weights.view(fields, -1))
+            # ``forward``, not ``__call__``: the loader runs this in its prefetch thread while
+            # the train pipeline may be FX-tracing the model, and tracing patches every
+            # module's ``__call__`` (a module call from this thread fails the trace).
+            return self.single_hot.forward(features.values().long().view(fields, -1),
+                                           None if weights is None else weights.view(fields, -1))
         return self.rewrite_bags(features)
 
     def rewrite_bags(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
