@@ -68,12 +68,14 @@ def folded_interaction(
     columns, flat = lift.shape
     outputs = sum(first_linear(h).out_features for h in heads)
     gram = lift @ lift.T
-    identity = torch.equal(gram, torch.eye(columns))
-    folded = columns * outputs + (columns * embedding_dim + (columns if identity else columns * columns) if fm else 0)
+    # Selection puts each column in a place of its own: the Gram matrix is the identity.
+    gram = None if torch.equal(gram, torch.eye(columns)) else gram
+    squares = columns if gram is None else columns * columns
+    folded = columns * outputs + (columns * embedding_dim + squares if fm else 0)
     unfolded = flat * outputs + (3 * flat if fm else 0) + flat  # the last: building the fields
     if folded >= unfolded:
         return None
-    return FoldedInteraction(dense_arch, [fold_head(h, lift) for h in heads], lift, embedding_dim, fm)
+    return FoldedInteraction(dense_arch, [fold_head(h, lift) for h in heads], lift, gram, embedding_dim, fm)
 
 
 class FoldedInteraction(nn.Module):
@@ -84,22 +86,21 @@ class FoldedInteraction(nn.Module):
         dense_arch: the model's bottom MLP (its output is the first field), or ``None``.
         heads: the model's linear and MLP heads, folded (``fold_linear``, ``fold_head``).
         lift: ``[X, F' * K]``, ``x -> flat(fields)``.
+        gram: ``lift @ liftᵀ``, or ``None`` where it is the identity.
         embedding_dim: ``K``.
         fm: whether the model adds ``Σ_{i<j} <v_i, v_j>``.
     """
 
     def __init__(
         self, dense_arch: Optional[nn.Module], heads: Sequence[nn.Module], lift: torch.Tensor,
-        embedding_dim: int, fm: bool,
+        gram: Optional[torch.Tensor], embedding_dim: int, fm: bool,
     ) -> None:
         super().__init__()
         self.dense_arch, self.heads, self.fm = dense_arch, nn.ModuleList(heads), fm
         fields = lift.shape[1] // embedding_dim
         self.register_buffer("field_sums", lift @ torch.eye(embedding_dim).repeat(fields, 1), persistent=False)
-        gram = lift @ lift.T
-        # Selection puts each column in a place of its own: the Gram matrix is the identity.
         self.gram: Optional[torch.Tensor]
-        self.register_buffer("gram", None if torch.equal(gram, torch.eye(len(gram))) else gram, persistent=False)
+        self.register_buffer("gram", gram, persistent=False)
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         x = pooled if self.dense_arch is None else torch.cat([self.dense_arch(dense), pooled], dim=1)
