@@ -92,7 +92,8 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
     return {
         (tables, name): (
             unpruned_cr(bits) if plan is None else plan.compression_ratio("selection", bits),
-            serving_model(unpruned() if plan is None else repacked(plan), layout, vocab, dense_fields, plan, bits, fold),
+            serving_model(unpruned() if plan is None else repacked(plan), layout, vocab, dense_fields, plan, bits,
+                          fold),
         )
         for tables, bits in PRECISIONS.items() for name, (plan, fold) in plans.items()
     }
@@ -162,7 +163,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000, help="synthetic rows (without --run-dir)")
     parser.add_argument("--ranges-per-block", type=int, default=8)
     parser.add_argument("--allocation", choices=("threshold", "value"), default="value", help="as dnis prune")
-    parser.add_argument("--width-step", type=int, default=2, help="as dnis prune (value allocation; 2: int8 needs even widths)")
+    parser.add_argument("--width-step", type=int, default=2,
+                        help="as dnis prune (value allocation; 2: int8 needs even widths)")
     parser.add_argument("--min-row-lookups", type=float, default=30.0, help="as dnis prune (value allocation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -76,9 +76,10 @@ class KeyRewriter:
     A single-hot batch in ``keys`` order (what the loader makes without multi-hot bags)
     goes through ``SingleHotKeyRewriter``: the same KJT at a fifth of the cost (per
     1024-row batch on the inference benchmark's plans, one thread: 2.7 → 0.5 ms threshold,
-    3.9 → 0.75 ms value), and the loader's prefetch thread shares the cores with the ranks. Any other batch (multi-hot, weighted, any key order) takes
-    ``rewrite_bags``: the ``GroupIndex`` lookup, one repeat per slab an id is stored in,
-    then one stable sort by (slab, row of the batch). Ids of dropped groups leave the batch.
+    3.9 → 0.75 ms value), and the loader's prefetch thread shares the cores with the
+    ranks. Any other batch (multi-hot, weighted, any key order) takes ``rewrite_bags``:
+    the ``GroupIndex`` lookup, one repeat per slab an id is stored in, then one stable
+    sort by (slab, row of the batch). Ids of dropped groups leave the batch.
     """
 
     def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:

@@ -16,7 +16,7 @@ from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import ModelConfig
-from pipeline.models.folded import FoldedInteraction
+from pipeline.models.folded import FoldedInteraction, folded_interaction
 
 
 def mlp_head(in_features: int, dims: tuple[int, ...]) -> nn.Sequential:
@@ -67,10 +67,19 @@ class CTRModel(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         return self.interact(dense, self.embedding(sparse))
 
+    # The heads that read ``flat(fields)`` through a linear layer first, and whether the FM
+    # term is added: a model that names them can be served folded (``pipeline.models.folded``).
+    folded_heads: tuple[str, ...] = ()
+    folded_fm = False
+
     def folded(self, output_map: torch.Tensor) -> Optional[FoldedInteraction]:
         """The interaction read from pooled columns whose fields are ``pooled @ output_map``
-        (``[C, F * K]``; ``pipeline.models.folded``), or ``None`` where it cannot be folded."""
-        return None
+        (``[C, F * K]``; ``pipeline.models.folded``), or ``None`` where it cannot be folded
+        or folding would not pay."""
+        if not self.folded_heads:
+            return None
+        heads = [getattr(self, name) for name in self.folded_heads]
+        return folded_interaction(self.dense_arch, heads, self.lift(output_map), self.embedding_dim, self.folded_fm)
 
     def lift(self, output_map: torch.Tensor) -> torch.Tensor:
         """``[dense field, pooled] -> flat(fields)`` (the dense field, if any, passes as it is)."""

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from pipeline.models.base import CTRModel, fm_pairwise, mlp_head
-from pipeline.models.folded import FoldedInteraction, folded_interaction
 
 
 class DeepFM(CTRModel):
     """``bias + <w, flat(fields)> + Σ_{i<j} <v_i, v_j> + deep(flat(fields))``."""
+
+    folded_heads = ("first_order", "deep")
+    folded_fm = True
 
     def __init__(self, embedding, num_fields, num_dense, cfg):
         super().__init__(embedding, num_fields, num_dense, cfg)
@@ -23,7 +23,3 @@ class DeepFM(CTRModel):
         fields = self.fields(dense, embeddings)
         flat = fields.flatten(1)
         return (self.first_order(flat) + self.deep(flat)).squeeze(1) + fm_pairwise(fields)
-
-    def folded(self, output_map: torch.Tensor) -> Optional[FoldedInteraction]:
-        heads = [self.first_order, self.deep]
-        return folded_interaction(self.dense_arch, heads, self.lift(output_map), self.embedding_dim, fm=True)

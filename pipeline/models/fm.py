@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from pipeline.models.base import CTRModel, fm_pairwise
-from pipeline.models.folded import FoldedInteraction, folded_interaction
 
 
 class FM(CTRModel):
@@ -18,6 +15,9 @@ class FM(CTRModel):
     embedding, so every per-id byte is in the searched (and pruned) tables.
     """
 
+    folded_heads = ("first_order",)
+    folded_fm = True
+
     def __init__(self, embedding, num_fields, num_dense, cfg):
         super().__init__(embedding, num_fields, num_dense, cfg)
         self.first_order = nn.Linear(self.flat_dim, 1)
@@ -25,7 +25,3 @@ class FM(CTRModel):
     def interact(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         fields = self.fields(dense, embeddings)
         return self.first_order(fields.flatten(1)).squeeze(1) + fm_pairwise(fields)
-
-    def folded(self, output_map: torch.Tensor) -> Optional[FoldedInteraction]:
-        heads = [self.first_order]
-        return folded_interaction(self.dense_arch, heads, self.lift(output_map), self.embedding_dim, fm=True)

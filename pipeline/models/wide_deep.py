@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from pipeline.models.base import CTRModel, mlp_head
-from pipeline.models.folded import FoldedInteraction, folded_interaction
 
 
 class WideDeep(CTRModel):
@@ -16,6 +13,9 @@ class WideDeep(CTRModel):
 
     The wide part is linear in the field embeddings (no separate per-id scalar tables).
     """
+
+    folded_heads = ("wide", "deep")
+    folded_fm = False
 
     def __init__(self, embedding, num_fields, num_dense, cfg):
         super().__init__(embedding, num_fields, num_dense, cfg)
@@ -25,7 +25,3 @@ class WideDeep(CTRModel):
     def interact(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         flat = self.fields(dense, embeddings).flatten(1)
         return (self.wide(flat) + self.deep(flat)).squeeze(1)
-
-    def folded(self, output_map: torch.Tensor) -> Optional[FoldedInteraction]:
-        heads = [self.wide, self.deep]
-        return folded_interaction(self.dense_arch, heads, self.lift(output_map), self.embedding_dim, fm=False)
