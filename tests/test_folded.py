@@ -31,14 +31,18 @@ def repacked_model(name: str, projection: str, num_dense: int, seed: int = NARRO
     return model, plan
 
 
-@pytest.mark.parametrize("num_dense", [0, DENSE])
-@pytest.mark.parametrize("projection", ["selection", "learned"])
-@pytest.mark.parametrize("name", ["deepfm", "wide_deep"])
-def test_folded_interaction_equals_the_model_on_its_pooled_columns(name, projection, num_dense):
-    model, plan = repacked_model(name, projection, num_dense)
+@pytest.mark.parametrize("name, projection, num_dense, seed", [
+    *[(name, projection, num_dense, NARROW) for name in ("deepfm", "wide_deep")
+      for projection in ("selection", "learned") for num_dense in (0, DENSE)],
+    # A selection pooling every column of the fields still folds: placing them is the cost.
+    ("deepfm", "selection", DENSE, 0), ("fm", "selection", 0, 0),
+])
+def test_folded_interaction_equals_the_model_on_its_pooled_columns(name, projection, num_dense, seed):
+    model, plan = repacked_model(name, projection, num_dense, seed)
     embedding = model.embedding
     folded = model.folded(embedding.output_map()).eval()
     assert (folded.gram is None) == (projection == "selection")
+    assert (folded.places is not None) == (projection == "selection")
     for seed in range(3):
         sparse = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), random_ids(seed)))
         dense = torch.randn(sparse.stride(), num_dense)
@@ -60,20 +64,21 @@ def test_the_folded_first_layer_reads_only_the_pooled_columns():
     assert first.in_features == columns and first.out_features == 256
 
 
-@pytest.mark.parametrize("name, seed", [
-    ("deepfm", 0),  # the plan pools every column of the fields: nothing to save
-    ("fm", NARROW),  # an FM's interaction costs less than the pooled columns' FM sums
-    ("dcnv2", NARROW), ("dlrm", NARROW),  # their fields meet a non-linearity first
+@pytest.mark.parametrize("name, projection, seed", [
+    ("deepfm", "learned", 0),  # every column pooled: the Gram term costs C² per row
+    ("fm", "learned", NARROW),  # an FM's interaction costs less than the projected FM sums
+    ("dcnv2", "selection", NARROW), ("dlrm", "selection", NARROW),  # fields meet a non-linearity first
 ])
-def test_models_are_not_folded_where_it_would_not_pay_or_is_not_linear(name, seed):
-    model, _ = repacked_model(name, "selection", 0, seed)
+def test_models_are_not_folded_where_it_would_not_pay_or_is_not_linear(name, projection, seed):
+    model, _ = repacked_model(name, projection, 0, seed)
     assert model.folded(model.embedding.output_map()) is None
 
 
-def test_the_folded_interaction_exports_with_a_dynamic_batch():
-    model, _ = repacked_model("deepfm", "learned", DENSE)
+@pytest.mark.parametrize("projection", ["selection", "learned"])  # FM sums by index_add / product
+def test_the_folded_interaction_exports_with_a_dynamic_batch(projection):
+    model, _ = repacked_model("deepfm", projection, DENSE)
     folded = model.folded(model.embedding.output_map()).eval()
-    columns = folded.field_sums.shape[0] - K  # the dense field's K columns come first
+    columns = sum(s.width for s in model.embedding.slabs.slabs)
     batch = torch.export.Dim("batch", min=1)
     example = (torch.randn(8, DENSE), torch.randn(8, columns))
     program = torch.export.export(folded, example, dynamic_shapes=({0: batch}, {0: batch})).module()

@@ -10,10 +10,13 @@ FM, DeepFM or Wide & Deep never builds the mostly-zero ``[B, F, K]`` fields, and
 first layer is ``C`` wide instead of ``F * K``: at CR 10 the 1,248 → 400 layer of the
 benchmark's DeepFM becomes 260 → 400. Outputs equal the unfolded model's up to float
 rounding (sums over fewer terms). A model is folded only where that costs fewer
-multiply-adds per row (``folded_interaction``): a plan that keeps all ``K`` columns of some
-group of every feature (the value allocation's frequent ids) pools as many columns as the
-fields have, and gains nothing. Models whose fields meet a non-linearity first (DCNv2's
-cross, DLRM's dots) are not folded.
+operations per row (``folded_interaction``). A selection only places columns, so its FM
+sums are one add per pooled column (``index_add``) and it always folds, even for a plan
+that keeps all ``K`` columns of some group of every feature (the value allocation's
+frequent ids): the first layer is as wide as unfolded, but the ``[B, F, K]`` scatter
+(8.8 ms of a 33 ms forward at 4096 rows) is gone. A learned projection pays ``C²`` for
+its Gram term and folds only when ``C`` is small. Models whose fields meet a
+non-linearity first (DCNv2's cross, DLRM's dots) are not folded.
 
 Example:
     >>> lift = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # 2 columns -> F=2, K=2
@@ -56,6 +59,20 @@ def first_linear(head: nn.Module) -> nn.Linear:
     return head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
 
 
+def field_places(lift: torch.Tensor, embedding_dim: int) -> Optional[torch.Tensor]:
+    """Each row's column within its field (``[X]``) where ``lift`` only places columns
+    (every row one-hot, its entry 1: a selection), else ``None``.
+
+    Example:
+        >>> field_places(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]), 2)
+        tensor([0, 1])
+    """
+    placed = lift != 0
+    if not (placed.sum(dim=1) == 1).all() or not (lift[placed] == 1).all():
+        return None
+    return placed.int().argmax(dim=1) % embedding_dim
+
+
 def folded_interaction(
     dense_arch: Optional[nn.Module], heads: Sequence[nn.Module], lift: torch.Tensor, embedding_dim: int, fm: bool,
 ) -> Optional[FoldedInteraction]:
@@ -70,8 +87,9 @@ def folded_interaction(
     gram = lift @ lift.T
     # Selection puts each column in a place of its own: the Gram matrix is the identity.
     gram = None if torch.equal(gram, torch.eye(columns)) else gram
+    sums = columns if field_places(lift, embedding_dim) is not None else columns * embedding_dim
     squares = columns if gram is None else columns * columns
-    folded = columns * outputs + (columns * embedding_dim + squares if fm else 0)
+    folded = columns * outputs + (sums + squares if fm else 0)
     unfolded = flat * outputs + (3 * flat if fm else 0) + flat  # the last: building the fields
     if folded >= unfolded:
         return None
@@ -98,7 +116,14 @@ class FoldedInteraction(nn.Module):
         super().__init__()
         self.dense_arch, self.heads, self.fm = dense_arch, nn.ModuleList(heads), fm
         fields = lift.shape[1] // embedding_dim
-        self.register_buffer("field_sums", lift @ torch.eye(embedding_dim).repeat(fields, 1), persistent=False)
+        self.embedding_dim = embedding_dim
+        # Σ_i v_i: a selection's columns added at their places, else a product with lift S.
+        places = field_places(lift, embedding_dim)
+        sums = None if places is not None else lift @ torch.eye(embedding_dim).repeat(fields, 1)
+        self.places: Optional[torch.Tensor]
+        self.field_sums: Optional[torch.Tensor]
+        self.register_buffer("places", places, persistent=False)
+        self.register_buffer("field_sums", sums, persistent=False)
         self.gram: Optional[torch.Tensor]
         self.register_buffer("gram", gram, persistent=False)
 
@@ -107,6 +132,13 @@ class FoldedInteraction(nn.Module):
         out = sum(head(x) for head in self.heads).squeeze(1)
         if not self.fm:
             return out
-        square_of_sum = (x @ self.field_sums).pow(2).sum(dim=1)
-        sum_of_squares = (x * x if self.gram is None else x * (x @ self.gram)).sum(dim=1)
+        if self.field_sums is not None:
+            field_sum = x @ self.field_sums
+        else:  # one add per column, not a [C, K] product (4.5 -> 2.4 ms at 4096 × 1,248)
+            field_sum = x.new_zeros(x.shape[0], self.embedding_dim).index_add_(1, self.places, x)
+        square_of_sum = field_sum.pow(2).sum(dim=1)
+        if self.gram is None:  # the norm reads x once, x * x writes a copy first (0.4 vs 1.2 ms)
+            sum_of_squares = torch.linalg.vector_norm(x, dim=1).square()
+        else:
+            sum_of_squares = (x * (x @ self.gram)).sum(dim=1)
         return out + 0.5 * (square_of_sum - sum_of_squares)
