@@ -335,10 +335,12 @@ def scatter_columns(
 ) -> torch.Tensor:
     """``[B, width]`` zeros with each pooled key's columns at its ``places[a:b]``.
 
-    One in-place ``index_copy_`` straight from the pooled values, in whatever key order
-    the (sharded) EBC gives them: no per-key split and cat (which cost as much as the
-    copy itself); in place, as the out-of-place copy first copies the zeros. Keys in
-    ``place_range``'s order (an unsharded EBC's) take ``places`` as it is.
+    One ``index_select`` straight from the pooled values, in whatever key order the
+    (sharded) EBC gives them: each place reads its column, and places no key writes read
+    one zero column appended. No per-key split and cat (which cost as much as the copy
+    itself); a gather, not an ``index_copy_`` into zeros: 0.5 vs 2.0 ms forward, 2.2 vs
+    2.8 ms with backward, for 1,248 columns of 1024 rows. Keys in ``place_range``'s order
+    (an unsharded EBC's) take ``places`` as it is.
     """
     values = pooled.values()
     keys = pooled.keys()
@@ -346,10 +348,11 @@ def scatter_columns(
         index = places
     else:
         index = torch.cat([places[slice(*place_range[key])] for key in keys])
-    # Places are distinct: a plan that keeps every column of some group of each feature
-    # writes all of them, and nothing needs zeroing first (the fill costs as much as the copy).
-    make = values.new_empty if index.numel() == width else values.new_zeros
-    return make(values.shape[0], width).index_copy_(1, index, values)
+    written = index.numel()
+    if written < width:
+        values = torch.nn.functional.pad(values, (0, 1))
+    source = index.new_full((width,), written).scatter_(0, index, torch.arange(written, device=index.device))
+    return values.index_select(1, source)
 
 
 def repacked_weights(
