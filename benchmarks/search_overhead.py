@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+import launch  # noqa: F401  (its upstream-notice filters: one place for every entry point)
 from pipeline.config import load_config
 from pipeline.data.batch import Batch, concat_batches, single_hot_kjt
 from pipeline.data.metadata import encode_counts

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import launch  # noqa: E402, F401  (its upstream-notice filters: one place for every entry point)
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import preprocess, synth  # noqa: E402
 from pipeline.data.features import FeatureLayout  # noqa: E402
