@@ -214,6 +214,7 @@ def prune(
     mode: str = "structured",
     allocation: str = "threshold",
     min_row_lookups: float = 0,
+    widths: str = "",
     nproc: int = 2,
     nnodes: int = 1,
     gpu: int = 0,
@@ -232,6 +233,8 @@ def prune(
         allocation: ``threshold`` (one τ) or ``value`` (worth per byte, any width) (structured).
         min_row_lookups: value allocation: ids of groups seen fewer times than this on
             average share rows, each serving at least this many train occurrences (0: off).
+        widths: value allocation: the only widths a group may take, comma-separated
+            (e.g. ``1,2,4,8,16,32``); empty: every width.
         nproc: processes (ranks) per node; the ranks that held the search's shards.
         nnodes: nodes.
         gpu: GPUs per node (0 = CPU with gloo).
@@ -240,7 +243,7 @@ def prune(
     """
     args = ["--run-dir", run_dir, "--cr", str(cr), "--ranges-per-block", str(ranges_per_block)]
     args += ["--projection", projection, "--mode", mode, "--allocation", allocation]
-    args += ["--min-row-lookups", str(min_row_lookups)]
+    args += ["--min-row-lookups", str(min_row_lookups)] + (["--widths", widths] if widths else [])
     return _ddp("launch.prune", args, nproc, nnodes, gpu, memMB, image, "dnis-prune")
 
 

@@ -69,6 +69,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
              "to int8, 4: to int4; FBGEMM needs width x bits to be a multiple of 16)",
     )
     parser.add_argument(
+        "--widths", type=lambda text: [int(w) for w in text.split(",")], metavar="W1,W2,...",
+        help="value allocation: the only widths a group may take (e.g. 1,2,4,8,16,32: fewer distinct "
+             "widths per feature, fewer column slabs to look up); default every multiple of --width-step",
+    )
+    parser.add_argument(
         "--min-row-lookups", type=float, default=0,
         help="value allocation: ids of a group seen fewer times than this on average share rows "
              "(hashing), each shared row serving at least this many train occurrences (halved while "
@@ -132,7 +137,7 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> tuple[Structured
     if args.cr is not None and args.allocation == "value":
         budget = unpruned_bytes(sum(g.rows for g in groups), job.cfg.model.embedding_dim) / args.cr
         plan, lookups = value_plan_for_cr(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step,
-                                          args.min_row_lookups, CR_TOLERANCE)
+                                          args.min_row_lookups, CR_TOLERANCE, args.widths)
         return plan, {"min_row_lookups_used": lookups}
     if args.cr is not None:
         return plan_for_cr(groups, sum_sq, alpha, mass, args.cr, args.projection, CR_TOLERANCE), {}
@@ -156,7 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
     target = {"cr": args.cr, "tau": args.tau}
     summary = {
         **plan_summary(plan, args.projection, target, args.ranges_per_block, job.wall_s),
-        "score": score, "allocation": args.allocation, "min_row_lookups": args.min_row_lookups, **notes,
+        "score": score, "allocation": args.allocation, "min_row_lookups": args.min_row_lookups,
+        "widths": args.widths, **notes,
     }
     job.run.write_json("prune.json", summary)
     job.run.log("prune", **{k: v for k, v in summary.items() if k != "plan"})

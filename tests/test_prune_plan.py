@@ -220,6 +220,24 @@ def test_value_allocation_in_width_steps_keeps_quantizable_widths_within_budget(
     assert any(g.width % 2 for g in single.groups)  # without steps, odd widths appear
 
 
+def test_value_allocation_on_a_width_ladder_keeps_few_widths_within_budget():
+    from pipeline.prune.knapsack import plan_by_value
+
+    groups, sum_sq, alpha = _value_case()
+    unpruned = sum(g.rows for g in groups) * 16 * 4
+    mass = [1000 // (i + 1) * g.rows for i, g in enumerate(groups)]
+    for cr in (2, 5, 10, 20):
+        every = plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr)
+        assert plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, widths=range(1, 17)) == every
+        plan = plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, widths=[2, 4, 8, 16])
+        assert {g.width for g in plan.groups} <= {0, 2, 4, 8, 16}
+        assert len(feature_columns(plan, ["a"])["a"].widths) < len(feature_columns(every, ["a"])["a"].widths)
+        assert 0.85 * unpruned / cr <= plan.embedding_bytes("selection") <= unpruned / cr, cr
+    for bad in ([4, 2], [0, 4], [3, 6], [2, 32]):
+        with pytest.raises(ValueError, match="ascending distinct multiples of 1|multiples of 2"):
+            plan_by_value(groups, sum_sq, alpha, mass, unpruned / 10, multiple=2 if bad == [3, 6] else 1, widths=bad)
+
+
 def test_value_allocation_keeps_every_id_when_the_budget_pays_one_column_each():
     from pipeline.prune.knapsack import plan_by_value
 

@@ -34,6 +34,8 @@ Methods and their stages (``E`` = epochs, ``s`` = search_epochs):
                         retrain E - s
 ``dnis_value``          as ``dnis``, the prune allocating columns by worth per byte
                         (``pipeline.prune.knapsack``, any width)
+``dnis_ladder``         as ``dnis_value``, widths only 1, 2, 4, ..., K
+                        (``knapsack.doubling_widths``: fewer column slabs to serve)
 ``dnis_shared``         as ``dnis_value``, ids of groups seen fewer than c times on
                         average sharing rows (hashing), one prune and retrain per c
                         of ``min_row_lookups``; the best on validation
@@ -48,9 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from pipeline.config import load_config
+
 METHODS = (
     "full", "grid", "random", "mde", "nis_me", "magnitude", "magnitude_fine", "qr",
-    "int8", "int4", "dnis", "dnis_value", "dnis_shared", "dnis_fine", "dnis_int8",
+    "int8", "int4", "dnis", "dnis_value", "dnis_ladder", "dnis_shared", "dnis_fine", "dnis_int8",
 )
 # Methods whose CR is set by their model or number format, not by the budget (None:
 # whatever the quantised rows give).
@@ -117,6 +121,10 @@ class Cell:
             f"model.name={self.model}", f"run.seed={self.seed}", f"run.dir={run_dir}",
             f"train.epochs={epochs}", *extra,
         ]
+
+    def embedding_dim(self) -> int:
+        """``K`` of this cell's resolved config."""
+        return load_config(list(self.settings.configs), self.overrides(self.root, self.settings.epochs)).model.embedding_dim
 
     def grid_widths(self, embedding_dim: int) -> tuple[int, ...]:
         """The grid baseline's uniform widths K': ``grid`` plus, per budget, the widest

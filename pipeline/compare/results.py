@@ -83,7 +83,7 @@ def method_row(cell: Cell, method: str, cr: float, unpruned: int, dim: int) -> O
         row = pick_by_validation(rows)
         if row:
             row["wall_s"] = _wall(*dirs.values(), cell.dir("search"))
-    elif method in ("dnis", "dnis_value", "magnitude"):
+    elif method in ("dnis", "dnis_value", "dnis_ladder", "magnitude"):
         row = _run_row(cell.dir(method, tag))
         if row:
             row["wall_s"] += _wall(cell.dir("warm" if method == "magnitude" else "search"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from pipeline.config import load_config, save_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
 from pipeline.prune.bytes import PROJECTIONS, unpruned_bytes
+from pipeline.prune.knapsack import doubling_widths
 from pipeline.prune.plan import group_ranges
 from pipeline.search.blocking import compute_blocking
 
@@ -64,28 +66,33 @@ def train_step(cell: Cell, name: str, run_dir: Path, epochs: int, *extra: str, s
     )
 
 
-def structured_done(source: Path, cr: float, allocation: str, min_row_lookups: float = 0) -> bool:
-    """Whether the source's ``prune.json`` is the plan of target ``cr`` by ``allocation``."""
+def structured_done(
+    source: Path, cr: float, allocation: str, min_row_lookups: float = 0, widths: Optional[list[int]] = None,
+) -> bool:
+    """Whether the source's ``prune.json`` is the plan of target ``cr`` by ``allocation``
+    (with these ``min_row_lookups`` and ``widths``)."""
     path = source / "prune.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
     return (doc.get("target", {}).get("cr") == cr and doc.get("allocation") == allocation
-            and doc.get("min_row_lookups", 0) == min_row_lookups)
+            and doc.get("min_row_lookups", 0) == min_row_lookups and doc.get("widths") == widths)
 
 
 def prune_step(
     cell: Cell, name: str, source: Path, cr: float, mode: str, done=None, allocation: str = "threshold",
-    min_row_lookups: float = 0,
+    min_row_lookups: float = 0, widths: Optional[list[int]] = None,
 ) -> Step:
     """``dnis prune`` of ``source``; a structured one is done when ``done()`` (its retrain)."""
     if mode == "fine":
         wrote = lambda: fine_done(source, cr)  # noqa: E731
     else:
-        wrote = lambda: structured_done(source, cr, allocation, min_row_lookups)  # noqa: E731
+        wrote = lambda: structured_done(source, cr, allocation, min_row_lookups, widths)  # noqa: E731
     command = torchx(cell, "prune", "--run_dir", str(source), "--cr", f"{cr:g}", "--mode", mode,
                      "--allocation", allocation, "--min_row_lookups", f"{min_row_lookups:g}")
+    command += ["--widths", ",".join(map(str, widths))] if widths else []
     shared = f"-min{min_row_lookups:g}" if min_row_lookups else ""
+    ladder = "-ladder" if widths else ""
     return Step(name, done or wrote, command, succeeded=wrote,
-                log=source.parent / f"{source.name}.prune-{mode}-{allocation}{shared}-{cr_tag(cr)}.log")
+                log=source.parent / f"{source.name}.prune-{mode}-{allocation}{ladder}{shared}-{cr_tag(cr)}.log")
 
 
 def retrain_step(cell: Cell, name: str, source: Path, out: Path, epochs: int, init: str, planned=None) -> Step:
@@ -154,9 +161,8 @@ def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
     if method == "full":
         return [full_step]
     if method == "grid":
-        dim = load_config(list(s.configs), cell.overrides(cell.root, E)).model.embedding_dim
         return [train_step(cell, f"grid/k{k}", cell.dir("grid", f"k{k}"), E, f"model.embedding_dim={k}")
-                for k in cell.grid_widths(dim)]
+                for k in cell.grid_widths(cell.embedding_dim())]
     if method in ("int8", "int4"):
         return [full_step, quantize_step(f"full/{method}", full, int(method[3:]))]
     if method == "dnis_shared":
@@ -167,13 +173,14 @@ def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
             steps += [prune_step(cell, f"{name}/prune", search, cr, "structured", lambda out=out: finished(out), "value", c),
                       retrain_step(cell, name, search, out, R, "source", planned)]
         return steps
-    if method in ("dnis", "dnis_int8", "dnis_value", "magnitude"):
+    if method in ("dnis", "dnis_int8", "dnis_value", "dnis_ladder", "magnitude"):
         source, first = (warm, warm_step) if method == "magnitude" else (search, search_step)
         name = f"{'dnis' if method == 'dnis_int8' else method}/{tag}"
         out = cell.dir(name)
-        allocation = "value" if method == "dnis_value" else "threshold"
-        prune = prune_step(cell, f"{name}/prune", source, cr, "structured", lambda: finished(out), allocation)
-        planned = lambda: structured_done(source, cr, allocation)  # noqa: E731
+        allocation = "value" if method in ("dnis_value", "dnis_ladder") else "threshold"
+        widths = doubling_widths(cell.embedding_dim()) if method == "dnis_ladder" else None
+        prune = prune_step(cell, f"{name}/prune", source, cr, "structured", lambda: finished(out), allocation, 0, widths)
+        planned = lambda: structured_done(source, cr, allocation, 0, widths)  # noqa: E731
         steps = [first, prune, retrain_step(cell, name, source, out, R, "source", planned)]
         return steps + ([quantize_step(f"{name}/int8", out, 8)] if method == "dnis_int8" else [])
     if method in ("dnis_fine", "magnitude_fine"):

@@ -20,6 +20,12 @@ Widths are any number of columns (``multiple=1``: narrow tables are data-paralle
 allocation fixes each group's width; which columns fill it is nested per feature
 (``nested.nested_columns``, occurrence-weighted like the worth), as the repacked layout needs.
 
+With ``widths`` (a ladder such as 1, 2, 4, 8, 16, 32), a group's width is one of them:
+each step of the knapsack then adds the columns up to the next rung, still best first,
+so the greedy prefix stays optimal among such plans. Fewer distinct widths per feature
+mean fewer column slabs (``sharding.column_slabs``): fewer lookups per id and fewer keys
+for the repacked model to serve and retrain.
+
 With ``min_row_lookups`` = c, a group whose ids average fewer than c train occurrences
 shares ``ceil(mass_g / c)`` rows between its ids (``GroupPlan.buckets``: the hashing
 trick): rows seen once or twice only memorise their labels, and a shared row is cheaper,
@@ -35,6 +41,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -60,53 +68,83 @@ def shared_rows(groups: list[Group], mass, min_row_lookups: float) -> list[int |
 
 def plan_by_value(
     groups: list[Group], sum_sq, alpha, mass, budget: float, projection: str = "selection",
-    multiple: int = 1, min_row_lookups: float = 0,
+    multiple: int = 1, min_row_lookups: float = 0, widths: Optional[Sequence[int]] = None,
 ) -> StructuredPlan:
     """The plan of most total worth within ``budget`` bytes (see the module docstring),
     widths in steps of ``multiple`` columns (2 lets FBGEMM quantize every table to int8,
-    4 to int4), ids of rarely seen groups sharing rows with ``min_row_lookups`` > 0.
+    4 to int4) or from the ladder ``widths`` (each a multiple of ``multiple``), ids of
+    rarely seen groups sharing rows with ``min_row_lookups`` > 0.
 
     Raises:
-        ValueError: when the budget does not pay for the groups' range starts and one
-            step of the cheapest group.
+        ValueError: for a ladder that is not ascending multiples of ``multiple`` up to
+            ``K``, or when the budget does not pay for the groups' range starts and the
+            first rung of the cheapest group.
     """
     scores = column_scores(groups, sum_sq, alpha)
     num, dim = scores.shape
     if dim % multiple:
         raise ValueError(f"embedding_dim {dim} is not a multiple of the width step {multiple}")
+    ladder = np.array(width_ladder(widths, multiple, dim))
     buckets = shared_rows(groups, mass, min_row_lookups)
     rows = np.array([g.rows if b is None else b for g, b in zip(groups, buckets)], dtype=np.int64)
     per_column = rows * VALUE_BYTES + projection_column_bytes(projection, dim)
-    step_cost = per_column * multiple
+    step_cost = per_column[:, None] * np.diff(ladder, prepend=0)[None, :]  # [groups, rungs]
     order = np.argsort(-scores, axis=1, kind="stable")
-    # Worth of each group's steps, best columns first: it never rises from one step to the next.
-    steps = np.take_along_axis(scores, order, axis=1).reshape(num, dim // multiple, multiple).sum(axis=2)
-    worth = np.asarray(mass, dtype=np.float64)[:, None] * steps / step_cost[:, None]
+    # Worth of each group's steps, best columns first: per byte it never rises from one step to the next.
+    best_first = np.concatenate([np.zeros((num, 1)), np.cumsum(np.take_along_axis(scores, order, axis=1), axis=1)], 1)
+    steps = np.diff(best_first[:, np.concatenate([[0], ladder])], axis=1)
+    worth = np.asarray(mass, dtype=np.float64)[:, None] * steps / step_cost
     left = budget - RANGE_START_BYTES * num - BUCKETS_BYTES * sum(b is not None for b in buckets)
-    if left < step_cost.min():
+    if left < step_cost[:, 0].min():
         raise ValueError(f"a budget of {budget:,.0f} bytes does not pay for one column of any group")
-    taken = np.zeros(num, dtype=np.int64)
+    taken = np.zeros(num, dtype=np.int64)  # rungs taken
     floor = steps[:, 0] > 0
-    if step_cost[floor].sum() <= left:
+    if step_cost[floor, 0].sum() <= left:
         taken[floor] = 1
-        left -= step_cost[floor].sum()
-    # The rest by worth per byte; a group's steps come best first, so taking the best
-    # remaining items in order never skips a step of a group.
-    rest = [(worth[g, k], g) for g in range(num) for k in range(taken[g], steps.shape[1]) if steps[g, k] > 0]
-    for _, g in sorted(rest, key=lambda item: -item[0]):
-        if step_cost[g] <= left:
+        left -= step_cost[floor, 0].sum()
+    # The rest by worth per byte. A group's steps come best first (a stable sort keeps
+    # ties in rung order), and a step is taken only right after the group's previous one.
+    rest = [(worth[g, k], g, k) for g in range(num) for k in range(taken[g], len(ladder)) if steps[g, k] > 0]
+    for _, g, k in sorted(rest, key=lambda item: -item[0]):
+        if k == taken[g] and step_cost[g, k] <= left:
             taken[g] += 1
-            left -= step_cost[g]
-    kept = nested_columns(groups, taken * multiple, scores, mass)
+            left -= step_cost[g, k]
+    kept = nested_columns(groups, np.concatenate([[0], ladder])[taken], scores, mass)
     plans = tuple(GroupPlan(g, columns, multiple, b if columns else None) for g, columns, b in zip(groups, kept, buckets))
     plan = StructuredPlan(plans, dim, tau=0.0)
     assert plan.embedding_bytes(projection) <= budget, (plan.embedding_bytes(projection), budget)
     return plan
 
 
+def doubling_widths(dim: int) -> list[int]:
+    """1, 2, 4, ... up to ``dim`` (and ``dim`` itself): the ladder of ``dnis compare``'s
+    ``dnis_ladder``, at most ``log2(dim) + 1`` widths, so slabs, per feature.
+
+    Example:
+        >>> doubling_widths(32), doubling_widths(24)
+        ([1, 2, 4, 8, 16, 32], [1, 2, 4, 8, 16, 24])
+    """
+    return sorted({2**i for i in range(dim.bit_length()) if 2**i < dim} | {dim})
+
+
+def width_ladder(widths: Optional[Sequence[int]], multiple: int, dim: int) -> list[int]:
+    """The widths a group may take: ``widths``, or every multiple of ``multiple`` up to ``dim``.
+
+    Example:
+        >>> width_ladder(None, 8, 32), width_ladder([2, 4, 8], 2, 32)
+        ([8, 16, 24, 32], [2, 4, 8])
+    """
+    if widths is None:
+        return list(range(multiple, dim + 1, multiple))
+    ladder = [int(w) for w in widths]
+    if not ladder or ladder != sorted(set(ladder)) or ladder[0] < 1 or ladder[-1] > dim or any(w % multiple for w in ladder):
+        raise ValueError(f"widths {ladder}: need ascending distinct multiples of {multiple} from 1 to {dim}")
+    return ladder
+
+
 def value_plan_for_cr(
     groups: list[Group], sum_sq, alpha, mass, budget: float, projection: str, multiple: int,
-    min_row_lookups: float, tolerance: float,
+    min_row_lookups: float, tolerance: float, widths: Optional[Sequence[int]] = None,
 ) -> tuple[StructuredPlan, float]:
     """``plan_by_value`` spending at least ``budget / (1 + tolerance)`` bytes, and the
     ``min_row_lookups`` it used: halved (down to 0: a row per id) while every column fits
@@ -117,7 +155,7 @@ def value_plan_for_cr(
             less (the message names the highest CR reachable).
     """
     while True:
-        plan = plan_by_value(groups, sum_sq, alpha, mass, budget, projection, multiple, min_row_lookups)
+        plan = plan_by_value(groups, sum_sq, alpha, mass, budget, projection, multiple, min_row_lookups, widths)
         if plan.embedding_bytes(projection) * (1 + tolerance) >= budget:
             return plan, min_row_lookups
         if min_row_lookups <= 1:
