@@ -1,6 +1,7 @@
 """Our Criteo preprocessing vs TorchRec's own Criteo path, and our peak memory.
 
     python benchmarks/preprocess.py [--rows 2000000] [--min-count 3] [--workers N] [--quick]
+    python benchmarks/preprocess.py --memory-only --one-chunk --rows 4000000 --row-group-rows 2000 --distinct
 
 TorchRec side (installed torchrec): ``BinaryCriteoUtils.tsv_to_npys`` (TSV -> dense,
 sparse, label .npy) then ``BinaryCriteoUtils.sparse_to_contiguous`` with the same
@@ -15,7 +16,11 @@ Then the memory table: ours with ``--memory-mb`` (default 256, which also caps p
 row groups) on 1/4, 1/2 and all of ``--rows`` (peak RSS must not grow with the input), and on narrow rows whose C1 takes
 ``--distinct`` values (1M and 5M; must not grow with the distinct values either), the
 largest also as one ``.gz`` file (one chunk, whose pass-1 counts spill in runs).
-``--quick`` divides every size by 8.
+``--quick`` divides every size by 8. ``--memory-only`` skips the TorchRec comparison;
+``--one-chunk`` gzips the 1/4, 1/2 and all-rows inputs, so that each is one chunk whose
+shards take all its rows (a Terabyte day's shape), and ``--row-group-rows`` makes its row
+groups smaller, so that a small input holds as many as a large one would (the parquet
+footer grows per row group); ``--distinct`` with no value skips the narrow files.
 
 Prints the tables and ``ratio <ours rows/s per core / torchrec rows/s per core>``.
 """
@@ -157,8 +162,13 @@ def main() -> None:
     p.add_argument("--min-count", type=int, default=3, help="our --min-count = TorchRec's frequency_threshold")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--memory-mb", type=int, default=256, help="our --memory-mb in the memory table")
-    p.add_argument("--distinct", type=int, nargs="+", default=[1_000_000, 5_000_000],
-                   help="distinct C1 values of the memory table's narrow files")
+    p.add_argument("--distinct", type=int, nargs="*", default=[1_000_000, 5_000_000],
+                   help="distinct C1 values of the memory table's narrow files (none: no narrow files)")
+    p.add_argument("--memory-only", action="store_true", help="the memory table only (no TorchRec run)")
+    p.add_argument("--one-chunk", action="store_true",
+                   help="the memory table's sized inputs as one .gz each (one chunk: its shards get all rows)")
+    p.add_argument("--row-group-rows", type=int, default=None,
+                   help="our --row-group-rows in the memory table (default: what --memory-mb allows)")
     p.add_argument("--quick", action="store_true", help="every size / 8")
     p.add_argument(
         "--dir", default=str(Path(tempfile.gettempdir()) / "dnis-preprocess-bench"),
@@ -178,6 +188,46 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(out)], check=True)
         return {**measure(cmd), "rows": n, "cores": args.workers}
 
+    if not args.memory_only:
+        speed_table(work, rows, args, ours)
+
+    budget = ["--memory-mb", str(args.memory_mb)]
+    if args.row_group_rows:
+        budget += ["--row-group-rows", str(args.row_group_rows)]
+    memory = {}
+    for n in (rows // 4, rows // 2, rows):
+        src = work / f"criteo_{n}.txt"
+        synth(n, src)
+        if args.one_chunk:
+            gzip_file(src, work / f"criteo_{n}.txt.gz")
+            src = work / f"criteo_{n}.txt.gz"
+        memory[f"{n:,} rows" + (", one .gz" if args.one_chunk else "")] = ours(src, n, *budget)
+        print(f"  {n:,} rows: {memory_line(memory, work, src)}", flush=True)
+    for d in distinct:
+        src = work / f"distinct_{d}.txt"
+        distinct_file(d, src)
+        memory[f"C1 {d:,} distinct (min-count 1)"] = ours(src, d, *budget, min_count=1)
+    if distinct:
+        gz = work / f"distinct_{distinct[-1]}.txt.gz"
+        gzip_file(work / f"distinct_{distinct[-1]}.txt", gz)
+        memory[f"C1 {distinct[-1]:,} distinct, one .gz"] = ours(gz, distinct[-1], *budget, min_count=1)
+    table(f"memory: ours, {' '.join(budget)} (max RSS = largest single process)", memory)
+
+
+def memory_line(memory: dict, work: Path, src: Path) -> str:
+    """Peak RSS of the last run and the shape of what it wrote: files and row groups per split."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.metadata import DatasetMeta
+
+    out = work / f"ours_{src.stem}"
+    meta = DatasetMeta.load(out)
+    shape = ", ".join(f"{s} {len(fs)} file(s) / {sum(pq.ParquetFile(out / f).metadata.num_row_groups for f in fs)} "
+                      "row groups" for s, fs in meta.files.items())
+    return f"max RSS {list(memory.values())[-1]['max_rss'] / 2**20:.0f} MiB; {shape}"
+
+
+def speed_table(work: Path, rows: int, args, ours) -> None:
     full = work / f"criteo_{rows}.txt"
     synth(rows, full)
     speed = {f"ours {rows:,} rows": ours(full, rows)}
@@ -191,21 +241,6 @@ def main() -> None:
     table("speed (both passes, parquet written)", speed)
     print(f"ours: {speed[f'ours {rows:,} rows']['output'].strip().splitlines()[-1]}")
     print(f"ratio {speed[f'ours {rows:,} rows']['per_core'] / speed[f'torchrec {rows:,} rows']['per_core']:.2f}")
-
-    budget = ["--memory-mb", str(args.memory_mb)]
-    memory = {}
-    for n in (rows // 4, rows // 2, rows):
-        src = work / f"criteo_{n}.txt"
-        synth(n, src)
-        memory[f"{n:,} rows"] = ours(src, n, *budget)
-    for d in distinct:
-        src = work / f"distinct_{d}.txt"
-        distinct_file(d, src)
-        memory[f"C1 {d:,} distinct (min-count 1)"] = ours(src, d, *budget, min_count=1)
-    gz = work / f"distinct_{distinct[-1]}.txt.gz"
-    gzip_file(work / f"distinct_{distinct[-1]}.txt", gz)
-    memory[f"C1 {distinct[-1]:,} distinct, one .gz"] = ours(gz, distinct[-1], *budget, min_count=1)
-    table(f"memory: ours, --memory-mb {args.memory_mb} (max RSS = largest single process)", memory)
 
 
 if __name__ == "__main__":

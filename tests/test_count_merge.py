@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import preprocess
-from pipeline.data.chunk_passes import SHARD_ROW_BYTES
+from pipeline.data.chunk_passes import FOOTER_ROW_GROUP_BYTES, SHARD_ROW_BYTES
 from pipeline.data.count_merge import merge_range, plan_merge, range_bits, write_vocabulary
 from pipeline.data.count_runs import COUNT_BYTES_PER_KEY, CountRuns, run_file, runs_dir
 from pipeline.data.metadata import DatasetMeta, encode_counts
@@ -121,6 +121,12 @@ def test_blocks_share_the_budget_with_pass_one_counts_and_pass_two_buffers(memor
     assert counts >= budget * (1 - preprocess.BLOCK_SHARE) - COUNT_BYTES_PER_KEY
     row_groups = len(SPLITS) * SHARD_ROW_BYTES * ctx.row_group_rows
     assert blocks + row_groups + ctx.vocab_slice_keys * VOCAB_BYTES_PER_KEY <= budget
+    footers = len(SPLITS) * FOOTER_ROW_GROUP_BYTES * ctx.file_row_groups  # the open files' footers
+    if memory_mb > 1:  # at 1 MiB one row group's footer is more than the footers' share
+        assert blocks + row_groups + footers + ctx.vocab_slice_keys * VOCAB_BYTES_PER_KEY <= budget
+        assert footers >= (budget - blocks) * preprocess.FOOTER_SHARE - len(SPLITS) * FOOTER_ROW_GROUP_BYTES
+    else:
+        assert ctx.file_row_groups == 1
     if memory_mb == 2048:  # the default row groups fit the default budget
         assert ctx.row_group_rows == 1_000_000
     else:  # else they take their share of what the blocks leave
@@ -237,9 +243,15 @@ def test_output_does_not_depend_on_the_memory_budget_or_workers(tmp_path, monkey
     assert capsys.readouterr().err.count("row groups of 309 rows, not 1,000,000: --memory-mb 1") == 1
     assert (DatasetMeta.load(big).row_group_rows, DatasetMeta.load(small).row_group_rows) == (1_000_000, 309)
     assert ctx.row_group_rows == 309 and ctx.vocab_slice_keys < Vocabulary.load(big / "vocab").fields["C3"].keys.size
+    # and closed a file after each row group (what 1 MiB lets a writer's footer hold)
+    assert ctx.file_row_groups == 1
+    by_chunk: dict[str, list[int]] = {}
     for f in DatasetMeta.load(small).files["train"]:
-        sizes = [g.num_rows for g in map(pq.ParquetFile(small / f).metadata.row_group, range(
-            pq.ParquetFile(small / f).metadata.num_row_groups))]
+        meta = pq.ParquetFile(small / f).metadata
+        assert meta.num_row_groups == 1
+        by_chunk.setdefault(Path(f).name.split(".part")[0], []).append(meta.row_group(0).num_rows)
+    assert len(by_chunk) == len(DatasetMeta.load(big).files["train"])
+    for sizes in by_chunk.values():
         assert set(sizes[:-1]) == {309} and sizes[-1] <= 309
     assert {**stable_meta(big), "row_group_rows": 309} == stable_meta(small)
     a, b = dataset_tables(big), dataset_tables(small)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from pipeline.data import preprocess
-from pipeline.data.criteo_reader import TRAIN, assign_splits, source_name
+from pipeline.data import chunk_passes, preprocess
+from pipeline.data.criteo_reader import TRAIN, Chunk, assign_splits, source_name
+from pipeline.data.features import FeatureLayout
+from pipeline.data.loader import SplitReader
 from pipeline.data.metadata import DatasetMeta
 from pipeline.data.schema import BUCKET_FIELDS, SPARSE_FIELDS, SPLITS, bucket_key, dense_transform
 from pipeline.data.vocab import MISSING_BUCKET, Vocabulary
@@ -188,7 +192,7 @@ def test_resume_after_a_crash_gives_identical_output(tmp_path, monkeypatch):
         run_cli(out, inputs)
     assert not (out / "metadata.json").exists() and (out / "_work").is_dir()
     done = sorted(p.name for p in (out / "train").glob("*.parquet"))
-    assert done == ["bad.txt.00000.parquet"]
+    assert done == ["bad.txt.00000.part00000.parquet"]
 
     def must_not_count(chunk, ctx):
         raise AssertionError(f"pass 1 redone for {chunk.id}")
@@ -236,7 +240,7 @@ def test_gzip_input_equals_plain_input(tmp_path):
 def test_criteo_1tb_splits_by_day(tmp_path):
     inputs = [write(tmp_path / "day_0", make_lines(200)), write(tmp_path / "day_23", make_lines(200, 1))]
     meta = run_cli(tmp_path / "out", inputs, dataset="criteo_1tb")
-    assert meta.files["train"] == ["train/day_0.00000.parquet"]
+    assert meta.files["train"] == ["train/day_0.00000.part00000.parquet"]
     assert meta.rows["train"] == 200 and meta.rows["val"] + meta.rows["test"] == 200
     assert 60 < meta.rows["val"] < 140
     with pytest.raises(SystemExit, match="must be named day_0 .. day_23"):
@@ -273,3 +277,126 @@ def test_real_criteo_sample_two_workers(tmp_path):
         counts = meta.counts(name)
         assert (np.diff(counts) <= 0).all() and counts.size == meta.vocab_sizes[name]
         assert np.bincount(train.column(name).to_numpy(), minlength=counts.size).tolist() == counts.tolist()
+
+
+def test_shard_writer_holds_at_most_file_row_groups_row_groups(tmp_path, monkeypatch):
+    """A parquet writer keeps each row group's footer metadata until it closes its file:
+    the shard writer closes one every ``file_row_groups`` row groups."""
+    open_row_groups, held = [], []
+    real = pq.ParquetWriter
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            open_row_groups.append(0)
+
+        def write_table(self, table, row_group_size=None):
+            super().write_table(table, row_group_size=row_group_size)
+            open_row_groups[-1] += 1
+            held.append(open_row_groups[-1])
+
+    monkeypatch.setattr(pq, "ParquetWriter", Counting)
+    chunk = Chunk("/x/day_0", "day_0", 0, 0, 1, True)
+    writer = chunk_passes.ShardWriter(tmp_path, "train", chunk, row_group_rows=10, file_row_groups=3)
+    table = pa.table({f.name: np.arange(95).astype(f.type.to_pandas_dtype()) for f in chunk_passes.SHARD_SCHEMA},
+                     schema=chunk_passes.SHARD_SCHEMA)
+    done = 0
+    for size in (7, 4, 30, 1, 53):  # pieces cut at the row group's room, as write_chunk does
+        while size:
+            take = min(size, writer.room)
+            writer.write(table.slice(done, take))
+            done, size = done + take, size - take
+    files = writer.close()
+    assert max(held) == 3 and open_row_groups == [3, 3, 3, 1]
+    assert files == [(f"train/day_0.00000.part{k:05d}.parquet", n) for k, n in enumerate((30, 30, 30, 5))]
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [Path(f).name for f, _ in files]
+    assert [pq.ParquetFile(tmp_path / f).metadata.num_row_groups for f, _ in files] == [3, 3, 3, 1]
+    assert pa.concat_tables([pq.read_table(tmp_path / f) for f, _ in files]).equals(table)
+
+
+def batches(out: Path, split: str, **kw) -> list:
+    layout = FeatureLayout.from_meta(DatasetMeta.load(out), "embedding")
+    return [b for rank in (0, 1) for b in SplitReader(out, split, layout, batch_size=64, rank=rank, world_size=2,
+                                                       prefetch=0, **kw).batches(epoch=1)]
+
+
+def same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x.dense, y.dense) and torch.equal(x.labels, y.labels)
+        and torch.equal(x.sparse.values(), y.sparse.values()) and torch.equal(x.sparse.weights(), y.sparse.weights())
+        for x, y in zip(a, b))
+
+
+def test_several_files_per_split_read_back_as_one(tmp_path):
+    """A budget whose footers hold 3 row groups per file: several files per chunk and split,
+    whose rows, read back in metadata order, and the loader's batches are those of one file."""
+    path = write(tmp_path / "a.txt", make_lines(7000))  # > 1 MiB: two chunks
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    ctx = preprocess.Options((path,), str(parts), chunk_mb=1, row_group_rows=50, memory_mb=38).context()
+    assert ctx.file_row_groups == 3 and ctx.row_group_rows == 50
+    run_cli(one, [path], "--row-group-rows", "50")
+    meta = run_cli(parts, [path], "--row-group-rows", "50", "--memory-mb", "38")
+    assert len(DatasetMeta.load(one).files["train"]) == 2  # one file per chunk
+    assert len(meta.files["train"]) > 2 * 5 and len(meta.files["val"]) > 2
+    for split, files in meta.files.items():
+        assert sorted(p.name for p in (parts / split).iterdir()) == sorted(Path(f).name for f in files)
+        groups = [pq.ParquetFile(parts / f).metadata.num_row_groups for f in files]
+        assert max(groups) == 3 and set(groups) <= {1, 2, 3}, split
+    assert stable_meta(one) == stable_meta(parts)
+    a, b = dataset_tables(one), dataset_tables(parts)
+    assert all(a[s].equals(b[s]) for s in SPLITS)
+    assert same_batches(batches(one, "train"), batches(parts, "train"))
+    assert same_batches(batches(one, "val", shuffle=False, drop_last=False),
+                        batches(parts, "val", shuffle=False, drop_last=False))
+
+
+def test_a_chunk_killed_between_files_is_rewritten_without_stale_files(tmp_path, monkeypatch):
+    """Killed after some of a chunk's files were renamed: no metadata.json, every file under
+    a final name is complete, and the resumed run (another budget: fewer files) drops them."""
+    inputs = [write(tmp_path / "a.txt", make_lines(4000))]
+    run_cli(tmp_path / "ref", inputs, "--row-group-rows", "50")
+    out = tmp_path / "out"
+    real_close = chunk_passes.ShardWriter._close_file
+    closed = []
+
+    def killed_after_five_files(writer):
+        if writer.writer is not None and len(closed) == 5:
+            raise RuntimeError("killed")
+        closed.append(writer)
+        real_close(writer)
+
+    monkeypatch.setattr(chunk_passes.ShardWriter, "_close_file", killed_after_five_files)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_cli(out, inputs, "--row-group-rows", "50", "--memory-mb", "38")
+    monkeypatch.undo()
+    assert not (out / "metadata.json").exists()
+    finished = sorted((out / "train").glob("*.parquet"))
+    assert len(finished) == 5 and all(pq.ParquetFile(f).metadata.num_row_groups == 3 for f in finished)
+    run_cli(out, inputs, "--row-group-rows", "50")
+    meta = DatasetMeta.load(out)
+    assert meta.files == DatasetMeta.load(tmp_path / "ref").files
+    for split, files in meta.files.items():
+        assert sorted(p.name for p in (out / split).iterdir()) == sorted(Path(f).name for f in files)
+    ref, got = dataset_tables(tmp_path / "ref"), dataset_tables(out)
+    assert all(ref[s].equals(got[s]) for s in SPLITS)
+
+
+def test_a_run_killed_before_files_had_parts_finishes(tmp_path, monkeypatch):
+    """Chunks whose markers (written before files had parts) name no files keep their one
+    ``<chunk>.parquet`` per split when the run resumes."""
+    inputs = [bad_file(tmp_path)]
+    run_cli(tmp_path / "ref", inputs)
+    out = tmp_path / "out"
+    monkeypatch.setattr(preprocess, "finalize", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_cli(out, inputs)
+    monkeypatch.undo()
+    for marker in sorted((out / "_work" / "shards").glob("*.json")):
+        doc = json.loads(marker.read_text())
+        for split, [(name, _)] in doc.pop("files").items():
+            (out / name).rename(out / split / f"{marker.stem}.parquet")
+        marker.write_text(json.dumps(doc))
+    meta = run_cli(out, inputs)
+    assert meta.files["train"] == ["train/bad.txt.00000.parquet", "train/bad.txt.00001.parquet"]
+    ref, got = dataset_tables(tmp_path / "ref"), dataset_tables(out)
+    assert all(ref[s].equals(got[s]) for s in SPLITS)

@@ -8,18 +8,22 @@ chunk's counts spill to disk past a share of the memory budget), then writes
 again) and last ``_work/counts/<chunk>.npz`` (the runs' sizes; row, missing and dense
 counts). Pass 2 (``write_chunk``) maps each block's dictionary entries to ids with the
 vocabulary (in slices of ``vocab_slice_keys`` entries when the whole vocabulary is larger,
-so that the mapped pages it keeps stay within the budget) and writes
-``<split>/<chunk>.parquet`` per split in row groups of ``row_group_rows`` (buffered: one
-per split), then ``_work/shards/<chunk>.json`` (rows per split, row-group size), then
+so that the mapped pages it keeps stay within the budget) and writes per split the files
+``<split>/<chunk>.part<k>.parquet``, k = 00000, 00001, ..., in row groups of
+``row_group_rows`` (buffered: one per split) and ``file_row_groups`` row groups a file
+(a parquet writer holds each row group's footer metadata until it closes the file), then
+``_work/shards/<chunk>.json`` (per split its files and rows, the row-group size), then
 drops the coded file. Every file appears by rename, so a killed run leaves finished
 chunks reusable and nothing half-written under its final name (a chunk recounted after a
-kill starts by dropping the runs it had spilled).
+kill starts by dropping the runs it had spilled, a chunk rewritten by dropping the files
+it had renamed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +51,14 @@ SHARD_SCHEMA = pa.schema(
 )
 SHARD_ROW_BYTES = sum(f.type.bit_width for f in SHARD_SCHEMA) // 8  # 212: a buffered row
 RAW_ROW_CHARS = 200  # raw row text kept in rejects.tsv
+# What a parquet writer holds per row group until it closes the file: the footer's
+# metadata, ~830 B per column chunk (44.4 KiB for SHARD_SCHEMA's 53 columns, measured with
+# pyarrow 26, and the same without statistics, page index or compression: what the writer
+# builds, not what it serializes, 5.0 KiB a row group on disk, 3.4 without statistics).
+# Pass 2 closes a file every ``file_row_groups`` row groups to bound it.
+FOOTER_ROW_GROUP_BYTES = 45 << 10
 # A shard writer hands freed memory back after this many row groups: pass 2's heap otherwise
-# creeps up with the rows, every row group's footer metadata (~44 KiB) staying allocated
+# creeps up with the rows, row groups' footer metadata (~44 KiB each) staying allocated
 # among freed pieces (pass 2 alone, 5M / 10M rows: 203 / 214-223 MiB without, 199 /
 # 199-204 with, for at most 3% more CPU; after every row group: 185 MiB, 9% more CPU).
 RELEASE_ROW_GROUPS = 16
@@ -70,6 +80,7 @@ class ChunkContext:
     count_keys: int  # pass 1 spills a run of counts past this many held entries
     row_group_rows: int  # pass 2: rows per row group (--row-group-rows, or fewer for the budget)
     vocab_slice_keys: int  # pass 2: vocabulary entries per lookup slice
+    file_row_groups: int  # pass 2: row groups per shard file (its writer holds their footer)
 
     @property
     def work(self) -> Path:
@@ -94,9 +105,20 @@ def shard_marker(ctx: ChunkContext, chunk: Chunk) -> Path:
     return ctx.work / "shards" / f"{chunk.id}.json"
 
 
-def shard_file(split: str, chunk: Chunk) -> str:
-    """Shard path relative to the dataset directory."""
-    return f"{split}/{chunk.id}.parquet"
+def shard_file(split: str, chunk: Chunk, part: int) -> str:
+    """Path of the ``part``-th shard file of ``chunk``'s ``split`` rows, relative to the
+    dataset directory; parts hold consecutive rows, and sort by name as by row."""
+    return f"{split}/{chunk.id}.part{part:05d}.parquet"
+
+
+def chunk_files(directory: Path, split: str, chunk: Chunk) -> list[Path]:
+    """Whatever shard files of ``chunk``'s ``split`` rows exist, finished or temporary
+    (``<chunk>.parquet`` too: written before files had parts)."""
+    split_dir = directory / split
+    if not split_dir.is_dir():
+        return []
+    pattern = re.compile(re.escape(chunk.id) + r"(\.part\d{5,})?\.parquet(\.tmp)?")
+    return sorted(p for p in split_dir.iterdir() if pattern.fullmatch(p.name))
 
 
 def coded_path(ctx: ChunkContext, chunk: Chunk) -> Path:
@@ -266,17 +288,22 @@ def encode_block(block: ParsedBlock, vocab: Vocabulary) -> pa.Table:
 
 
 class ShardWriter:
-    """Writes one shard in row groups of exactly ``row_group_rows`` (the last one shorter),
-    to a temp file renamed on ``close``; writes nothing when no row came. ``write`` takes
-    at most ``room`` rows, so a table never straddles two row groups and its memory is
-    freed with the row group it went to."""
+    """Writes one chunk's rows of one split in row groups of exactly ``row_group_rows``
+    (the last one shorter), ``file_row_groups`` of them per file: each file goes to a temp
+    name and is renamed when it is closed, full or on ``close``; writes nothing when no
+    row came. A parquet writer keeps every row group's footer metadata until it closes
+    its file, so what it holds is bounded by ``file_row_groups``, not by the rows.
+    ``write`` takes at most ``room`` rows, so a table never straddles two row groups and
+    its memory is freed with the row group it went to."""
 
-    def __init__(self, path: Path, row_group_rows: int):
-        self.path, self.row_group_rows = path, row_group_rows
-        self.tmp = path.with_name(path.name + ".tmp")
+    def __init__(self, directory: Path, split: str, chunk: Chunk, row_group_rows: int, file_row_groups: int):
+        self.directory, self.split, self.chunk = directory, split, chunk
+        self.row_group_rows, self.file_row_groups = row_group_rows, file_row_groups
         self.buffer: list[pa.Table] = []
         self.buffered = self.rows = self.row_groups = 0
+        self.files: list[tuple[str, int]] = []  # (path relative to directory, rows), closed ones
         self.writer: pq.ParquetWriter | None = None
+        self.file_rows = 0
 
     @property
     def room(self) -> int:
@@ -292,35 +319,55 @@ class ShardWriter:
         if not self.room:
             self._flush()
 
-    def close(self) -> int:
+    def close(self) -> list[tuple[str, int]]:
+        """Flush and close; the files written, in row order, with their rows."""
         if self.buffered:
             self._flush()
-        if self.writer is not None:
-            self.writer.close()
-            os.replace(self.tmp, self.path)
-        return self.rows
+        self._close_file()
+        return self.files
+
+    def _path(self) -> Path:
+        return self.directory / shard_file(self.split, self.chunk, len(self.files))
 
     def _flush(self) -> None:
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.tmp, SHARD_SCHEMA)
+            path = self._path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pq.ParquetWriter(path.with_name(path.name + ".tmp"), SHARD_SCHEMA)
         # no combine_chunks: it would copy the row group
         self.writer.write_table(pa.concat_tables(self.buffer), row_group_size=self.buffered)
+        self.file_rows += self.buffered
         self.buffer, self.buffered = [], 0
         self.row_groups += 1
+        if self.row_groups % self.file_row_groups == 0:
+            self._close_file()
         if self.row_groups % RELEASE_ROW_GROUPS == 0:
             release_freed_memory()
+
+    def _close_file(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        path = self._path()
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        self.files.append((shard_file(self.split, self.chunk, len(self.files)), self.file_rows))
+        self.writer, self.file_rows = None, 0
 
 
 def write_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
     """Pass 2 over ``chunk``'s coded rows: write their ids per split; returns the chunk id.
     Each split's rows of a block are gathered in pieces that fill the row group being
     buffered at most, so pass 2 holds no more than one row group per split besides the
-    coded block."""
+    coded block, and closes a file every ``file_row_groups`` row groups. Files a killed
+    earlier try renamed are dropped first: a try with another budget may cut fewer."""
     vocab = _vocabulary(ctx.output)
     # a vocabulary that fits in one slice keeps its pages: no lookup drops and refaults them
     slice_keys = ctx.vocab_slice_keys if vocab.num_keys > ctx.vocab_slice_keys else 0
-    writers = [ShardWriter(Path(ctx.output) / shard_file(s, chunk), ctx.row_group_rows) for s in SPLITS]
+    out = Path(ctx.output)
+    for split in SPLITS:
+        for stale in chunk_files(out, split, chunk):
+            stale.unlink()
+    writers = [ShardWriter(out, s, chunk, ctx.row_group_rows, ctx.file_row_groups) for s in SPLITS]
     for splits, block in load_coded(coded_path(ctx, chunk)):
         entries = entry_values(block, vocab, slice_keys)
         for s, writer in enumerate(writers):
@@ -328,8 +375,10 @@ def write_chunk(chunk: Chunk, ctx: ChunkContext) -> str:
             while rows.size:
                 piece, rows = rows[: writer.room], rows[writer.room :]
                 writer.write(shard_table(block, entries, piece))
-    rows = {split: writer.close() for split, writer in zip(SPLITS, writers)}
-    marker = {"rows": rows, "row_group_rows": ctx.row_group_rows}
+    files = {split: writer.close() for split, writer in zip(SPLITS, writers)}
+    rows = {split: sum(n for _, n in f) for split, f in files.items()}
+    marker = {"rows": rows, "files": files, "row_group_rows": ctx.row_group_rows,
+              "file_row_groups": ctx.file_row_groups}
     atomic_write_bytes(shard_marker(ctx, chunk), json.dumps(marker).encode())
     coded_path(ctx, chunk).unlink()
     return chunk.id

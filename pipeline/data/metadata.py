@@ -58,7 +58,8 @@ class DatasetMeta:
         min_count: values seen fewer times on the train split map to OOV.
         split: the split rule, e.g. ``{"rule": "hash", "seed": 0, "ratios": [8, 1, 1]}``.
         rows: ``read``, ``rejected``, and one count per split.
-        files: per split, shard paths relative to the dataset directory.
+        files: per split, shard paths relative to the dataset directory, in row order (one
+            chunk's rows of a split may take several files, ``<chunk>.part<k>.parquet``).
         sources: per input file: name, bytes, mtime, checksum.
         versions: library versions that wrote the dataset.
         distinct_values: per ``C*`` and ``B*`` field, distinct values seen on the train split

@@ -9,7 +9,8 @@ chain on several ranks with barriers in between):
 3. ``sum_counts`` (every rank and worker): sum the counts per field and key range
    (``count_merge``); ``merge_counts`` (rank 0): frequency ranks -> ``vocab/``,
    ``rejects.tsv``, ``_work/merged.json``.
-4. ``write_chunks``: pass 2, per chunk: ``train|val|test/<input>.<chunk>.parquet``.
+4. ``write_chunks``: pass 2, per chunk: ``train|val|test/<input>.<chunk>.part<k>.parquet``
+   (more than one file where the row groups' footers would outgrow the budget).
 5. ``finalize``: ``metadata.json`` (last: its presence marks the dataset complete).
 
 Example::
@@ -36,8 +37,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.chunk_passes import (
-    SHARD_ROW_BYTES, ChunkContext, atomic_write_bytes, count_chunk, counts_path, rejects_path,
-    shard_file, shard_marker, write_chunk,
+    FOOTER_ROW_GROUP_BYTES, SHARD_ROW_BYTES, ChunkContext, atomic_write_bytes, count_chunk, counts_path,
+    rejects_path, shard_marker, write_chunk,
 )
 from pipeline.data.count_merge import merge_range, plan_merge, spill_path, write_vocabulary
 from pipeline.data.count_runs import COUNT_BYTES_PER_KEY
@@ -55,9 +56,11 @@ CHECKSUM = "sha256 over the crc32 of each chunk's uncompressed bytes (chunks of 
 BLOCK_RSS_FACTOR = 24
 # Blocks take at most this share of the budget; pass 1's counts the rest (count_runs), and
 # in pass 2 (whose blocks cost less: no text is parsed) the row groups buffered per split
-# take ROW_GROUP_SHARE of the rest, the vocabulary pages of a lookup slice the remainder.
+# take ROW_GROUP_SHARE of the rest, the footers the writers hold FOOTER_SHARE (what sets
+# the row groups per file), the vocabulary pages of a lookup slice the remainder.
 BLOCK_SHARE = 0.75
 ROW_GROUP_SHARE = 0.75
+FOOTER_SHARE = 1 / 32
 # Larger blocks only add page faults and cache misses: 2M rows on 2 workers took 10.5 CPU s
 # (3.2 of them system) with 64 MiB blocks, 7.4 with 8 MiB, 8.1 with 4 MiB.
 MAX_BLOCK_BYTES = 8 << 20
@@ -93,21 +96,24 @@ class Options:
 
     def context(self) -> ChunkContext:
         """Blocks sized to ``BLOCK_SHARE`` of the budget (at most); what they leave bounds
-        pass 1's counts, and pass 2's row groups (one buffered per split) and vocabulary
-        slices, so that each pass fits the budget.
+        pass 1's counts, and pass 2's row groups (one buffered per split), the footers of
+        its open files (one per split, ``file_row_groups`` row groups at most) and its
+        vocabulary slices, so that each pass fits the budget.
 
         >>> ctx = Options(("x",), "out", memory_mb=256).context()
-        >>> ctx.block_bytes >> 20, ctx.count_keys, ctx.row_group_rows, ctx.vocab_slice_keys
-        (8, 838860, 79137, 1398101)
+        >>> ctx.block_bytes >> 20, ctx.count_keys, ctx.row_group_rows, ctx.file_row_groups, ctx.vocab_slice_keys
+        (8, 838860, 79137, 15, 1223338)
         """
         block_bytes = min(self.chunk_mb << 20, int(self.budget_bytes * BLOCK_SHARE) // BLOCK_RSS_FACTOR,
                           MAX_BLOCK_BYTES)
         rest = self.budget_bytes - BLOCK_RSS_FACTOR * block_bytes
         row_groups = int(rest * ROW_GROUP_SHARE)
         row_group_rows = min(self.row_group_rows, max(1, row_groups // (len(SPLITS) * SHARD_ROW_BYTES)))
+        footers = int(rest * FOOTER_SHARE)
         return ChunkContext(self.output, self.dataset, self.seed, self.strict, block_bytes,
                             rest // COUNT_BYTES_PER_KEY, row_group_rows,
-                            max(1, (rest - row_groups) // VOCAB_BYTES_PER_KEY))
+                            max(1, (rest - row_groups - footers) // VOCAB_BYTES_PER_KEY),
+                            max(1, footers // (len(SPLITS) * FOOTER_ROW_GROUP_BYTES)))
 
     @property
     def budget_bytes(self) -> int:
@@ -137,8 +143,9 @@ def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all cores; under torchrun: cores / local ranks)")
     p.add_argument("--chunk-mb", type=int, default=64,
-                   help="plain inputs are cut into chunks of about this many MiB (one shard "
-                   "per chunk and split; .gz files are one chunk each)")
+                   help="plain inputs are cut into chunks of about this many MiB (.gz files are one "
+                   "chunk each); a chunk's rows of a split go to one parquet file, or to several "
+                   "where --memory-mb cannot hold all their row groups' footers")
     p.add_argument("--row-group-rows", type=int, default=1_000_000,
                    help="rows per parquet row group (at most); pass 2 buffers one per split "
                    f"({SHARD_ROW_BYTES} B a row), so where --memory-mb cannot hold that, row groups "
@@ -148,10 +155,11 @@ def parser(prog: str = "dnis-preprocess") -> argparse.ArgumentParser:
                    help="memory per process, the interpreter (~150 MiB) not included: read blocks "
                    "shrink, pass 1 spills a chunk's counts to disk in sorted runs, fields with many "
                    "distinct values are merged in key ranges, pass 2 looks values up in slices of "
-                   "the memory-mapped vocabulary and caps its row groups, so peak RSS grows neither "
-                   "with the input nor with its distinct values, but for the parquet footer of a "
-                   "chunk's shards (~44 KiB a row group until written); the rows and ids written do "
-                   "not depend on it")
+                   "the memory-mapped vocabulary, caps its row groups and starts a new parquet file "
+                   "per chunk and split before the open one's footer (~44 KiB a row group until the "
+                   "file is closed) outgrows its share, so peak RSS grows neither with the input nor "
+                   "with its distinct values; the rows and ids written, in their order, do not "
+                   "depend on it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output made with other options (else that is an error)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -344,9 +352,11 @@ def finalize(chunks: list[Chunk], opts: Options) -> tuple[DatasetMeta, str]:
         marker = json.loads(shard_marker(ctx, chunk).read_text())
         row_group_rows = max(row_group_rows, marker["row_group_rows"])
         for split, n in marker["rows"].items():
-            if n:
-                files[split].append(shard_file(split, chunk))
-                kept[split] += n
+            if "files" in marker:  # the chunk's files of the split in row order, with their rows
+                files[split] += [name for name, _ in marker["files"][split]]
+            elif n:  # a marker written before files had parts: one file per chunk and split
+                files[split].append(f"{split}/{chunk.id}.parquet")
+            kept[split] += n
     read = sum(r["read"] for r in merged["rows"].values())
     rejected = sum(r["rejected"] for r in merged["rows"].values())
     sources = [{**s, "checksum": merged["checksums"][s["path"]], "checksum_algo": CHECKSUM}
