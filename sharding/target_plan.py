@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, Stats
+from torchrec.distributed.planner.types import CustomTopologyData, ParameterConstraints, PlannerError, Stats
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -76,13 +76,23 @@ class TargetCluster:
 
     def topology(self) -> Topology:
         """TorchRec's ``Topology`` (public constructor arguments only; a host never
-        holds more ranks than the whole job)."""
+        holds more ranks than the whole job).
+
+        Given capacities go in as per-device ``CustomTopologyData``, not as ``hbm_cap`` /
+        ``ddr_cap``: TorchRec 1.6 reads those with ``cap if cap else default``, so a
+        capacity of 0 (``--ddr-gb 0``: nothing to spill to) became 128 GiB there; 1.8
+        checks ``is not None``. The per-device lists are taken as given by both. HBM
+        stays TorchRec's 0 on a CPU topology, as ``hbm_cap`` did."""
+        caps = {}
+        if self.hbm_gib is not None and self.compute_device == "cuda":
+            caps["hbm_cap"] = [int(self.hbm_gib * GIB)] * self.world_size
+        if self.ddr_gib is not None:
+            caps["ddr_cap"] = [int(self.ddr_gib * GIB)] * self.world_size
         return Topology(
             world_size=self.world_size,
             compute_device=self.compute_device,
-            hbm_cap=None if self.hbm_gib is None else int(self.hbm_gib * GIB),
-            ddr_cap=None if self.ddr_gib is None else int(self.ddr_gib * GIB),
             local_world_size=min(self.local_world_size, self.world_size),
+            custom_topology_data=CustomTopologyData(caps, self.world_size) if caps else None,
         )
 
     def resized(self, world_size: int) -> "TargetCluster":

@@ -20,7 +20,7 @@ from pipeline.data import preprocess
 from pipeline.data.schema import NUM_DENSE, NUM_SPARSE
 from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
 from sharding.repack import SHARDED_KINDS
-from sharding.target_plan import GIB
+from sharding.target_plan import GIB, TargetCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -99,6 +99,18 @@ def test_min_world_size_shrinks_with_more_hbm_and_refuses_when_nothing_fits(tmp_
         dnis_plan.main([*common[:-2], "--max-world-size", "2", "--world-size", "2", "--hbm-gb", "0.01"])
     message = str(refused.value)
     assert "\n" not in message and "no plan on any world size up to 2" in message
+
+
+def test_a_zero_capacity_stays_zero_and_none_takes_torchrecs_default():
+    # TorchRec 1.6's Topology turned hbm_cap=0 / ddr_cap=0 into its defaults.
+    zero = TargetCluster(3, hbm_gib=0, ddr_gib=0).topology()
+    assert [(d.storage.hbm, d.storage.ddr) for d in zero.devices] == [(0, 0)] * 3
+    given = TargetCluster(2, hbm_gib=1.5, ddr_gib=2).topology()
+    assert [(d.storage.hbm, d.storage.ddr) for d in given.devices] == [(int(1.5 * GIB), 2 * GIB)] * 2
+    default = TargetCluster(2).topology()
+    assert all(d.storage.hbm > 0 and d.storage.ddr > 0 for d in default.devices)
+    cpu = TargetCluster(2, hbm_gib=4, ddr_gib=0, compute_device="cpu").topology()
+    assert [(d.storage.hbm, d.storage.ddr) for d in cpu.devices] == [(0, 0)] * 2
 
 
 def test_repacked_model_plans_from_a_hand_written_prune_plan(data, tmp_path):
