@@ -16,7 +16,7 @@ models are timed in alternation on the same rows, ``--rounds`` times (10× that 
 
     python benchmarks/inference.py [--run-dir runs/big/search --raw rows.tsv] [--crs 10 20]
                                    [--batches 1 64 4096] [--rounds 100] [--threads 1]
-                                   [--allocation value --min-row-lookups 30]
+                                   [--allocation value --min-row-lookups 30 --widths 2,4,8,16,32]
 
 Each batch is the first rows of the raw file parsed on their own, as a request of that
 many rows would be (parsing is not timed). Prints two markdown tables: per (tables,
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 # search_setup puts the repository on sys.path: import it first.
-from search_setup import structured_plans, synthetic_search, trained_search
+from search_setup import structured_plans, synthetic_search, trained_search, width_list
 
 from launch.retrain import repacked_state
 from pipeline.data.criteo_reader import ParsedBlock, parse_block
@@ -85,7 +85,7 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
 
     plans = {"unpruned": (None, False)}
     made = structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block, args.allocation,
-                            args.width_step, args.min_row_lookups)
+                            args.width_step, args.min_row_lookups, args.widths)
     for cr, plan in made.items():
         plans[f"CR {cr:g}"] = (plan, True)
         plans[f"CR {cr:g} unfolded"] = (plan, False)
@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--width-step", type=int, default=2,
                         help="as dnis prune (value allocation; 2: int8 needs even widths)")
     parser.add_argument("--min-row-lookups", type=float, default=30.0, help="as dnis prune (value allocation)")
+    parser.add_argument("--widths", type=width_list, help="as dnis prune (value allocation), e.g. 2,4,8,16,32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="dnis-bench-") as scratch:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 # search_setup puts the repository on sys.path: import it first.
-from search_setup import layout_of, structured_plans, synthetic_search, trained_search
+from search_setup import layout_of, structured_plans, synthetic_search, trained_search, width_list
 
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000, help="synthetic rows (without --run-dir)")
     parser.add_argument("--allocation", choices=("threshold", "value"), default="threshold", help="as dnis prune")
     parser.add_argument("--width-step", type=int, default=1, help="as dnis prune (value allocation)")
+    parser.add_argument("--widths", type=width_list, help="as dnis prune (value allocation), e.g. 1,2,4,8,16,32")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dnis-bench-") as scratch:
         if args.run_dir:
@@ -115,7 +116,7 @@ def main() -> None:
             config = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
             overrides = [f"data.path={cfg.data.path}"]
         plans = structured_plans(cfg, layout, blocking, search, args.crs, allocation=args.allocation,
-                                 width_step=args.width_step)
+                                 width_step=args.width_step, widths=args.widths)
         named = {f"CR {cr:g}": plan.to_json() for cr, plan in plans.items()}
         result = run_ranks(bench, args.ranks, config, overrides, named, args.steps, args.rounds)[0]
     plain_s = result["plain"][0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -68,12 +68,18 @@ def layout_of(cfg) -> FeatureLayout:
     return FeatureLayout.from_meta(DatasetMeta.load(cfg.data.path), cfg.data.dense_mode)
 
 
+def width_list(text: str) -> list[int]:
+    """``--widths 1,2,4`` as ``dnis prune`` takes it."""
+    return [int(w) for w in text.split(",")]
+
+
 def structured_plans(
     cfg, layout: FeatureLayout, blocking: Blocking, search, crs: Sequence[float], ranges_per_block: int = 8,
     allocation: str = "threshold", width_step: int = 1, min_row_lookups: float = 0,
+    widths: Optional[Sequence[int]] = None,
 ) -> dict[float, StructuredPlan]:
     """Per target CR, the plan ``dnis prune --cr`` makes of ``search`` (selection
-    projection) with ``--allocation``, ``--width-step`` and ``--min-row-lookups``."""
+    projection) with ``--allocation``, ``--width-step``, ``--min-row-lookups`` and ``--widths``."""
     groups = group_ranges(blocking, layout.num_embeddings, ranges_per_block)
     dim = cfg.model.embedding_dim
     sum_sq = group_sum_sq(search, groups, dim)
@@ -82,7 +88,7 @@ def structured_plans(
         unpruned = unpruned_bytes(sum(g.rows for g in groups), dim)
         return {
             cr: plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=width_step,
-                              min_row_lookups=min_row_lookups)
+                              min_row_lookups=min_row_lookups, widths=widths)
             for cr in crs
         }
     return {cr: plan_for_cr(groups, sum_sq, alpha, mass, cr) for cr in crs}
