@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 # search_setup puts the repository on sys.path: import it first.
-from search_setup import structured_plans, synthetic_search, trained_search, width_list
+from search_setup import structured_plans, synthetic_search, trained_search
 
 from launch.retrain import repacked_state
 from pipeline.data.criteo_reader import ParsedBlock, parse_block
@@ -52,6 +52,7 @@ from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
 from pipeline.inference import serving_model
 from pipeline.prune.bytes import quantized_table_bytes, unpruned_bytes
+from pipeline.prune.knapsack import parse_widths
 from pipeline.tasks import build_retrain_task, build_train_task
 from sharding.field_embedding import table_name
 
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--width-step", type=int, default=2,
                         help="as dnis prune (value allocation; 2: int8 needs even widths)")
     parser.add_argument("--min-row-lookups", type=float, default=30.0, help="as dnis prune (value allocation)")
-    parser.add_argument("--widths", type=width_list, help="as dnis prune (value allocation), e.g. 2,4,8,16,32")
+    parser.add_argument("--widths", type=parse_widths, help="as dnis prune (value allocation), e.g. 2,4,8,16,32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steady_allocator()

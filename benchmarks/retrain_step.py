@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 # search_setup puts the repository on sys.path: import it first.
-from search_setup import layout_of, structured_plans, synthetic_search, trained_search, width_list
+from search_setup import layout_of, structured_plans, synthetic_search, trained_search
 
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -37,6 +37,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from pipeline.config import load_config
 from pipeline.data.batch import Batch
 from pipeline.data.loader import SplitReader
+from pipeline.prune.knapsack import parse_widths
 from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_retrain_task, build_train_task
 from sharding.dmp import make_optimizer, shard_model
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000, help="synthetic rows (without --run-dir)")
     parser.add_argument("--allocation", choices=("threshold", "value"), default="threshold", help="as dnis prune")
     parser.add_argument("--width-step", type=int, default=1, help="as dnis prune (value allocation)")
-    parser.add_argument("--widths", type=width_list, help="as dnis prune (value allocation), e.g. 1,2,4,8,16,32")
+    parser.add_argument("--widths", type=parse_widths, help="as dnis prune (value allocation), e.g. 1,2,4,8,16,32")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dnis-bench-") as scratch:
         if args.run_dir:

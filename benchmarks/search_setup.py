@@ -68,11 +68,6 @@ def layout_of(cfg) -> FeatureLayout:
     return FeatureLayout.from_meta(DatasetMeta.load(cfg.data.path), cfg.data.dense_mode)
 
 
-def width_list(text: str) -> list[int]:
-    """``--widths 1,2,4`` as ``dnis prune`` takes it."""
-    return [int(w) for w in text.split(",")]
-
-
 def structured_plans(
     cfg, layout: FeatureLayout, blocking: Blocking, search, crs: Sequence[float], ranges_per_block: int = 8,
     allocation: str = "threshold", width_step: int = 1, min_row_lookups: float = 0,

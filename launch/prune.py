@@ -34,7 +34,7 @@ from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
 from pipeline.prune.fine import FinePrune, apply_epsilon, epsilon_for_cr, table_bytes
 from pipeline.prune.bytes import unpruned_bytes
-from pipeline.prune.knapsack import value_plan_for_cr
+from pipeline.prune.knapsack import parse_widths, value_plan_for_cr
 from pipeline.prune.plan import CR_TOLERANCE, StructuredPlan, group_mass, group_ranges, plan_for_cr, plan_for_tau
 from pipeline.tasks import retrained_plan
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
@@ -69,7 +69,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
              "to int8, 4: to int4; FBGEMM needs width x bits to be a multiple of 16)",
     )
     parser.add_argument(
-        "--widths", type=lambda text: [int(w) for w in text.split(",")], metavar="W1,W2,...",
+        "--widths", type=parse_widths, metavar="W1,W2,...",
         help="value allocation: the only widths a group may take (e.g. 1,2,4,8,16,32: fewer distinct "
              "widths per feature, fewer column slabs to look up); default every multiple of --width-step",
     )

@@ -127,6 +127,11 @@ def doubling_widths(dim: int) -> list[int]:
     return sorted({2**i for i in range(dim.bit_length()) if 2**i < dim} | {dim})
 
 
+def parse_widths(text: str) -> list[int]:
+    """``--widths 1,2,4`` as ``dnis prune`` and the benchmarks take it (checked by ``width_ladder``)."""
+    return [int(w) for w in text.split(",")]
+
+
 def width_ladder(widths: Optional[Sequence[int]], multiple: int, dim: int) -> list[int]:
     """The widths a group may take: ``widths``, or every multiple of ``multiple`` up to ``dim``.
 
