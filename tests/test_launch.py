@@ -75,6 +75,19 @@ def test_structured_prune_on_two_ranks_meets_the_budget_and_equals_one_rank(sear
     assert unreachable.returncode != 0 and "unreachable" in out
 
 
+def test_value_prune_on_a_width_ladder_keeps_to_its_rungs(search_run):
+    args = ("--run-dir", str(search_run), "--cr", "8", "--allocation", "value", "--widths", "1,2,4,8")
+    finish(torchrun("launch.prune", *args, nproc=1))
+    result = json.loads((search_run / "prune.json").read_text())
+    assert result["widths"] == [1, 2, 4, 8]
+    assert {len(g["columns"]) for g in result["plan"]["groups"]} <= {0, 1, 2, 4, 8}
+    assert 0.9 * result["unpruned_bytes"] / 8 <= result["embedding_bytes"]["selection"] <= result["unpruned_bytes"] / 8
+    bad = torchrun("launch.prune", "--run-dir", str(search_run), "--cr", "8", "--allocation", "value",
+                   "--widths", "4,2", nproc=1)
+    out, _ = bad.communicate(timeout=300)
+    assert bad.returncode != 0 and "ascending distinct multiples" in out
+
+
 def test_fine_prune_meets_the_budget_and_accumulates_targets(search_run):
     """Eq. 9 for CR 10 on 2 ranks, then CR 4 on 1 rank: two entries, each within budget."""
     for cr, nproc in (("10", 2), ("4", 1)):
