@@ -169,7 +169,7 @@ class GroupIndex:
         """Group slots of every id of ``features`` (whose keys are ``keys``, any order).
 
         Raises:
-            ValueError: naming an id outside its feature's groups (not while exporting).
+            ValueError: naming an id outside its feature's groups.
         """
         if sorted(features.keys()) != sorted(self.keys):
             raise ValueError(f"batch keys {features.keys()} are not the plan's keys {self.keys}")
@@ -180,7 +180,7 @@ class GroupIndex:
         )
         field = torch.tensor([position[k] for k in features.keys()], dtype=torch.int64)[segment // features.stride()]
         slot = (torch.searchsorted(self.starts, self.offsets[field] + ids, right=True) - 1).clamp(min=0)
-        if ids.numel() and not torch.compiler.is_compiling():  # an exported graph has no data checks
+        if ids.numel():
             bad = (ids < 0) | (ids >= self.stops[field])
             if bool(bad.any()):
                 raise ValueError(f"id {int(ids[bad][0])} is outside the ranges of the prune plan's groups")

@@ -8,8 +8,8 @@ group's width), as its row there; ids of dropped groups (width 0) leave the batc
 they embed to zeros exactly as the structurally pruned α-model gives them. No per-id
 lookup table is needed because groups are id ranges of frequency-ranked ids.
 ``SingleHotKeyRewriter`` does the same for single-hot batches given as tensors, in a
-fixed number of vectorised steps with no sort: the serving form, which ``torch.export``
-exports.
+fixed number of vectorised steps with no sort. Serving numbers ids its own way and needs
+none of this (``sharding.serving_rows``).
 
 ``RepackedEmbedding`` pools each slab; a feature's slabs side by side are its nested
 columns ``order[:W]`` (``W`` its widest group), which the projection maps back to
@@ -159,9 +159,7 @@ class SingleHotKeyRewriter(nn.Module):
     or below it, one compare per start. A slab's bags are its feature's ``B`` rows in
     order, so every slab takes its feature's whole row of ids (``[S, B]``), adds each
     id's shift into the slab (one gather from a ``[S, segments]`` table) and keeps the
-    ids it stores (with weights, one ``nonzero`` for both). Buffers only, so it exports
-    with ``torch.export`` (which takes the ``searchsorted``). Ids are checked against the
-    plan eagerly; in an exported graph an id outside its feature's groups embeds to zeros.
+    ids it stores (with weights, one ``nonzero`` for both). Ids are checked against the plan.
     """
 
     def __init__(self, plan: StructuredPlan, keys: Sequence[str]) -> None:
@@ -202,17 +200,16 @@ class SingleHotKeyRewriter(nn.Module):
         """The slab KJT of ids ``[F, B]`` (frequency ranks, ``keys`` order) and weights.
 
         Raises:
-            ValueError: naming an id outside its feature's groups (not while exporting).
+            ValueError: naming an id outside its feature's groups.
         """
         bounds, field = self.bounds, self.field  # each buffer read costs 0.5 µs (nn.Module.__getattr__)
-        if torch.compiler.is_compiling() or ids.shape[1] < COMPARE_ROWS or bounds.shape[1] > COMPARE_BOUNDS:
+        if ids.shape[1] < COMPARE_ROWS or bounds.shape[1] > COMPARE_BOUNDS:
             position = torch.searchsorted(bounds, ids, right=True)  # [F, B]
         else:
             position = (ids >= bounds.t().unsqueeze(2)).view(torch.uint8).sum(0, dtype=torch.uint8).long()
-        if not torch.compiler.is_compiling():  # an exported graph has no data checks
-            known = torch.gather(self.known, 1, position)
-            if not bool(known.all()):
-                raise ValueError(f"id {int(ids[~known][0])} is outside the ranges of the prune plan's groups")
+        known = torch.gather(self.known, 1, position)
+        if not bool(known.all()):
+            raise ValueError(f"id {int(ids[~known][0])} is outside the ranges of the prune plan's groups")
         if self.folds:
             ids = fold(ids, torch.gather(self.fold_start, 1, position), torch.gather(self.fold_modulus, 1, position))
         code = torch.gather(self.code, 1, position.index_select(0, field))  # [S, B]

@@ -13,7 +13,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.data.batch import single_hot_kjt
-from pipeline.inference import inference_tables
 from pipeline.prune.plan import GroupPlan, StructuredPlan, group_ranges
 from pipeline.search.blocking import compute_blocking
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection, split_multi_hot
@@ -281,8 +280,8 @@ def test_checkpoints_of_every_sharding_load_into_one_process_and_three_ranks(tmp
         assert max(diffs.values()) < 1e-6, diffs
 
 
-def test_single_hot_key_rewriter_equals_the_key_rewriter_and_serves_the_alpha_model_on_tbe():
-    alpha_ebc, plan = searched(seed=3)
+def test_single_hot_key_rewriter_equals_the_key_rewriter_and_refuses_ids_outside_the_groups():
+    _, plan = searched(seed=3)
     keys = list(NUMS)
     rewriter = SingleHotKeyRewriter(plan, keys)
     ids, weights = random_ids(4, rows=50), torch.rand(len(keys), 50, generator=torch.Generator().manual_seed(5))
@@ -290,10 +289,6 @@ def test_single_hot_key_rewriter_equals_the_key_rewriter_and_serves_the_alpha_mo
     assert got.keys() == expected.keys() and got.stride() == 50
     for part in ("values", "lengths", "weights"):
         assert torch.equal(getattr(got, part)(), getattr(expected, part)().to(getattr(got, part)().dtype)), part
-    # Through TorchRec's inference EBC (FBGEMM's TBE, fp32 rows): the structured α-model.
-    served = inference_tables(build_repacked(alpha_ebc, plan))
-    with torch.no_grad():
-        assert (served(rewriter(ids)) - structured_reference(alpha_ebc, plan, ids)).abs().max() < 1e-6
     for f, key in enumerate(keys):  # past the last group of the first, a middle or the last feature
         for bad in (NUMS[key], -1):
             wrong = ids.clone()
@@ -359,32 +354,6 @@ def test_groups_of_shared_rows_serve_the_mean_of_their_ids_through_both_rewriter
     single_hot = SingleHotKeyRewriter(plan, keys)(ids)
     assert torch.equal(single_hot.values(), KeyRewriter(plan, keys).rewrite_bags(single_hot_kjt(keys, ids)).values())
     assert StructuredPlan.from_json(plan.to_json()) == plan
-
-
-class RewriteAndLookUp(torch.nn.Module):
-    """Ids ``[F, B]`` -> ``[B, F, K]`` through the single-hot rewrite and the served tables."""
-
-    def __init__(self, rewriter: torch.nn.Module, tables: torch.nn.Module) -> None:
-        super().__init__()
-        self.rewriter, self.tables = rewriter, tables
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tables(self.rewriter(ids))
-
-
-def test_shared_rows_export_with_a_dynamic_batch_and_serve_as_eager():
-    from pipeline.inference.exported import _fake_fbgemm_classes
-
-    alpha_ebc, plain = searched(seed=3)
-    plan = with_shared_rows(plain)
-    model = RewriteAndLookUp(SingleHotKeyRewriter(plan, list(NUMS)), inference_tables(build_repacked(alpha_ebc, plan))).eval()
-    _fake_fbgemm_classes()
-    with torch.no_grad():
-        model(random_ids(0, rows=8))
-        program = torch.export.export(model, (random_ids(0, rows=8),), dynamic_shapes={"ids": {1: torch.export.Dim("batch", min=1)}}, strict=False)
-        for rows in (1, 300):
-            ids = random_ids(rows, rows=rows)
-            assert (program.module()(ids) - shared_reference(alpha_ebc, plan, ids)).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("projection", PROJECTIONS)

@@ -46,7 +46,7 @@ def test_retrain_checkpoint_loads_on_any_world_size_and_in_one_plain_process(ret
     reader = SplitReader(data_path, "test", model.layout, 128, shuffle=False, drop_last=False, prefetch=0)
     batch = next(iter(reader.batches()))
     with torch.no_grad():
-        logits["plain"] = model(*served_inputs(batch, model.layout))
+        logits["plain"] = model(*served_inputs(batch, model))
     assert not torch.distributed.is_initialized()
     for name in (3, "plain"):
         assert (logits[name] - logits[1]).abs().max() < 1e-5, name
@@ -54,10 +54,12 @@ def test_retrain_checkpoint_loads_on_any_world_size_and_in_one_plain_process(ret
     assert result["stage"] == "retrain" and result["compression_ratio"] >= 4 * 0.9
 
 
-def served_inputs(batch, layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ServingModel``'s inputs of a loader batch: dense values and the id columns ``[B, C]``."""
+def served_inputs(batch, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ServingModel``'s inputs of a loader batch: dense values and the id columns ``[B, C]``
+    (frequency ranks in the loader, the model's serving ids here)."""
+    layout = model.layout
     ids = batch.sparse.values().view(len(layout.keys), -1)[len(layout.dense_keys):]
-    return batch.dense, ids.T
+    return batch.dense, model.from_ranks(ids.T)
 
 
 def test_predict_in_a_fresh_process_scores_tsv_parquet_and_unlabelled_rows_alike(retrain_run, raw_rows, tmp_path):
@@ -115,7 +117,7 @@ def test_quantized_predictions_stay_within_the_bound_of_each_rows_range(retrain_
     _, block = next(read_tsv(raw_rows))
     inputs = fp32.encode(block)
     sparse = fp32.features(*inputs)
-    tables = read_artifact(retrain_run / "model").weights  # the fp32 slab tables
+    tables = served_tables(read_artifact(retrain_run / "model").weights, fp32.rewrite)  # fp32, as served
     bound = embedding_error_bound(tables, fp32.layout.keys, sparse, bits)  # [B, F]
     with torch.no_grad():
         diff = (fp32.model.embedding(sparse) - quantized.model.embedding(sparse)).abs().amax(-1)
@@ -131,14 +133,24 @@ def test_quantized_predictions_stay_within_the_bound_of_each_rows_range(retrain_
     assert ((p_fp32 - p_quantized).abs() <= 1.5 * logit_bound / 4 + 1e-6).all()
 
 
+def served_tables(weights: dict, rows) -> dict[str, torch.Tensor]:
+    """Slab -> its table as served: the artifact's rows in serving order and a zero row
+    (``ServingRows.relay``)."""
+    out = {}
+    for name, source in rows.sources.items():
+        table = weights[f"model.embedding.ebc.embedding_bags.t_{name}.weight"]
+        out[name] = torch.cat([table[source], table.new_zeros(1, table.shape[1])])
+    return out
+
+
 def embedding_error_bound(tables, keys, sparse, bits: int) -> torch.Tensor:
-    """Per (row, field): Σ over its ids and the column slabs they are stored in of
+    """Per (row, field): Σ over its ids and the column slabs they are read from of
     |weight| × (half a quantization step of the id's slab row at ``bits`` + fp16 rounding
-    of the row's scale and bias); ``tables`` is the artifact's state dict."""
+    of the row's scale and bias); ``tables`` are the served fp32 slab tables."""
     keys = list(keys)
     bound = torch.zeros(sparse.stride(), len(keys))
     for name, jt in sparse.to_dict().items():
-        table = tables[f"model.embedding.ebc.embedding_bags.t_{name}.weight"]
+        table = tables[name]
         low, high = table.min(1).values, table.max(1).values
         levels = 2**bits - 1
         step = (high - low) / levels

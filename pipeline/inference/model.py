@@ -17,8 +17,9 @@ inference TBE, all tables in one kernel call), with fp32 rows (exactly the train
 values) or, with ``bits=8`` or ``bits=4``, rows quantized row-wise to INT8/INT4 (an
 entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus fp16 rounding
 of the row's scale and bias; bytes as ``pipeline.prune.bytes`` counts them). A repacked
-model's ids go to its column slabs by ``SingleHotKeyRewriter`` (no sort, no per-key work),
-and where it costs less an FM, DeepFM or Wide & Deep reads its pooled slab columns
+model is served with its own id numbering (``sharding.serving_rows``: the vocabulary maps
+raw values straight to serving ids, and each column slab stores a prefix of them, so the
+ids reach the slabs with one ``minimum`` each), and where it costs less an FM, DeepFM or Wide & Deep reads its pooled slab columns
 directly (``pipeline.models.folded``): the selection or learned projection is folded into
 the first layers, so the mostly-zero ``[B, F, K]`` fields are never built.
 Serving reads one id per categorical field: a run trained on multi-hot bags
@@ -32,9 +33,11 @@ Example:
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.inference.modules import quantize_inference_model
@@ -57,7 +60,7 @@ from pipeline.models.folded import FoldedInteraction
 from pipeline.prune.bytes import QUANT_ROW_ALIGNMENT
 from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_retrain_task, build_train_task
-from sharding.repack import SingleHotKeyRewriter
+from sharding.serving_rows import ServingRows
 
 FP32_BITS = 32
 # TorchRec's names for FP32 / INT8 / INT4 rows.
@@ -72,28 +75,37 @@ class ServingModel(nn.Module):
     Args:
         model: the trained model, ``model(dense, sparse) -> logits``.
         layout: the run's feature layout (keys, dense mode).
-        vocab: the dataset's vocabulary.
+        vocab: the vocabulary ``encode`` uses (a repacked model's maps to its serving ids).
         dense_fields: the integer fields, in ``Batch.dense`` column order.
-        rewrite: the repacked model's key rewrite (``None`` for full tables).
+        rewrite: the repacked model's serving ids -> slabs (``None`` for full tables).
         folded: the repacked model's interaction read from its pooled slab columns
             (``CTRModel.folded``), or ``None`` to run ``model`` as trained.
     """
 
     def __init__(
         self, model: nn.Module, layout: FeatureLayout, vocab: Vocabulary,
-        dense_fields: Sequence[str], rewrite: Optional[SingleHotKeyRewriter] = None,
+        dense_fields: Sequence[str], rewrite: Optional[ServingRows] = None,
         folded: Optional[FoldedInteraction] = None,
     ) -> None:
         super().__init__()
         self.model, self.folded = model, folded
         self.layout, self.vocab, self.rewrite = layout, vocab, rewrite
         self.dense_fields = tuple(dense_fields)
+        self.eval()
 
     def encode(self, block: ParsedBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dense [B, D] float32, ids [B, C] int64)`` of raw rows, exactly as the
         preprocessing and the loader make them (``D`` dense fields, ``C`` id columns)."""
         rows = table_rows(encode_block(block, self.vocab), self.dense_fields, self.layout.id_columns)
         return torch.from_numpy(rows.dense), torch.from_numpy(rows.ids)
+
+    def from_ranks(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ids ``forward`` reads of frequency ranks ``[B, C]`` (a preprocessed
+        dataset's id columns): themselves, or a repacked model's serving ids."""
+        if self.rewrite is None:
+            return ids
+        columns = [self.rewrite.ids_of_ranks(key, ids[:, c].numpy()) for c, key in enumerate(self.layout.id_columns)]
+        return torch.from_numpy(np.stack(columns, axis=1))
 
     def features(self, dense: torch.Tensor, ids: torch.Tensor) -> KeyedJaggedTensor:
         """The KJT the model reads: every key single-hot (``key_ids``), or a repacked
@@ -115,8 +127,10 @@ class ServingModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, block: ParsedBlock) -> torch.Tensor:
-        """Click probabilities of raw rows."""
-        self.eval()
+        """Click probabilities of raw rows (in eval mode: ``eval()`` visits every module,
+        80 µs of a 0.8 ms call at batch 1, so only when something set training mode)."""
+        if self.training:
+            self.eval()
         return torch.sigmoid(self(*self.encode(block)))
 
     def embedding_bytes(self) -> int:
@@ -200,16 +214,20 @@ def serving_model(
     model: nn.Module, layout: FeatureLayout, vocab: Vocabulary, dense_fields: Sequence[str],
     plan: Optional[StructuredPlan] = None, bits: Optional[int] = None, fold: bool = True,
 ) -> ServingModel:
-    """A trained model (on CPU) ready to serve: its tables in TorchRec's inference EBC
-    (``inference_tables``: fp32, or ``bits`` 8 or 4), a repacked model's (``plan``) behind
-    its single-hot key rewrite, and with ``fold`` its interaction folded onto the pooled
-    slab columns where the model allows (``pipeline.models.folded``)."""
-    model = inference_tables(model.eval(), FP32_BITS if bits is None else bits)
+    """A trained model (on CPU, changed in place) ready to serve: its tables in TorchRec's
+    inference EBC (``inference_tables``: fp32, or ``bits`` 8 or 4); a repacked model's
+    (``plan``) re-laid for its serving ids (``ServingRows``, which its vocabulary then maps
+    raw values to), and with ``fold`` its interaction folded onto the pooled slab columns
+    where the model allows (``pipeline.models.folded``)."""
+    bits = FP32_BITS if bits is None else bits
     if plan is None:
-        return ServingModel(model, layout, vocab, dense_fields)
+        return ServingModel(inference_tables(model.eval(), bits), layout, vocab, dense_fields)
+    rows = ServingRows(plan, layout.keys)
+    model.embedding.ebc = rows.relay(model.embedding.ebc)
+    model = inference_tables(model.eval(), bits)
     folded = model.folded(model.embedding.output_map()) if fold else None
-    rewrite = SingleHotKeyRewriter(plan, layout.keys)
-    return ServingModel(model, layout, vocab, dense_fields, rewrite, None if folded is None else folded.eval())
+    vocab = vocab.renumbered({key: partial(rows.ids_of_ranks, key) for key in layout.id_columns})
+    return ServingModel(model, layout, vocab, dense_fields, rows, None if folded is None else folded.eval())
 
 
 def inference_tables(model: nn.Module, bits: int = FP32_BITS) -> nn.Module:
