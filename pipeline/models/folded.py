@@ -136,7 +136,7 @@ class FoldedInteraction(nn.Module):
             field_sum = x @ self.field_sums
         else:  # one add per column, not a [C, K] product (4.5 -> 2.4 ms at 4096 × 1,248)
             field_sum = x.new_zeros(x.shape[0], self.embedding_dim).index_add_(1, self.places, x)
-        square_of_sum = field_sum.pow(2).sum(dim=1)
+        square_of_sum = field_sum.square().sum(dim=1)
         if self.gram is None:  # the norm reads x once, x * x writes a copy first (0.4 vs 1.2 ms)
             sum_of_squares = torch.linalg.vector_norm(x, dim=1).square()
         else:
