@@ -193,18 +193,20 @@ def test_a_retrain_never_runs_on_the_plan_another_budget_left_behind(tmp_path):
         retrain_min30.prepare()
 
 
-def test_the_ladder_method_prunes_on_doubling_widths_and_never_retrains_another_plan(tmp_path):
+@pytest.mark.parametrize("method", ["dnis_ladder", "dnis_shared_ladder"])
+def test_the_ladder_methods_prune_on_doubling_widths_and_never_retrain_another_plan(tmp_path, method):
     from pipeline.compare.steps import method_steps
 
     settings = Settings(configs=(TINY,), data={"d": str(tmp_path / "data")}, models=("deepfm",),
-                        methods=("dnis_ladder",),
-                        crs=(10.0,), seeds=1, out=str(tmp_path))
+                        methods=(method,), crs=(10.0,), seeds=1, out=str(tmp_path), min_row_lookups=(30,))
     cell = Cell(settings, "d", "deepfm", 0)
     cell.dir("search").mkdir(parents=True)
-    _, prune, retrain = method_steps(cell, "dnis_ladder", 10.0)
+    _, prune, retrain = method_steps(cell, method, 10.0)
     ladder = ",".join(str(2**i) for i in range(cell.embedding_dim().bit_length()))
     assert prune.command[prune.command.index("--widths") + 1] == ladder
-    plan = {"target": {"cr": 10.0}, "allocation": "value", "min_row_lookups": 0}
+    floor = 30 if method == "dnis_shared_ladder" else 0
+    assert prune.command[prune.command.index("--min_row_lookups") + 1] == str(floor)
+    plan = {"target": {"cr": 10.0}, "allocation": "value", "min_row_lookups": floor}
     (cell.dir("search") / "prune.json").write_text(json.dumps(plan))  # dnis_value's plan: every width
     with pytest.raises(ValueError, match="not this run's plan"):
         retrain.prepare()

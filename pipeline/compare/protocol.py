@@ -39,6 +39,7 @@ Methods and their stages (``E`` = epochs, ``s`` = search_epochs):
 ``dnis_shared``         as ``dnis_value``, ids of groups seen fewer than c times on
                         average sharing rows (hashing), one prune and retrain per c
                         of ``min_row_lookups``; the best on validation
+``dnis_shared_ladder``  as ``dnis_shared``, widths only 1, 2, 4, ..., K
 ``dnis_fine``           search s, eq. 9 prune (COO bytes), no retrain
 ``dnis_int8``           ``dnis``'s retrained model quantised to int8 (compound CR)
 ======================  ==============================================================
@@ -54,7 +55,8 @@ from pipeline.config import load_config
 
 METHODS = (
     "full", "grid", "random", "mde", "nis_me", "magnitude", "magnitude_fine", "qr",
-    "int8", "int4", "dnis", "dnis_value", "dnis_ladder", "dnis_shared", "dnis_fine", "dnis_int8",
+    "int8", "int4", "dnis", "dnis_value", "dnis_ladder", "dnis_shared", "dnis_shared_ladder",
+    "dnis_fine", "dnis_int8",
 )
 # Methods whose CR is set by their model or number format, not by the budget (None:
 # whatever the quantised rows give).

@@ -77,7 +77,7 @@ def method_row(cell: Cell, method: str, cr: float, unpruned: int, dim: int) -> O
         row = _run_row(cell.dir(method, tag, "run"))
         if row and method == "nis_me":
             row["wall_s"] += _wall(cell.dir(method, tag, "search"))
-    elif method == "dnis_shared":
+    elif method in ("dnis_shared", "dnis_shared_ladder"):
         dirs = {c: cell.dir(method, tag, f"min{c:g}") for c in cell.settings.min_row_lookups}
         rows = [dict(r, choice=f"min {c:g}") for c, r in ((c, _run_row(d)) for c, d in dirs.items()) if r]
         row = pick_by_validation(rows)

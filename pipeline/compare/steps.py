@@ -165,12 +165,14 @@ def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
                 for k in cell.grid_widths(cell.embedding_dim())]
     if method in ("int8", "int4"):
         return [full_step, quantize_step(f"full/{method}", full, int(method[3:]))]
-    if method == "dnis_shared":
+    if method in ("dnis_shared", "dnis_shared_ladder"):
         steps = [search_step]
+        widths = doubling_widths(cell.embedding_dim()) if method == "dnis_shared_ladder" else None
         for c in s.min_row_lookups:
-            name, out = f"dnis_shared/{tag}/min{c:g}", cell.dir("dnis_shared", tag, f"min{c:g}")
-            planned = lambda c=c: structured_done(search, cr, "value", c)  # noqa: E731
-            steps += [prune_step(cell, f"{name}/prune", search, cr, "structured", lambda out=out: finished(out), "value", c),
+            name, out = f"{method}/{tag}/min{c:g}", cell.dir(method, tag, f"min{c:g}")
+            planned = lambda c=c: structured_done(search, cr, "value", c, widths)  # noqa: E731
+            steps += [prune_step(cell, f"{name}/prune", search, cr, "structured", lambda out=out: finished(out), "value",
+                                 c, widths),
                       retrain_step(cell, name, search, out, R, "source", planned)]
         return steps
     if method in ("dnis", "dnis_int8", "dnis_value", "dnis_ladder", "magnitude"):
