@@ -21,7 +21,7 @@ models are timed in alternation on the same rows, ``--rounds`` times (10× that 
 Each batch is the first rows of the raw file parsed on their own, as a request of that
 many rows would be (parsing is not timed). Prints two markdown tables: per (tables,
 model) the CR the bytes formula gives (``pipeline.prune.bytes``, against unpruned fp32),
-the embedding MiB held (tables, scales, projections and the key rewrite's group tables),
+the embedding MiB held (tables with their zero rows, scales, projections, the serving ids' buffers),
 how far that is from unpruned fp32 ÷ CR, and how many times smaller it is than the
 unpruned model with the same tables; per (batch, tables, model) p50 and p99 ms from
 parsed raw rows (``predict``: encoding + tensor part), p50 of the tensor part alone

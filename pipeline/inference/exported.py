@@ -2,7 +2,7 @@
 
 ``export_program(model)`` exports ``ServingModel.forward``: dense values ``[B, D]`` and
 ids ``[B, C]`` (what ``ServingModel.encode`` makes of raw rows) -> logits ``[B]``, for any
-``B`` (1 included), the key rewrite, tables and model in one graph, fp32 or with
+``B`` (1 included), the serving ids' slab lookup, tables and model in one graph, fp32 or with
 quantized tables. ``dnis export --exported`` writes it as ``model.pt2`` into the artifact
 directory, listed in its manifest. The safetensors artifact stays the shipped form:
 ``torch.export.load`` unpickles part of a ``.pt2`` (its example inputs), so

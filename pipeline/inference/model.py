@@ -4,8 +4,8 @@
 mixed-width tables, or a train run's full tables) from its artifact directory
 (``pipeline.inference.artifact``: JSON and safetensors, nothing unpickled) in this
 process alone: no process group, no sharding. The module owns every step the training
-data went through: vocabulary lookup (hex -> frequency rank, OOV), the dense transform
-(``log(1 + max(x, 0))``), the key rewrite into the repacked tables, the tables and their
+data went through: vocabulary lookup (hex -> frequency rank, OOV; a repacked model's
+serving id), the dense transform (``log(1 + max(x, 0))``), the ids into the repacked tables, the tables and their
 projections, and the model. The code is the preprocessing's and the loader's own
 (``encode_block``, ``table_rows``, ``key_ids``), so serving cannot drift from training.
 ``encode`` is the numpy part (raw rows -> dense values and ids), ``forward`` the tensor
@@ -135,7 +135,7 @@ class ServingModel(nn.Module):
 
     def embedding_bytes(self) -> int:
         """Bytes held by the embedding module (tables, quantization scales, projections)
-        and the key rewrite (its group tables)."""
+        and the serving ids' buffers (``ServingRows``)."""
         modules = [self.model.embedding] + ([self.rewrite] if self.rewrite is not None else [])
         return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
 
