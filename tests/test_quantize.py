@@ -51,6 +51,22 @@ def test_quantized_bytes_by_hand_and_as_fbgemm_allocates_them():
         assert allocated == quantized_table_bytes(rows, widths, bits).sum(), bits
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_repacked_plans_quantized_bytes_are_what_fbgemm_allocates_for_its_slabs(bits):
+    from sharding.repack import RepackedEmbedding
+    from test_repack import NUMS, searched, with_shared_rows
+
+    _, plan = searched(seed=4)
+    plan = with_shared_rows(plan)
+    module = RepackedEmbedding(plan, list(NUMS))
+    assert len(module.ebc.embedding_bag_configs()) > len(NUMS)  # rows split over several slabs
+    quantized = inference_tables(nn.Sequential(module), bits)
+    allocated = sum(m.weights_host.numel() for m in quantized.modules()
+                    if isinstance(m, IntNBitTableBatchedEmbeddingBagsCodegen))
+    starts_and_projections = plan.embedding_bytes("selection") - sum(g.stored_rows * g.width * 4 for g in plan.groups)
+    assert plan.embedding_bytes("selection", bits) == allocated + starts_and_projections
+
+
 def test_widths_fbgemm_cannot_quantize_are_refused_by_name():
     ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_odd", num_embeddings=5, embedding_dim=6, feature_names=["f"])])
     inference_tables(nn.Sequential(ebc), bits=8)  # even widths are fine for INT8

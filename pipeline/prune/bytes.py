@@ -21,8 +21,12 @@ serving (DESIGN.md, "Prune, repack, compression ratio"); MLP bytes are never inc
   layout, as ``pipeline.inference.inference_tables`` builds them): per row the packed
   values ``ceil(width × bits / 8)`` plus an fp16 scale and an fp16 bias (4 bytes), rows
   padded to ``QUANT_ROW_ALIGNMENT`` bytes, each table's block padded to a 128-byte cache
-  line: ``round_up(rows × round_up(ceil(width × bits / 8) + 4, align), 128)``. Range
-  starts and projections of a repacked model stay as above (they are not quantized).
+  line: ``round_up(rows × round_up(ceil(width × bits / 8) + 4, align), 128)``. A repacked
+  model's tables are its column slabs (``sharding.column_slabs``): per feature one table
+  per pair of consecutive distinct widths, holding the rows of every group at least the
+  wider one wide, so a row split over ``s`` slabs pays ``s`` scales and biases
+  (``plan_bytes``; ``group_bytes`` prices one table per group). Range starts and
+  projections stay as above (they are not quantized).
 
 Example:
     >>> group_bytes(rows=10, width=4, embedding_dim=64, projection="selection")
@@ -33,6 +37,11 @@ Example:
     (9000, 1000)
     >>> quantized_table_bytes(rows=100, width=16, bits=8), quantized_table_bytes(100, 16, 4)
     (2048, 1280)
+    >>> plan_bytes(["a", "a"], rows=[10, 90], widths=[4, 2], embedding_dim=64, projection="selection", bits=8)
+    788
+
+    (the int8 one: slab ``a:0-2`` holds 100 rows of 2 + 4 bytes, 640 with padding, slab
+    ``a:2-4`` 10 rows, 128; range starts 16, column indices 4.)
 """
 
 from __future__ import annotations
@@ -66,14 +75,20 @@ def group_bytes(rows, width, embedding_dim: int, projection: str, bits: Optional
 
 
 def plan_bytes(keys, rows, widths, embedding_dim: int, projection: str, bits: Optional[int] = None) -> int:
-    """Exact serving bytes of groups of features ``keys``: values and range starts per
-    group, the projection once per feature at its widest group's width."""
+    """Exact serving bytes of groups of features ``keys``: values (quantized: per column
+    slab), range starts per group, the projection once per feature at its widest group's width."""
     rows, widths = np.asarray(rows, dtype=np.int64), np.asarray(widths, dtype=np.int64)
-    widest: dict = {}
-    for key, width in zip(keys, widths.tolist()):
-        widest[key] = max(widest.get(key, 0), width)
-    projections = sum(widest.values()) * projection_column_bytes(projection, embedding_dim)
-    return int(_values(rows, widths, bits).sum() + RANGE_START_BYTES * len(rows) + projections)
+    keys = np.asarray(keys)
+    values = _values(rows, widths, None).sum() if bits is None else 0
+    projections = 0
+    for key in dict.fromkeys(keys.tolist()):
+        mine = keys == key
+        distinct = np.unique(widths[mine][widths[mine] > 0])
+        projections += int(distinct[-1]) if distinct.size else 0
+        if bits is not None:  # a slab per pair of consecutive distinct widths
+            for lo, hi in zip(np.concatenate([[0], distinct[:-1]]), distinct):
+                values += quantized_table_bytes(rows[mine][widths[mine] >= hi].sum(), hi - lo, bits)
+    return int(values + RANGE_START_BYTES * len(rows) + projections * projection_column_bytes(projection, embedding_dim))
 
 
 def projection_column_bytes(projection: str, embedding_dim: int) -> int:
