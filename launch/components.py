@@ -215,6 +215,7 @@ def prune(
     allocation: str = "threshold",
     min_row_lookups: float = 0,
     widths: str = "",
+    bits: int = 0,
     nproc: int = 2,
     nnodes: int = 1,
     gpu: int = 0,
@@ -235,6 +236,8 @@ def prune(
             average share rows, each serving at least this many train occurrences (0: off).
         widths: value allocation: the only widths a group may take, comma-separated
             (e.g. ``1,2,4,8,16,32``); empty: every width.
+        bits: value allocation: count the budget in bytes of tables quantized to 8 or 4
+            bits (0: fp32).
         nproc: processes (ranks) per node; the ranks that held the search's shards.
         nnodes: nodes.
         gpu: GPUs per node (0 = CPU with gloo).
@@ -244,6 +247,7 @@ def prune(
     args = ["--run-dir", run_dir, "--cr", str(cr), "--ranges-per-block", str(ranges_per_block)]
     args += ["--projection", projection, "--mode", mode, "--allocation", allocation]
     args += ["--min-row-lookups", str(min_row_lookups)] + (["--widths", widths] if widths else [])
+    args += ["--bits", str(bits)] if bits else []
     return _ddp("launch.prune", args, nproc, nnodes, gpu, memMB, image, "dnis-prune")
 
 

@@ -74,6 +74,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
              "widths per feature, fewer column slabs to look up); default every multiple of --width-step",
     )
     parser.add_argument(
+        "--bits", type=int, choices=(8, 4),
+        help="value allocation: count the budget in bytes of tables quantized row-wise to this many bits "
+             "(as served with --int8 / --bits: about 3x the columns of fp32 at 8 bits on wide rows); "
+             "needs --width-step 16/bits or a ladder of such widths",
+    )
+    parser.add_argument(
         "--min-row-lookups", type=float, default=0,
         help="value allocation: ids of a group seen fewer times than this on average share rows "
              "(hashing), each shared row serving at least this many train occurrences (halved while "
@@ -89,6 +95,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", default=BEST, help="checkpoint of the search to prune")
     args = parser.parse_args(argv)
+    if args.bits is not None and (args.cr is None or args.allocation != "value" or args.mode != "structured"):
+        parser.error("--bits applies to --allocation value with --cr")
     if (args.tau is not None and args.mode == "fine") or (args.epsilon is not None and args.mode == "structured"):
         parser.error(f"--{'tau' if args.tau is not None else 'epsilon'} does not apply to --mode {args.mode}")
     return args
@@ -137,7 +145,7 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> tuple[Structured
     if args.cr is not None and args.allocation == "value":
         budget = unpruned_bytes(sum(g.rows for g in groups), job.cfg.model.embedding_dim) / args.cr
         plan, lookups = value_plan_for_cr(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step,
-                                          args.min_row_lookups, CR_TOLERANCE, args.widths)
+                                          args.min_row_lookups, CR_TOLERANCE, args.widths, args.bits)
         return plan, {"min_row_lookups_used": lookups}
     if args.cr is not None:
         return plan_for_cr(groups, sum_sq, alpha, mass, args.cr, args.projection, CR_TOLERANCE), {}
@@ -162,13 +170,18 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
     summary = {
         **plan_summary(plan, args.projection, target, args.ranges_per_block, job.wall_s),
         "score": score, "allocation": args.allocation, "min_row_lookups": args.min_row_lookups,
-        "widths": args.widths, **notes,
+        "widths": args.widths, "bits": args.bits, **notes,
     }
+    if args.bits is not None:
+        summary["compression_ratio_quantized"] = plan.compression_ratio(args.projection, args.bits)
     job.run.write_json("prune.json", summary)
     job.run.log("prune", **{k: v for k, v in summary.items() if k != "plan"})
     how = "value per byte" if args.cr is not None and args.allocation == "value" else f"τ {plan.tau:.4g}"
     if notes.get("min_row_lookups_used"):
         how += f", ids of groups seen under {notes['min_row_lookups_used']:g} times on average sharing rows"
+    if args.bits is not None:
+        how += (f", budget in INT{args.bits} bytes: CR {plan.compression_ratio(args.projection, args.bits):.2f} "
+                f"quantized ({plan.embedding_bytes(args.projection, args.bits):,} bytes)")
     job.log(
         f"structured prune: {how}, CR {plan.compression_ratio(args.projection):.2f} "
         f"({args.projection} projection), {plan.embedding_bytes(args.projection):,} of "

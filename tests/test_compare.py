@@ -115,6 +115,15 @@ def test_grid_random_and_shared_rows_pick_by_validation_loss_only(tmp_path):
         _fake_run(cell.dir("dnis_shared", "cr4", f"min{c}"), [val], auc, nbytes=400)
     row = method_row(cell, "dnis_shared", 4.0, unpruned=1600, dim=8)
     assert row["choice"] == "min 10" and row["auc"] == 0.6 and row["wall_s"] == 4.0
+    # dnis_shared_int8: the same pick on fp32 validation, the pick's INT8 evaluation shipped.
+    for c, val, auc in ((0, 0.45, 0.7), (10, 0.41, 0.6), (30, 0.43, 0.9)):
+        run = cell.dir("dnis_shared_int8", "cr4", f"min{c}")
+        _fake_run(run, [val], auc, nbytes=1000)
+        quantized = {"embedding_bytes": 380 + c, "test": {"auc": auc - 0.01, "logloss": 0.5}, "wall_s": 1.0}
+        (run / "quantized_int8.json").write_text(json.dumps(quantized))
+    row = method_row(cell, "dnis_shared_int8", 4.0, unpruned=1600, dim=8)
+    assert row["choice"] == "min 10" and row["auc"] == pytest.approx(0.59) and row["bytes"] == 390
+    assert row["cr"] == 1600 / 390 and row["val_loss"] == 0.41
 
 
 def test_magnitude_prune_at_tau_zero_is_the_unpruned_model():
@@ -191,6 +200,26 @@ def test_a_retrain_never_runs_on_the_plan_another_budget_left_behind(tmp_path):
     retrain_min0.prepare()
     with pytest.raises(ValueError, match="not this run's plan"):
         retrain_min30.prepare()
+
+
+def test_the_int8_method_prunes_in_an_int8_budget_on_quantizable_rungs_then_quantizes(tmp_path):
+    from pipeline.compare.steps import method_steps
+
+    settings = Settings(configs=(TINY,), data={"d": str(tmp_path / "data")}, models=("deepfm",),
+                        methods=("dnis_shared_int8",), crs=(10.0,), seeds=1, out=str(tmp_path), min_row_lookups=(30,))
+    cell = Cell(settings, "d", "deepfm", 0)
+    _, prune, retrain, quantize = method_steps(cell, "dnis_shared_int8", 10.0)
+    ladder = [2**i for i in range(1, cell.embedding_dim().bit_length())]
+    assert prune.command[prune.command.index("--widths") + 1] == ",".join(map(str, ladder))
+    assert prune.command[prune.command.index("--bits") + 1] == "8"
+    assert quantize.command[-2:] == ["--bits", "8"] and str(cell.dir("dnis_shared_int8", "cr10", "min30")) in quantize.command
+    cell.dir("search").mkdir(parents=True)
+    plan = {"target": {"cr": 10.0}, "allocation": "value", "min_row_lookups": 30, "widths": ladder}
+    (cell.dir("search") / "prune.json").write_text(json.dumps(plan))  # dnis_shared_ladder-like: fp32 budget
+    with pytest.raises(ValueError, match="not this run's plan"):
+        retrain.prepare()
+    (cell.dir("search") / "prune.json").write_text(json.dumps({**plan, "bits": 8}))
+    retrain.prepare()
 
 
 @pytest.mark.parametrize("method", ["dnis_ladder", "dnis_shared_ladder"])

@@ -14,6 +14,7 @@ import torch
 
 from launch_helpers import ROOT, TINY, finish, kill_tree, search_args, torchrun, val_losses
 from pipeline.data import preprocess, synth
+from pipeline.prune.plan import StructuredPlan
 
 pytestmark = pytest.mark.multirank
 
@@ -86,6 +87,20 @@ def test_value_prune_on_a_width_ladder_keeps_to_its_rungs(search_run):
                    "--widths", "4,2", nproc=1)
     out, _ = bad.communicate(timeout=300)
     assert bad.returncode != 0 and "ascending distinct multiples" in out
+
+
+def test_value_prune_in_a_quantized_budget_meets_it_counted_in_int8_bytes(search_run):
+    args = ("--run-dir", str(search_run), "--cr", "8", "--allocation", "value", "--widths", "2,4,8", "--bits", "8")
+    out = finish(torchrun("launch.prune", *args, nproc=1))
+    result = json.loads((search_run / "prune.json").read_text())
+    plan = StructuredPlan.from_json(result["plan"])
+    assert result["bits"] == 8 and "budget in INT8 bytes" in out
+    assert result["compression_ratio_quantized"] == plan.compression_ratio("selection", 8)
+    assert 8 <= result["compression_ratio_quantized"] <= 8 * 1.1
+    assert result["compression_ratio"]["selection"] < 8  # the same plan in fp32 takes more bytes
+    bad = torchrun("launch.prune", "--run-dir", str(search_run), "--cr", "8", "--bits", "8", nproc=1)
+    out, _ = bad.communicate(timeout=300)
+    assert bad.returncode != 0 and "--bits applies to --allocation value" in out
 
 
 def test_fine_prune_meets_the_budget_and_accumulates_targets(search_run):

@@ -286,6 +286,29 @@ def test_shared_rows_give_way_to_rows_of_their_own_while_the_budget_has_room():
         value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / 1.01, "selection", 1, 4, 0.1)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_budget_buys_more_columns_within_its_quantized_bytes(bits):
+    from pipeline.prune.knapsack import plan_by_value
+
+    groups, sum_sq, alpha = _value_case()
+    unpruned = sum(g.rows for g in groups) * 16 * 4
+    mass = [1000 // (i + 1) * g.rows for i, g in enumerate(groups)]
+    step = 16 // bits
+    for cr in (10, 20, 40):  # (at CR 5 every int4 column fits)
+        for widths in (None, sorted({step, 2 * step, 8, 16})):
+            plan = plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=step, widths=widths, bits=bits)
+            fp32 = plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=step, widths=widths)
+            assert 0.85 * unpruned / cr <= plan.embedding_bytes("selection", bits) <= unpruned / cr, (cr, widths)
+            cells = [sum(g.stored_rows * g.width for g in p.groups) for p in (plan, fp32)]
+            # More columns for the same bytes: each quantized row pays 4 bytes of scale and
+            # bias per slab, as much as one fp32 column, so narrow rows gain little.
+            assert cells[0] > (1.2 if bits == 8 else 2) * cells[1], (cr, widths, cells)
+    with pytest.raises(ValueError, match=f"bits {bits}: need 8 or 4, and widths in steps of {step}"):
+        plan_by_value(groups, sum_sq, alpha, mass, unpruned / 10, multiple=1, bits=bits)
+    if bits == 8:  # a ladder of even widths needs no width step
+        plan_by_value(groups, sum_sq, alpha, mass, unpruned / 10, widths=[2, 4, 8, 16], bits=8)
+
+
 def _value_case():
     """Twelve groups of one feature, sizes 1..~4000 ids, K=16, random column energies."""
     g = torch.Generator().manual_seed(0)

@@ -77,11 +77,15 @@ def method_row(cell: Cell, method: str, cr: float, unpruned: int, dim: int) -> O
         row = _run_row(cell.dir(method, tag, "run"))
         if row and method == "nis_me":
             row["wall_s"] += _wall(cell.dir(method, tag, "search"))
-    elif method in ("dnis_shared", "dnis_shared_ladder"):
+    elif method in ("dnis_shared", "dnis_shared_ladder", "dnis_shared_int8"):
         dirs = {c: cell.dir(method, tag, f"min{c:g}") for c in cell.settings.min_row_lookups}
-        rows = [dict(r, choice=f"min {c:g}") for c, r in ((c, _run_row(d)) for c, d in dirs.items()) if r]
+        rows = [dict(r, choice=f"min {c:g}", c=c) for c, r in ((c, _run_row(d)) for c, d in dirs.items()) if r]
         row = pick_by_validation(rows)
+        if row and method == "dnis_shared_int8":  # chosen on fp32 validation, shipped as INT8
+            quantized = _quantized_row(dirs[row["c"]], 8)
+            row = None if quantized is None else dict(quantized, choice=row["choice"], val_loss=row["val_loss"])
         if row:
+            row.pop("c", None)
             row["wall_s"] = _wall(*dirs.values(), cell.dir("search"))
     elif method in ("dnis", "dnis_value", "dnis_ladder", "magnitude"):
         row = _run_row(cell.dir(method, tag))

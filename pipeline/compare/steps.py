@@ -68,31 +68,35 @@ def train_step(cell: Cell, name: str, run_dir: Path, epochs: int, *extra: str, s
 
 def structured_done(
     source: Path, cr: float, allocation: str, min_row_lookups: float = 0, widths: Optional[list[int]] = None,
+    bits: Optional[int] = None,
 ) -> bool:
     """Whether the source's ``prune.json`` is the plan of target ``cr`` by ``allocation``
-    (with these ``min_row_lookups`` and ``widths``)."""
+    (with these ``min_row_lookups``, ``widths`` and budget ``bits``)."""
     path = source / "prune.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
     return (doc.get("target", {}).get("cr") == cr and doc.get("allocation") == allocation
-            and doc.get("min_row_lookups", 0) == min_row_lookups and doc.get("widths") == widths)
+            and doc.get("min_row_lookups", 0) == min_row_lookups and doc.get("widths") == widths
+            and doc.get("bits") == bits)
 
 
 def prune_step(
     cell: Cell, name: str, source: Path, cr: float, mode: str, done=None, allocation: str = "threshold",
-    min_row_lookups: float = 0, widths: Optional[list[int]] = None,
+    min_row_lookups: float = 0, widths: Optional[list[int]] = None, bits: Optional[int] = None,
 ) -> Step:
     """``dnis prune`` of ``source``; a structured one is done when ``done()`` (its retrain)."""
     if mode == "fine":
         wrote = lambda: fine_done(source, cr)  # noqa: E731
     else:
-        wrote = lambda: structured_done(source, cr, allocation, min_row_lookups, widths)  # noqa: E731
+        wrote = lambda: structured_done(source, cr, allocation, min_row_lookups, widths, bits)  # noqa: E731
     command = torchx(cell, "prune", "--run_dir", str(source), "--cr", f"{cr:g}", "--mode", mode,
                      "--allocation", allocation, "--min_row_lookups", f"{min_row_lookups:g}")
     command += ["--widths", ",".join(map(str, widths))] if widths else []
+    command += ["--bits", str(bits)] if bits else []
     shared = f"-min{min_row_lookups:g}" if min_row_lookups else ""
     ladder = "-ladder" if widths else ""
+    quantized = f"-int{bits}" if bits else ""
     return Step(name, done or wrote, command, succeeded=wrote,
-                log=source.parent / f"{source.name}.prune-{mode}-{allocation}{ladder}{shared}-{cr_tag(cr)}.log")
+                log=source.parent / f"{source.name}.prune-{mode}-{allocation}{ladder}{shared}{quantized}-{cr_tag(cr)}.log")
 
 
 def retrain_step(cell: Cell, name: str, source: Path, out: Path, epochs: int, init: str, planned=None) -> Step:
@@ -150,6 +154,20 @@ def plan_step(cell: Cell, name: str, plan_dir: Path, method: str, cr: float, can
     return Step(name, lambda: finished(plan_dir, "prune.json"), prepare=write)
 
 
+# dnis_shared and its variants: one prune and retrain per min_row_lookups candidate.
+SHARED_METHODS = ("dnis_shared", "dnis_shared_ladder", "dnis_shared_int8")
+
+
+def shared_variant(method: str, cell: Cell) -> tuple[Optional[list[int]], Optional[int]]:
+    """``(widths, bits)`` of a ``SHARED_METHODS`` method's prune: every width in fp32,
+    the doubling ladder, or the ladder from 2 in an INT8 budget (each rung quantizes)."""
+    if method == "dnis_shared":
+        return None, None
+    if method == "dnis_shared_ladder":
+        return doubling_widths(cell.embedding_dim()), None
+    return [w for w in doubling_widths(cell.embedding_dim()) if w >= 2], 8
+
+
 def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
     """The steps of ``method`` at budget ``cr`` in ``cell`` (shared ones repeat by name)."""
     s, tag = cell.settings, cr_tag(cr)
@@ -165,15 +183,16 @@ def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
                 for k in cell.grid_widths(cell.embedding_dim())]
     if method in ("int8", "int4"):
         return [full_step, quantize_step(f"full/{method}", full, int(method[3:]))]
-    if method in ("dnis_shared", "dnis_shared_ladder"):
+    if method in SHARED_METHODS:
         steps = [search_step]
-        widths = doubling_widths(cell.embedding_dim()) if method == "dnis_shared_ladder" else None
+        widths, bits = shared_variant(method, cell)
         for c in s.min_row_lookups:
             name, out = f"{method}/{tag}/min{c:g}", cell.dir(method, tag, f"min{c:g}")
-            planned = lambda c=c: structured_done(search, cr, "value", c, widths)  # noqa: E731
+            planned = lambda c=c: structured_done(search, cr, "value", c, widths, bits)  # noqa: E731
             steps += [prune_step(cell, f"{name}/prune", search, cr, "structured", lambda out=out: finished(out), "value",
-                                 c, widths),
+                                 c, widths, bits),
                       retrain_step(cell, name, search, out, R, "source", planned)]
+            steps += [quantize_step(f"{name}/int{bits}", out, bits)] if bits else []
         return steps
     if method in ("dnis", "dnis_int8", "dnis_value", "dnis_ladder", "magnitude"):
         source, first = (warm, warm_step) if method == "magnitude" else (search, search_step)

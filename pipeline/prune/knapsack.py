@@ -26,6 +26,14 @@ so the greedy prefix stays optimal among such plans. Fewer distinct widths per f
 mean fewer column slabs (``sharding.column_slabs``): fewer lookups per id and fewer keys
 for the repacked model to serve and retrain.
 
+With ``bits`` (8 or 4) the budget is in quantized bytes, dims × precision in one
+budget: a step of ``n`` columns costs ``rows × (ceil(n × bits / 8) + 4)`` (the packed
+values and a row's fp16 scale and bias in the slab the step may open; an upper bound,
+as consecutive steps often share a slab). A wide row buys about three times the fp32
+columns at 8 bits, a narrow one little (4 bytes of scale and bias are one fp32 column),
+so fewer, wider steps (a ladder) suit it. Every step must quantize (its columns × bits a
+multiple of 16).
+
 With ``min_row_lookups`` = c, a group whose ids average fewer than c train occurrences
 shares ``ceil(mass_g / c)`` rows between its ids (``GroupPlan.buckets``: the hashing
 trick): rows seen once or twice only memorise their labels, and a shared row is cheaper,
@@ -46,7 +54,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline.prune.bytes import BUCKETS_BYTES, RANGE_START_BYTES, VALUE_BYTES, projection_column_bytes
+from pipeline.prune.bytes import (
+    BUCKETS_BYTES, QUANTIZED_BITS, RANGE_START_BYTES, SCALE_BIAS_BYTES, VALUE_BYTES,
+    projection_column_bytes,
+)
 from pipeline.prune.nested import nested_columns
 from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, column_scores
 
@@ -69,26 +80,33 @@ def shared_rows(groups: list[Group], mass, min_row_lookups: float) -> list[int |
 def plan_by_value(
     groups: list[Group], sum_sq, alpha, mass, budget: float, projection: str = "selection",
     multiple: int = 1, min_row_lookups: float = 0, widths: Optional[Sequence[int]] = None,
+    bits: Optional[int] = None,
 ) -> StructuredPlan:
     """The plan of most total worth within ``budget`` bytes (see the module docstring),
     widths in steps of ``multiple`` columns (2 lets FBGEMM quantize every table to int8,
     4 to int4) or from the ladder ``widths`` (each a multiple of ``multiple``), ids of
-    rarely seen groups sharing rows with ``min_row_lookups`` > 0.
+    rarely seen groups sharing rows with ``min_row_lookups`` > 0, bytes counted quantized
+    to ``bits`` (``None``: fp32).
 
     Raises:
         ValueError: for a ladder that is not ascending multiples of ``multiple`` up to
-            ``K``, or when the budget does not pay for the groups' range starts and the
-            first rung of the cheapest group.
+            ``K``, widths that do not quantize to ``bits``, or when the budget does not
+            pay for the groups' range starts and the first rung of the cheapest group.
     """
     scores = column_scores(groups, sum_sq, alpha)
     num, dim = scores.shape
     if dim % multiple:
         raise ValueError(f"embedding_dim {dim} is not a multiple of the width step {multiple}")
     ladder = np.array(width_ladder(widths, multiple, dim))
+    if bits is not None and (bits not in QUANTIZED_BITS or (np.diff(ladder, prepend=0) * bits % 16).any()):
+        raise ValueError(f"bits {bits}: need 8 or 4, and widths in steps of {16 // max(bits, 1)} "
+                         "(FBGEMM quantizes a slab when its width × bits is a multiple of 16)")
     buckets = shared_rows(groups, mass, min_row_lookups)
     rows = np.array([g.rows if b is None else b for g, b in zip(groups, buckets)], dtype=np.int64)
-    per_column = rows * VALUE_BYTES + projection_column_bytes(projection, dim)
-    step_cost = per_column[:, None] * np.diff(ladder, prepend=0)[None, :]  # [groups, rungs]
+    step_columns = np.diff(ladder, prepend=0)[None, :]
+    step_cost = projection_column_bytes(projection, dim) * step_columns + rows[:, None] * (
+        VALUE_BYTES * step_columns if bits is None else -(-step_columns * bits // 8) + SCALE_BIAS_BYTES
+    )  # [groups, rungs]
     order = np.argsort(-scores, axis=1, kind="stable")
     # Worth of each group's steps, best columns first: per byte it never rises from one step to the next.
     best_first = np.concatenate([np.zeros((num, 1)), np.cumsum(np.take_along_axis(scores, order, axis=1), axis=1)], 1)
@@ -97,23 +115,37 @@ def plan_by_value(
     left = budget - RANGE_START_BYTES * num - BUCKETS_BYTES * sum(b is not None for b in buckets)
     if left < step_cost[:, 0].min():
         raise ValueError(f"a budget of {budget:,.0f} bytes does not pay for one column of any group")
-    taken = np.zeros(num, dtype=np.int64)  # rungs taken
+    slack = 0.0  # quantized slab tables are padded to cache lines: spend that much less and retry
+    while True:
+        taken = greedy_rungs(steps, step_cost, worth, left - slack)
+        kept = nested_columns(groups, np.concatenate([[0], ladder])[taken], scores, mass)
+        plans = tuple(GroupPlan(g, columns, multiple, b if columns else None)
+                      for g, columns, b in zip(groups, kept, buckets))
+        plan = StructuredPlan(plans, dim, tau=0.0)
+        over = plan.embedding_bytes(projection, bits) - budget
+        if over <= 0:
+            return plan
+        assert bits is not None, (over, budget)  # fp32 step costs are exact
+        slack += over
+
+
+def greedy_rungs(steps: np.ndarray, step_cost: np.ndarray, worth: np.ndarray, left: float) -> np.ndarray:
+    """Rungs taken per group within ``left`` bytes: first one rung for every group whose
+    first step is worth anything (if ``left`` pays for all of them), then steps by worth
+    per byte. A group's steps come best first (a stable sort keeps ties in rung order),
+    and a step is taken only right after the group's previous one."""
+    num, rungs = steps.shape
+    taken = np.zeros(num, dtype=np.int64)
     floor = steps[:, 0] > 0
     if step_cost[floor, 0].sum() <= left:
         taken[floor] = 1
         left -= step_cost[floor, 0].sum()
-    # The rest by worth per byte. A group's steps come best first (a stable sort keeps
-    # ties in rung order), and a step is taken only right after the group's previous one.
-    rest = [(worth[g, k], g, k) for g in range(num) for k in range(taken[g], len(ladder)) if steps[g, k] > 0]
+    rest = [(worth[g, k], g, k) for g in range(num) for k in range(taken[g], rungs) if steps[g, k] > 0]
     for _, g, k in sorted(rest, key=lambda item: -item[0]):
         if k == taken[g] and step_cost[g, k] <= left:
             taken[g] += 1
             left -= step_cost[g, k]
-    kept = nested_columns(groups, np.concatenate([[0], ladder])[taken], scores, mass)
-    plans = tuple(GroupPlan(g, columns, multiple, b if columns else None) for g, columns, b in zip(groups, kept, buckets))
-    plan = StructuredPlan(plans, dim, tau=0.0)
-    assert plan.embedding_bytes(projection) <= budget, (plan.embedding_bytes(projection), budget)
-    return plan
+    return taken
 
 
 def doubling_widths(dim: int) -> list[int]:
@@ -149,7 +181,7 @@ def width_ladder(widths: Optional[Sequence[int]], multiple: int, dim: int) -> li
 
 def value_plan_for_cr(
     groups: list[Group], sum_sq, alpha, mass, budget: float, projection: str, multiple: int,
-    min_row_lookups: float, tolerance: float, widths: Optional[Sequence[int]] = None,
+    min_row_lookups: float, tolerance: float, widths: Optional[Sequence[int]] = None, bits: Optional[int] = None,
 ) -> tuple[StructuredPlan, float]:
     """``plan_by_value`` spending at least ``budget / (1 + tolerance)`` bytes, and the
     ``min_row_lookups`` it used: halved (down to 0: a row per id) while every column fits
@@ -160,14 +192,14 @@ def value_plan_for_cr(
             less (the message names the highest CR reachable).
     """
     while True:
-        plan = plan_by_value(groups, sum_sq, alpha, mass, budget, projection, multiple, min_row_lookups, widths)
-        if plan.embedding_bytes(projection) * (1 + tolerance) >= budget:
+        plan = plan_by_value(groups, sum_sq, alpha, mass, budget, projection, multiple, min_row_lookups, widths, bits)
+        if plan.embedding_bytes(projection, bits) * (1 + tolerance) >= budget:
             return plan, min_row_lookups
         if min_row_lookups <= 1:
             break
         min_row_lookups = min_row_lookups / 2 if min_row_lookups > 2 else 0
     cr = plan.unpruned_bytes() / budget
-    landed = plan.compression_ratio(projection)
+    landed = plan.compression_ratio(projection, bits)
     raise ValueError(
         f"compression ratio {cr:g} is not reachable within {tolerance:.0%}: every column that "
         f"scores above zero fits and reaches CR {landed:.4g}; ask for CR ≤ {landed:.4g}"
