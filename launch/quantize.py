@@ -36,7 +36,6 @@ from pipeline.prune.bytes import QUANTIZED_BITS, quantized_table_bytes, unpruned
 from pipeline.run_dir import RunDir
 from pipeline.tasks import RunTask, TrainTask, build_run_task
 from sharding.dmp import DistEnv
-from sharding.repack import KeyRewriter
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -81,8 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         served = serve_artifact(load_run(run.path, args.checkpoint), bits=args.bits)
     except ValueError as error:  # a table width FBGEMM cannot quantize to these bits, or no checkpoint
         raise SystemExit(f"dnis quantize: {error}") from None
-    # The loader's KJT batches go through the repacked model's key rewrite, as in training.
-    job.transform = KeyRewriter(built.plan, job.layout.keys) if built.plan is not None else None
+    # The loader's batches (frequency ranks) reach a repacked model's served tables through
+    # its serving ids (the tables are re-laid for them: ``sharding.serving_rows``).
+    job.transform = served.rewrite.from_ranks if served.rewrite is not None else None
     metrics = evaluate(
         TrainTask(served.model), job.reader(args.split, train=False).batches(), job.env.device,
         show_progress=job.show_progress, desc=args.split,

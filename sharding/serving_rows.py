@@ -76,6 +76,15 @@ class ServingRows(nn.Module):
         group = np.searchsorted(starts, ranks, side="right") - 1
         return bases[group] + (ranks - starts[group]) % moduli[group]
 
+    def from_ranks(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The slab KJT of a single-hot batch of frequency ranks in ``keys`` order (the
+        loader's batches: evaluating a served model on a preprocessed split)."""
+        ids = features.values().long().view(len(self.keys), -1)
+        serving = np.stack([self.ids_of_ranks(key, ids[f].numpy()) for f, key in enumerate(self.keys)])
+        weights = features.weights_or_none()
+        # ``forward``: the loader calls this from its prefetch thread (see ``KeyRewriter``).
+        return self.forward(torch.from_numpy(serving), None if weights is None else weights.view(len(self.keys), -1))
+
     def relay(self, ebc: EmbeddingBagCollection) -> EmbeddingBagCollection:
         """A copy of the slab tables ``ebc`` (``t_<slab>``, rows in training order) with
         each slab's rows in serving order and a zero row after them."""

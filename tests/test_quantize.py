@@ -110,7 +110,10 @@ def test_repacked_retrain_run_compounds_pruning_and_quantisation(retrain_run):
         kept = [(g.group.rows, g.width) for g in plan.groups if g.width]
         factor = sum(n * 4 * w for n, w in kept) / sum(n * (w * bits / 8 + 4) for n, w in kept)
         assert 0.5 < result["compression_ratio"] / (retrained["compression_ratio"] * factor) <= 1.0
-        assert abs(result["test"]["auc"] - retrained["test"]["auc"]) < 0.03
+        # The loader's ranks reach the served (re-laid) tables through their serving ids:
+        # int8 moves the metrics by its rounding only.
+        gaps = {m: abs(result["test"][m] - retrained["test"][m]) for m in ("auc", "logloss")}
+        assert gaps["auc"] < (0.002 if bits == 8 else 0.03) and gaps["logloss"] < (0.001 if bits == 8 else 0.01), gaps
         assert result["test"]["rows"] == retrained["test"]["rows"]
 
 
