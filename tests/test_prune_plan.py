@@ -303,6 +303,9 @@ def test_a_quantized_budget_buys_more_columns_within_its_quantized_bytes(bits):
             # More columns for the same bytes: each quantized row pays 4 bytes of scale and
             # bias per slab, as much as one fp32 column, so narrow rows gain little.
             assert cells[0] > (1.2 if bits == 8 else 2) * cells[1], (cr, widths, cells)
+            if widths:  # on a ladder, no group the fp32 plan keeps whole is narrower quantized
+                full = [g.width == 16 for g in fp32.groups]
+                assert all(g.width == 16 for g, whole in zip(plan.groups, full) if whole), (cr, widths)
     with pytest.raises(ValueError, match=f"bits {bits}: need 8 or 4, and widths in steps of {step}"):
         plan_by_value(groups, sum_sq, alpha, mass, unpruned / 10, multiple=1, bits=bits)
     if bits == 8:  # a ladder of even widths needs no width step

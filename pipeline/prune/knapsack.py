@@ -111,13 +111,13 @@ def plan_by_value(
     # Worth of each group's steps, best columns first: per byte it never rises from one step to the next.
     best_first = np.concatenate([np.zeros((num, 1)), np.cumsum(np.take_along_axis(scores, order, axis=1), axis=1)], 1)
     steps = np.diff(best_first[:, np.concatenate([[0], ladder])], axis=1)
-    worth = np.asarray(mass, dtype=np.float64)[:, None] * steps / step_cost
+    gains = np.asarray(mass, dtype=np.float64)[:, None] * steps
     left = budget - RANGE_START_BYTES * num - BUCKETS_BYTES * sum(b is not None for b in buckets)
     if left < step_cost[:, 0].min():
         raise ValueError(f"a budget of {budget:,.0f} bytes does not pay for one column of any group")
     slack = 0.0  # quantized slab tables are padded to cache lines: spend that much less and retry
     while True:
-        taken = greedy_rungs(steps, step_cost, worth, left - slack)
+        taken = greedy_rungs(gains, step_cost, steps[:, 0] > 0, left - slack)
         kept = nested_columns(groups, np.concatenate([[0], ladder])[taken], scores, mass)
         plans = tuple(GroupPlan(g, columns, multiple, b if columns else None)
                       for g, columns, b in zip(groups, kept, buckets))
@@ -129,22 +129,42 @@ def plan_by_value(
         slack += over
 
 
-def greedy_rungs(steps: np.ndarray, step_cost: np.ndarray, worth: np.ndarray, left: float) -> np.ndarray:
-    """Rungs taken per group within ``left`` bytes: first one rung for every group whose
-    first step is worth anything (if ``left`` pays for all of them), then steps by worth
-    per byte. A group's steps come best first (a stable sort keeps ties in rung order),
-    and a step is taken only right after the group's previous one."""
-    num, rungs = steps.shape
+def greedy_rungs(gains: np.ndarray, step_cost: np.ndarray, floor: np.ndarray, left: float) -> np.ndarray:
+    """Rungs taken per group within ``left`` bytes: first one rung for every ``floor``
+    group (if ``left`` pays for all of them), then steps by worth per byte.
+
+    A group's worth per byte falls from step to step when every column costs the same
+    (fp32); with quantized rows a wider step spreads a row's scale and bias over more
+    columns and can be worth more per byte than the step before it, which a greedy pass
+    would then skip for good. So each group's consecutive steps merge while the later is
+    worth more per byte (the upper concave hull), and the greedy takes merged steps whole;
+    for fp32 nothing merges.
+
+    >>> greedy_rungs(np.array([[6.0, 12.0]]), np.array([[6.0, 6.0]]), np.array([False]), 12.0)
+    array([2])
+    """
+    num, rungs = gains.shape
     taken = np.zeros(num, dtype=np.int64)
-    floor = steps[:, 0] > 0
     if step_cost[floor, 0].sum() <= left:
         taken[floor] = 1
         left -= step_cost[floor, 0].sum()
-    rest = [(worth[g, k], g, k) for g in range(num) for k in range(taken[g], rungs) if steps[g, k] > 0]
-    for _, g, k in sorted(rest, key=lambda item: -item[0]):
-        if k == taken[g] and step_cost[g, k] <= left:
-            taken[g] += 1
-            left -= step_cost[g, k]
+    units = []  # (worth per byte, group, first rung, rung after, cost)
+    for g in range(num):
+        hull: list[list[float]] = []  # [gain, cost, first rung, rung after]
+        for k in range(taken[g], rungs):
+            if gains[g, k] <= 0:
+                break
+            step = [gains[g, k], step_cost[g, k], k, k + 1]
+            while hull and step[0] * hull[-1][1] > hull[-1][0] * step[1]:
+                gain, cost, first, _ = hull.pop()
+                step = [gain + step[0], cost + step[1], first, step[3]]
+            hull.append(step)
+        units += [(gain / cost, g, first, after, cost) for gain, cost, first, after in hull]
+    # A stable sort keeps ties in rung order; a step is taken only right after the group's previous one.
+    for _, g, first, after, cost in sorted(units, key=lambda unit: -unit[0]):
+        if first == taken[g] and cost <= left:
+            taken[g] = after
+            left -= cost
     return taken
 
 
