@@ -43,10 +43,13 @@ VOCAB = [int(v) for v in np.geomspace(4, 200_000, NUM_TABLES)]
 
 @dataclass(frozen=True)
 class Layout:
+    """What the task builders read of a ``FeatureLayout``: single-hot tables, no dataset."""
+
     keys: tuple
     weighted: bool
     num_embeddings: dict
     num_dense: int
+    multi_hot_keys: tuple = ()
 
 
 def zipf_ids(rng: np.random.Generator, vocab: int, rows: int) -> np.ndarray:
