@@ -79,11 +79,14 @@ class ServingRows(nn.Module):
     def from_ranks(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The slab KJT of a single-hot batch of frequency ranks in ``keys`` order (the
         loader's batches: evaluating a served model on a preprocessed split)."""
-        ids = features.values().long().view(len(self.keys), -1)
-        serving = np.stack([self.ids_of_ranks(key, ids[f].numpy()) for f, key in enumerate(self.keys)])
+        serving = self.serving_ids(features.values().long().view(len(self.keys), -1), self.keys)
         weights = features.weights_or_none()
         # ``forward``: the loader calls this from its prefetch thread (see ``KeyRewriter``).
-        return self.forward(torch.from_numpy(serving), None if weights is None else weights.view(len(self.keys), -1))
+        return self.forward(serving, None if weights is None else weights.view(len(self.keys), -1))
+
+    def serving_ids(self, ranks: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        """Serving ids of frequency ranks ``[len(keys), B]``, row ``i`` of feature ``keys[i]``."""
+        return torch.from_numpy(np.stack([self.ids_of_ranks(key, ranks[i].numpy()) for i, key in enumerate(keys)]))
 
     def relay(self, ebc: EmbeddingBagCollection) -> EmbeddingBagCollection:
         """A copy of the slab tables ``ebc`` (``t_<slab>``, rows in training order) with

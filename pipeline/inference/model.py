@@ -4,9 +4,9 @@
 mixed-width tables, or a train run's full tables) from its artifact directory
 (``pipeline.inference.artifact``: JSON and safetensors, nothing unpickled) in this
 process alone: no process group, no sharding. The module owns every step the training
-data went through: vocabulary lookup (hex -> frequency rank, OOV; a repacked model's
-serving id), the dense transform (``log(1 + max(x, 0))``), the ids into the repacked tables, the tables and their
-projections, and the model. The code is the preprocessing's and the loader's own
+data went through: vocabulary lookup (hex -> frequency rank, OOV; for a repacked model
+its serving id), the dense transform (``log(1 + max(x, 0))``), the ids into the repacked
+tables, the tables and their projections, and the model. The code is the preprocessing's and the loader's own
 (``encode_block``, ``table_rows``, ``key_ids``), so serving cannot drift from training.
 ``encode`` is the numpy part (raw rows -> dense values and ids), ``forward`` the tensor
 part (dense values and ids -> logits), which ``torch.export`` exports with a dynamic
@@ -19,9 +19,10 @@ entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus fp16
 of the row's scale and bias; bytes as ``pipeline.prune.bytes`` counts them). A repacked
 model is served with its own id numbering (``sharding.serving_rows``: the vocabulary maps
 raw values straight to serving ids, and each column slab stores a prefix of them, so the
-ids reach the slabs with one ``minimum`` each), and where it costs less an FM, DeepFM or Wide & Deep reads its pooled slab columns
-directly (``pipeline.models.folded``): the selection or learned projection is folded into
-the first layers, so the mostly-zero ``[B, F, K]`` fields are never built.
+ids reach the slabs with one ``minimum`` each), and where it costs less an FM, DeepFM or
+Wide & Deep reads its pooled slab columns directly (``pipeline.models.folded``): the
+selection or learned projection is folded into the first layers, so the mostly-zero
+``[B, F, K]`` fields are never built.
 Serving reads one id per categorical field: a run trained on multi-hot bags
 (``data.multi_hot_sizes``) is refused (``multi_hot_refusal``).
 
@@ -37,7 +38,6 @@ from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torchrec.inference.modules import quantize_inference_model
@@ -102,10 +102,7 @@ class ServingModel(nn.Module):
     def from_ranks(self, ids: torch.Tensor) -> torch.Tensor:
         """The ids ``forward`` reads of frequency ranks ``[B, C]`` (a preprocessed
         dataset's id columns): themselves, or a repacked model's serving ids."""
-        if self.rewrite is None:
-            return ids
-        columns = [self.rewrite.ids_of_ranks(key, ids[:, c].numpy()) for c, key in enumerate(self.layout.id_columns)]
-        return torch.from_numpy(np.stack(columns, axis=1))
+        return ids if self.rewrite is None else self.rewrite.serving_ids(ids.T, self.layout.id_columns).T
 
     def features(self, dense: torch.Tensor, ids: torch.Tensor) -> KeyedJaggedTensor:
         """The KJT the model reads: every key single-hot (``key_ids``), or a repacked

@@ -108,7 +108,8 @@ def plan_by_value(
         VALUE_BYTES * step_columns if bits is None else -(-step_columns * bits // 8) + SCALE_BIAS_BYTES
     )  # [groups, rungs]
     order = np.argsort(-scores, axis=1, kind="stable")
-    # Worth of each group's steps, best columns first: per byte it never rises from one step to the next.
+    # Worth of each group's steps, best columns first: per column it never rises from one step to the
+    # next (per byte it may, with quantized rows: greedy_rungs).
     best_first = np.concatenate([np.zeros((num, 1)), np.cumsum(np.take_along_axis(scores, order, axis=1), axis=1)], 1)
     steps = np.diff(best_first[:, np.concatenate([[0], ladder])], axis=1)
     gains = np.asarray(mass, dtype=np.float64)[:, None] * steps
