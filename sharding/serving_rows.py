@@ -57,16 +57,16 @@ class ServingRows(nn.Module):
         super().__init__()
         slabs = ColumnSlabs(plan, keys)
         self.keys, self.out_keys = list(keys), [s.name for s in slabs.slabs]
-        self.widest_first = {key: widest_first(plan, key) for key in self.keys}
-        self.sources = {s.name: slab_sources(s, self.widest_first[s.key]) for s in slabs.slabs}
+        ordered = {key: widest_first(plan, key) for key in self.keys}
+        self.sources = {s.name: slab_sources(s, ordered[s.key]) for s in slabs.slabs}
         field = {key: i for i, key in enumerate(self.keys)}
-        stored = {key: sum(g.stored_rows for g in groups) for key, groups in self.widest_first.items()}
+        stored = {key: sum(g.stored_rows for g in groups) for key, groups in ordered.items()}
         # Per slab its feature and n_s (its zero row); per feature its highest id (the dropped groups').
         self.register_buffer("field", torch.tensor([field[s.key] for s in slabs.slabs]), persistent=False)
         self.register_buffer("limit", torch.tensor([[len(self.sources[s.name])] for s in slabs.slabs]),
                              persistent=False)
         self.register_buffer("top", torch.tensor([[stored[key]] for key in self.keys]), persistent=False)
-        self._numbering = {key: numbering(plan, key, self.widest_first[key], stored[key]) for key in self.keys}
+        self._numbering = {key: numbering(plan, key, ordered[key], stored[key]) for key in self.keys}
 
     def ids_of_ranks(self, key: str, ranks: np.ndarray) -> np.ndarray:
         """Serving ids (int64) of ``key``'s frequency ranks ``ranks``: what a vocabulary
