@@ -40,6 +40,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from pipeline.data.batch import single_hot_kjt
 from pipeline.prune.plan import GroupPlan, StructuredPlan
 from sharding.column_slabs import ColumnSlabs, Slab
 
@@ -66,6 +67,7 @@ class ServingRows(nn.Module):
         self.register_buffer("limit", torch.tensor([[len(self.sources[s.name])] for s in slabs.slabs]),
                              persistent=False)
         self.register_buffer("top", torch.tensor([[stored[key]] for key in self.keys]), persistent=False)
+        self.register_buffer("bottom", torch.zeros_like(self.top), persistent=False)  # clamp takes two tensors
         self._numbering = {key: numbering(plan, key, ordered[key], stored[key]) for key in self.keys}
 
     def ids_of_ranks(self, key: str, ranks: np.ndarray) -> np.ndarray:
@@ -106,17 +108,14 @@ class ServingRows(nn.Module):
     def forward(self, ids: torch.Tensor, weights: torch.Tensor | None = None) -> KeyedJaggedTensor:
         """The slab KJT of serving ids ``[F, B]`` (``keys`` order) and their weights."""
         field = self.field  # each buffer read costs 0.5 µs (nn.Module.__getattr__)
-        if not torch.compiler.is_compiling():  # an exported graph has no data checks
+        # An exported graph has no data checks; clamp + equal: 2 small ops at batch 1, not 4.
+        if not torch.compiler.is_compiling() and not torch.equal(ids.clamp(self.bottom, self.top), ids):
             bad = (ids > self.top) | (ids < 0)
-            if bool(bad.any()):
-                f = int(bad.any(dim=1).nonzero()[0])
-                raise ValueError(f"id {int(ids[f][bad[f]][0])} of {self.keys[f]} is outside its serving ids "
-                                 f"0..{int(self.top[f])}")
-        values = torch.minimum(ids.index_select(0, field), self.limit).view(-1)
-        return KeyedJaggedTensor(
-            keys=self.out_keys, values=values, lengths=torch.ones_like(values, dtype=torch.int32),
-            weights=None if weights is None else weights.index_select(0, field).view(-1), stride=ids.shape[1],
-        )
+            f = int(bad.any(dim=1).nonzero()[0])
+            raise ValueError(f"id {int(ids[f][bad[f]][0])} of {self.keys[f]} is outside its serving ids "
+                             f"0..{int(self.top[f])}")
+        values = torch.minimum(ids.index_select(0, field), self.limit)
+        return single_hot_kjt(self.out_keys, values, None if weights is None else weights.index_select(0, field))
 
 
 def widest_first(plan: StructuredPlan, key: str) -> list[GroupPlan]:

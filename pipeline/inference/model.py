@@ -42,7 +42,9 @@ import torch
 from torch import nn
 from torchrec.inference.modules import quantize_inference_model
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+from torchrec.quant.embedding_modules import (
+    quant_prep_customize_row_alignment, quant_prep_enable_cache_features_order,
+)
 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -254,4 +256,7 @@ def inference_tables(model: nn.Module, bits: int = FP32_BITS) -> nn.Module:
                         f"(width × {bits} must be a multiple of {QUANTIZED_ROW_UNIT_BITS} bits)"
                     )
     quant_prep_customize_row_alignment(model, [EmbeddingBagCollection], QUANT_ROW_ALIGNMENT)
+    # Served KJTs always have the keys in one order: look it up once, not per batch (an
+    # O(keys²) list search, 8 µs with 39 keys and 17 µs with 80 slabs at batch 1).
+    quant_prep_enable_cache_features_order(model, [EmbeddingBagCollection])
     return quantize_inference_model(model, quantization_dtype=TABLE_DTYPES[bits], output_dtype=torch.float)
