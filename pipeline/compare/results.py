@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.compare.protocol import FIXED_CR, Cell, cr_tag
+from pipeline.compare.protocol import FIXED_CR, SHARED_METHODS, Cell, cr_tag
 
 
 def _json(path: Path) -> Optional[dict]:
@@ -77,7 +77,7 @@ def method_row(cell: Cell, method: str, cr: float, unpruned: int, dim: int) -> O
         row = _run_row(cell.dir(method, tag, "run"))
         if row and method == "nis_me":
             row["wall_s"] += _wall(cell.dir(method, tag, "search"))
-    elif method in ("dnis_shared", "dnis_shared_ladder", "dnis_shared_int8"):
+    elif method in SHARED_METHODS:
         dirs = {c: cell.dir(method, tag, f"min{c:g}") for c in cell.settings.min_row_lookups}
         rows = [dict(r, choice=f"min {c:g}", c=c) for c, r in ((c, _run_row(d)) for c, d in dirs.items()) if r]
         row = pick_by_validation(rows)

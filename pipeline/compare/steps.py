@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.compare.plans import mde_plan, random_plan
-from pipeline.compare.protocol import Cell, Step, cr_tag
+from pipeline.compare.protocol import SHARED_METHODS, Cell, Step, cr_tag
 from pipeline.config import load_config, save_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
@@ -154,17 +154,16 @@ def plan_step(cell: Cell, name: str, plan_dir: Path, method: str, cr: float, can
     return Step(name, lambda: finished(plan_dir, "prune.json"), prepare=write)
 
 
-# dnis_shared and its variants: one prune and retrain per min_row_lookups candidate.
-SHARED_METHODS = ("dnis_shared", "dnis_shared_ladder", "dnis_shared_int8")
-
-
 def shared_variant(method: str, cell: Cell) -> tuple[Optional[list[int]], Optional[int]]:
     """``(widths, bits)`` of a ``SHARED_METHODS`` method's prune: every width in fp32,
-    the doubling ladder, or the ladder from 2 in an INT8 budget (each rung quantizes)."""
+    the doubling ladder (up to K, or K/4), or the ladder from 2 in an INT8 budget (each
+    rung quantizes)."""
     if method == "dnis_shared":
         return None, None
     if method == "dnis_shared_ladder":
         return doubling_widths(cell.embedding_dim()), None
+    if method == "dnis_shared_narrow":
+        return doubling_widths(max(1, cell.embedding_dim() // 4)), None
     return [w for w in doubling_widths(cell.embedding_dim()) if w >= 2], 8
 
 
