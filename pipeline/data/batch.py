@@ -102,8 +102,8 @@ def single_hot_kjt(
 
     ``weights`` (same shape) makes it a weighted KJT. Its lengths, offsets and per-key
     lengths are all known from the shape, so they are given rather than computed from
-    the lengths (a cumsum, a sum and a ``tolist`` per batch: 8 µs of a 136 µs served
-    batch of one row).
+    the lengths (a cumsum, a sum and a ``tolist`` per batch: 5 µs of the unpruned
+    model's 0.13 ms tensor part at batch 1).
 
     Example:
         >>> kjt = single_hot_kjt(["a", "b"], torch.tensor([[3, 4], [5, 6]]))
