@@ -222,7 +222,7 @@ def test_the_int8_method_prunes_in_an_int8_budget_on_quantizable_rungs_then_quan
     retrain.prepare()
 
 
-@pytest.mark.parametrize("method", ["dnis_ladder", "dnis_shared_ladder", "dnis_shared_narrow"])
+@pytest.mark.parametrize("method", ["dnis_ladder", "dnis_shared_ladder", "dnis_shared_half", "dnis_shared_narrow"])
 def test_the_ladder_methods_prune_on_doubling_widths_and_never_retrain_another_plan(tmp_path, method):
     from pipeline.compare.steps import method_steps
 
@@ -231,7 +231,7 @@ def test_the_ladder_methods_prune_on_doubling_widths_and_never_retrain_another_p
     cell = Cell(settings, "d", "deepfm", 0)
     cell.dir("search").mkdir(parents=True)
     _, prune, retrain = method_steps(cell, method, 10.0)
-    top = cell.embedding_dim() // 4 if method == "dnis_shared_narrow" else cell.embedding_dim()
+    top = cell.embedding_dim() // {"dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(method, 1)
     ladder = ",".join(str(2**i) for i in range(top.bit_length()))
     assert prune.command[prune.command.index("--widths") + 1] == ladder
     floor = 0 if method == "dnis_ladder" else 30

@@ -40,8 +40,9 @@ Methods and their stages (``E`` = epochs, ``s`` = search_epochs):
                         average sharing rows (hashing), one prune and retrain per c
                         of ``min_row_lookups``; the best on validation
 ``dnis_shared_ladder``  as ``dnis_shared``, widths only 1, 2, 4, ..., K
-``dnis_shared_narrow``  as ``dnis_shared``, widths only 1, 2, 4, ..., K/4: a served
-                        model's first layer reads at most K/4 columns per field
+``dnis_shared_half``    as ``dnis_shared``, widths only 1, 2, 4, ..., K/2: a served
+                        model's first layer reads at most K/2 columns per field
+``dnis_shared_narrow``  the same up to K/4
 ``dnis_shared_int8``    as ``dnis_shared``, widths 2, 4, ..., K, the budget counted in
                         INT8 bytes (``knapsack``'s ``bits``); chosen on fp32
                         validation, evaluated quantized to INT8
@@ -61,10 +62,10 @@ from pipeline.config import load_config
 METHODS = (
     "full", "grid", "random", "mde", "nis_me", "magnitude", "magnitude_fine", "qr",
     "int8", "int4", "dnis", "dnis_value", "dnis_ladder", "dnis_shared", "dnis_shared_ladder",
-    "dnis_shared_narrow", "dnis_shared_int8", "dnis_fine", "dnis_int8",
+    "dnis_shared_half", "dnis_shared_narrow", "dnis_shared_int8", "dnis_fine", "dnis_int8",
 )
 # dnis_shared and its variants: one prune and retrain per min_row_lookups candidate.
-SHARED_METHODS = ("dnis_shared", "dnis_shared_ladder", "dnis_shared_narrow", "dnis_shared_int8")
+SHARED_METHODS = ("dnis_shared", "dnis_shared_ladder", "dnis_shared_half", "dnis_shared_narrow", "dnis_shared_int8")
 # Methods whose CR is set by their model or number format, not by the budget (None:
 # whatever the quantised rows give).
 FIXED_CR = {"full": 1.0, "int8": None, "int4": None}

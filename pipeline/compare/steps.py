@@ -156,14 +156,13 @@ def plan_step(cell: Cell, name: str, plan_dir: Path, method: str, cr: float, can
 
 def shared_variant(method: str, cell: Cell) -> tuple[Optional[list[int]], Optional[int]]:
     """``(widths, bits)`` of a ``SHARED_METHODS`` method's prune: every width in fp32,
-    the doubling ladder (up to K, or K/4), or the ladder from 2 in an INT8 budget (each
-    rung quantizes)."""
+    the doubling ladder (up to K, K/2 or K/4), or the ladder from 2 in an INT8 budget
+    (each rung quantizes)."""
     if method == "dnis_shared":
         return None, None
-    if method == "dnis_shared_ladder":
-        return doubling_widths(cell.embedding_dim()), None
-    if method == "dnis_shared_narrow":
-        return doubling_widths(max(1, cell.embedding_dim() // 4)), None
+    top = {"dnis_shared_ladder": 1, "dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(method)
+    if top:
+        return doubling_widths(max(1, cell.embedding_dim() // top)), None
     return [w for w in doubling_widths(cell.embedding_dim()) if w >= 2], 8
 
 
