@@ -17,6 +17,7 @@ models are timed in alternation on the same rows, ``--rounds`` times (10× that 
     python benchmarks/inference.py [--run-dir runs/big/search --raw rows.tsv] [--crs 10 20]
                                    [--batches 1 64 4096] [--rounds 100] [--threads 1]
                                    [--allocation value --min-row-lookups 30 --widths 2,4,8,16,32]
+                                   [--fp32-only]
 
 Each batch is the first rows of the raw file parsed on their own, as a request of that
 many rows would be (parsing is not timed). Prints two markdown tables: per (tables,
@@ -98,7 +99,8 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
             serving_model(unpruned() if plan is None else repacked(plan), layout, vocab, dense_fields, plan, bits,
                           fold),
         )
-        for tables, bits in PRECISIONS.items() for name, (plan, fold) in plans.items()
+        for tables, bits in PRECISIONS.items() if bits is None or not args.fp32_only
+        for name, (plan, fold) in plans.items()
     }
 
 
@@ -182,6 +184,7 @@ def main() -> None:
                         help="as dnis prune (value allocation; 2: int8 needs even widths)")
     parser.add_argument("--min-row-lookups", type=float, default=30.0, help="as dnis prune (value allocation)")
     parser.add_argument("--widths", type=parse_widths, help="as dnis prune (value allocation), e.g. 2,4,8,16,32")
+    parser.add_argument("--fp32-only", action="store_true", help="no int8 tables (for plans with odd widths)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steady_allocator()

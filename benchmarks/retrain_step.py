@@ -11,6 +11,7 @@ model with a seeded α on fresh synthetic rows (``benchmarks/search_setup.py``).
 are stepped in alternation, ``--rounds`` times ``--steps`` steps.
 
     python benchmarks/retrain_step.py [--run-dir runs/cmp/out/longtail/deepfm/seed0/search] [--crs 10 20]
+                                      [--allocation value --min-row-lookups 30 --widths 1,2,4,8]
 
 Prints per model its embedding keys and pooled width (columns the EBC outputs per row)
 and mean ms per step, what one key per kept group (the layout before column slabs)
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--allocation", choices=("threshold", "value"), default="threshold", help="as dnis prune")
     parser.add_argument("--width-step", type=int, default=1, help="as dnis prune (value allocation)")
     parser.add_argument("--widths", type=parse_widths, help="as dnis prune (value allocation), e.g. 1,2,4,8,16,32")
+    parser.add_argument("--min-row-lookups", type=float, default=0.0,
+                        help="as dnis prune (value allocation; 30: dnis compare's dnis_shared)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dnis-bench-") as scratch:
         if args.run_dir:
@@ -117,7 +120,7 @@ def main() -> None:
             config = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
             overrides = [f"data.path={cfg.data.path}"]
         plans = structured_plans(cfg, layout, blocking, search, args.crs, allocation=args.allocation,
-                                 width_step=args.width_step, widths=args.widths)
+                                 width_step=args.width_step, min_row_lookups=args.min_row_lookups, widths=args.widths)
         named = {f"CR {cr:g}": plan.to_json() for cr, plan in plans.items()}
         result = run_ranks(bench, args.ranks, config, overrides, named, args.steps, args.rounds)[0]
     plain_s = result["plain"][0]

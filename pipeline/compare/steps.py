@@ -93,7 +93,7 @@ def prune_step(
     command += ["--widths", ",".join(map(str, widths))] if widths else []
     command += ["--bits", str(bits)] if bits else []
     shared = f"-min{min_row_lookups:g}" if min_row_lookups else ""
-    ladder = "-ladder" if widths else ""
+    ladder = f"-ladder{max(widths)}" if widths else ""  # the ladders to K, K/2, K/4 log apart
     quantized = f"-int{bits}" if bits else ""
     return Step(name, done or wrote, command, succeeded=wrote,
                 log=source.parent / f"{source.name}.prune-{mode}-{allocation}{ladder}{shared}{quantized}-{cr_tag(cr)}.log")
