@@ -18,6 +18,7 @@ TOY = {
     "search_overhead.py": ["--steps", "1", "--rounds", "1", "--batch", "128", "--val", "32"],
     "qr_step.py": ["--steps", "1", "--rounds", "1", "--batch", "128"],
     "retrain_step.py": ["--rows", "3000", "--steps", "1", "--rounds", "1", "--crs", "10"],
+    "column_basis.py": ["--rows", "3000", "--widths", "2"],
     "inference.py": ["--rows", "3000", "--batches", "1", "8", "--rounds", "1", "--crs", "10", "--widths", "2,4,8,16,32"],
 }
 
