@@ -30,8 +30,8 @@ from pipeline.data.features import FeatureLayout  # noqa: E402
 from pipeline.data.metadata import DatasetMeta  # noqa: E402
 from pipeline.loop import BEST  # noqa: E402
 from pipeline.prune.bytes import unpruned_bytes  # noqa: E402
-from pipeline.prune.knapsack import plan_by_value  # noqa: E402
-from pipeline.prune.plan import StructuredPlan, group_mass, group_ranges, plan_for_cr  # noqa: E402
+from pipeline.prune.knapsack import value_plan_for_cr  # noqa: E402
+from pipeline.prune.plan import CR_TOLERANCE, StructuredPlan, group_mass, group_ranges, plan_for_cr  # noqa: E402
 from pipeline.search.blocking import Blocking, compute_blocking  # noqa: E402
 from pipeline.tasks import build_search_task  # noqa: E402
 from sharding.checkpoint import load_checkpoint  # noqa: E402
@@ -81,9 +81,10 @@ def structured_plans(
     alpha, mass = search.model.embedding.alpha.detach(), group_mass(groups, layout.counts)
     if allocation == "value":
         unpruned = unpruned_bytes(sum(g.rows for g in groups), dim)
+        # As dnis prune: the row-sharing floor halves while the plan would spend too little.
         return {
-            cr: plan_by_value(groups, sum_sq, alpha, mass, unpruned / cr, multiple=width_step,
-                              min_row_lookups=min_row_lookups, widths=widths)
+            cr: value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / cr, "selection", width_step,
+                                  min_row_lookups, CR_TOLERANCE, widths)[0]
             for cr in crs
         }
     return {cr: plan_for_cr(groups, sum_sq, alpha, mass, cr) for cr in crs}
