@@ -160,9 +160,9 @@ def shared_variant(method: str, cell: Cell) -> tuple[Optional[list[int]], Option
     (each rung quantizes)."""
     if method == "dnis_shared":
         return None, None
-    top = {"dnis_shared_ladder": 1, "dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(method)
-    if top:
-        return doubling_widths(max(1, cell.embedding_dim() // top)), None
+    divisor = {"dnis_shared_ladder": 1, "dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(method)
+    if divisor:  # the ladder up to K / divisor
+        return doubling_widths(max(1, cell.embedding_dim() // divisor)), None
     return [w for w in doubling_widths(cell.embedding_dim()) if w >= 2], 8
 
 
