@@ -210,12 +210,13 @@ def prune(
     run_dir: str,
     cr: float,
     ranges_per_block: int = 8,
-    projection: str = "selection",
+    projection: str = "",
     mode: str = "structured",
     allocation: str = "threshold",
     min_row_lookups: float = 0,
     widths: str = "",
     bits: int = 0,
+    basis: str = "columns",
     nproc: int = 2,
     nnodes: int = 1,
     gpu: int = 0,
@@ -229,7 +230,8 @@ def prune(
         run_dir: the run directory (``prune.json`` or ``fine_prune.json`` is written there).
         cr: target compression ratio (the pruned bytes never exceed unpruned / cr).
         ranges_per_block: id ranges per (feature, block), each with its own width (structured).
-        projection: ``selection`` (fixed) or ``learned`` (NIS-ME) (structured).
+        projection: ``selection`` (fixed) or ``learned`` (NIS-ME) (structured); empty:
+            selection, learned with the principal basis.
         mode: ``structured`` (what ships) or ``fine`` (paper eq. 9, COO bytes, evaluated).
         allocation: ``threshold`` (one τ) or ``value`` (worth per byte, any width) (structured).
         min_row_lookups: value allocation: ids of groups seen fewer times than this on
@@ -238,6 +240,8 @@ def prune(
             (e.g. ``1,2,4,8,16,32``); empty: every width.
         bits: value allocation: count the budget in bytes of tables quantized to 8 or 4
             bits (0: fp32).
+        basis: ``columns`` (the tables' own) or ``principal`` (each feature's rows turned
+            into their principal directions first; learned projection) (structured).
         nproc: processes (ranks) per node; the ranks that held the search's shards.
         nnodes: nodes.
         gpu: GPUs per node (0 = CPU with gloo).
@@ -245,9 +249,9 @@ def prune(
         image: container image (remote schedulers only).
     """
     args = ["--run-dir", run_dir, "--cr", str(cr), "--ranges-per-block", str(ranges_per_block)]
-    args += ["--projection", projection, "--mode", mode, "--allocation", allocation]
+    args += (["--projection", projection] if projection else []) + ["--mode", mode, "--allocation", allocation]
     args += ["--min-row-lookups", str(min_row_lookups)] + (["--widths", widths] if widths else [])
-    args += ["--bits", str(bits)] if bits else []
+    args += (["--bits", str(bits)] if bits else []) + ["--basis", basis]
     return _ddp("launch.prune", args, nproc, nnodes, gpu, memMB, image, "dnis-prune")
 
 

@@ -33,6 +33,7 @@ from launch.common import Job, blocking_for, load_run
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
 from pipeline.prune.fine import FinePrune, apply_epsilon, epsilon_for_cr, table_bytes
+from pipeline.prune.basis import BASES, basis_to_json, principal_basis
 from pipeline.prune.bytes import unpruned_bytes
 from pipeline.prune.knapsack import parse_widths, value_plan_for_cr
 from pipeline.prune.plan import CR_TOLERANCE, StructuredPlan, group_mass, group_ranges, plan_for_cr, plan_for_tau
@@ -40,7 +41,7 @@ from pipeline.tasks import retrained_plan
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import init_distributed
 from sharding.repack import PROJECTIONS
-from sharding.table_stats import group_sum_sq
+from sharding.table_stats import group_gram, group_sum_sq
 
 MODES = ("structured", "fine")
 ALLOCATIONS = ("threshold", "value")
@@ -90,13 +91,22 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="cut each (feature, block) into this many id ranges with their own widths (higher CRs need more)",
     )
     parser.add_argument(
-        "--projection", choices=PROJECTIONS, default="selection",
-        help="how the shipped model maps widths back to K: fixed selection, or learned (NIS-ME; its bytes count)",
+        "--projection", choices=PROJECTIONS,
+        help="how the shipped model maps widths back to K: fixed selection, or learned (NIS-ME; its bytes "
+             "count); default: selection, learned with --basis principal",
+    )
+    parser.add_argument(
+        "--basis", choices=BASES, default="columns",
+        help="columns: keep the tables' own columns; principal: turn each feature's rows into its principal "
+             "directions first (count-weighted), so a narrow width keeps the most energy (learned projection)",
     )
     parser.add_argument("--checkpoint", default=BEST, help="checkpoint of the search to prune")
     args = parser.parse_args(argv)
     if args.bits is not None and (args.cr is None or args.allocation != "value" or args.mode != "structured"):
         parser.error("--bits applies to --allocation value with --cr")
+    if args.basis == "principal" and (args.mode == "fine" or args.projection == "selection"):
+        parser.error("--basis principal needs --mode structured and the learned projection")
+    args.projection = args.projection or ("learned" if args.basis == "principal" else "selection")
     if (args.tau is not None and args.mode == "fine") or (args.epsilon is not None and args.mode == "structured"):
         parser.error(f"--{'tau' if args.tau is not None else 'epsilon'} does not apply to --mode {args.mode}")
     return args
@@ -137,13 +147,22 @@ def plan_summary(
 
 
 def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> tuple[StructuredPlan, dict]:
-    """The structured plan ``args`` ask for, and what ``prune.json`` should add about it."""
+    """The structured plan ``args`` ask for, and what ``prune.json`` should add about it
+    (with ``--basis principal``: each feature's rotation, ``pipeline.prune.basis``)."""
     alpha = searched_alpha(dmp, blocking, job.cfg.model.embedding_dim)
     groups = group_ranges(blocking, job.layout.num_embeddings, args.ranges_per_block)
-    sum_sq = group_sum_sq(dmp, groups, job.cfg.model.embedding_dim)
     mass = group_mass(groups, job.layout.counts)
+    if args.basis == "principal":
+        rotations, sum_sq = principal_basis(groups, group_gram(dmp, groups, alpha.shape[1]), alpha, mass)
+        plan, notes = plan_for(groups, sum_sq, torch.ones_like(alpha), mass, args)
+        return plan, {**notes, "rotations": basis_to_json(rotations)}
+    return plan_for(groups, group_sum_sq(dmp, groups, alpha.shape[1]), alpha, mass, args)
+
+
+def plan_for(groups, sum_sq, alpha, mass, args: argparse.Namespace) -> tuple[StructuredPlan, dict]:
+    """The plan of ``args``' target from the groups' column statistics."""
     if args.cr is not None and args.allocation == "value":
-        budget = unpruned_bytes(sum(g.rows for g in groups), job.cfg.model.embedding_dim) / args.cr
+        budget = unpruned_bytes(sum(g.rows for g in groups), alpha.shape[1]) / args.cr
         plan, lookups = value_plan_for_cr(groups, sum_sq, alpha, mass, budget, args.projection, args.width_step,
                                           args.min_row_lookups, CR_TOLERANCE, args.widths, args.bits)
         return plan, {"min_row_lookups_used": lookups}
@@ -164,18 +183,18 @@ def main(argv: Optional[Sequence[str]] = None) -> StructuredPlan | dict:
         return fine_prune(job, dmp, blocking, args)
     try:
         plan, notes = prune(job, dmp, blocking, args)
-    except ValueError as error:  # an unreachable compression ratio
+    except ValueError as error:  # an unreachable compression ratio, or shards without whole rows
         raise SystemExit(f"dnis prune: {error}") from None
     target = {"cr": args.cr, "tau": args.tau}
     summary = {
         **plan_summary(plan, args.projection, target, args.ranges_per_block, job.wall_s),
         "score": score, "allocation": args.allocation, "min_row_lookups": args.min_row_lookups,
-        "widths": args.widths, "bits": args.bits, **notes,
+        "widths": args.widths, "bits": args.bits, "basis": args.basis, **notes,
     }
     if args.bits is not None:
         summary["compression_ratio_quantized"] = plan.compression_ratio(args.projection, args.bits)
     job.run.write_json("prune.json", summary)
-    job.run.log("prune", **{k: v for k, v in summary.items() if k != "plan"})
+    job.run.log("prune", **{k: v for k, v in summary.items() if k not in ("plan", "rotations")})
     how = "value per byte" if args.cr is not None and args.allocation == "value" else f"τ {plan.tau:.4g}"
     if notes.get("min_row_lookups_used"):
         how += f", ids of groups seen under {notes['min_row_lookups_used']:g} times on average sharing rows"

@@ -35,6 +35,7 @@ from launch.export import export_best
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
+from pipeline.prune.basis import basis_from_json
 from pipeline.prune.plan import StructuredPlan
 from pipeline.run_dir import RunDir
 from pipeline.search.blocking import Blocking
@@ -42,7 +43,7 @@ from pipeline.tasks import RunTask, build_retrain_task, build_search_task, build
 from sharding.checkpoint import latest_checkpoint, load_checkpoint, load_full_state
 from sharding.dmp import barrier, init_distributed
 from sharding.field_embedding import table_name
-from sharding.repack import PROJECTIONS, repacked_weights
+from sharding.repack import PROJECTIONS, repacked_weights, rotated_projections
 
 INIT_FILE = "init.pt"
 INITS = ("source", "scratch")
@@ -64,7 +65,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def initial_state(job: Job, source: RunDir, plan: StructuredPlan) -> dict[str, torch.Tensor]:
+def initial_state(job: Job, source: RunDir, plan: StructuredPlan, rotations=None) -> dict[str, torch.Tensor]:
     """The source run's best checkpoint, repacked by ``plan`` (see ``repacked_state``):
     a search's α-model, or a plain model (α = 1, magnitude pruning)."""
     if (source.path / "blocking.json").is_file():
@@ -73,12 +74,16 @@ def initial_state(job: Job, source: RunDir, plan: StructuredPlan) -> dict[str, t
     else:
         task = build_train_task(job.cfg, job.layout, torch.device("cpu"))
     load_checkpoint(source.checkpoints / BEST, task, local=True)
-    return repacked_state(task, plan, job.layout.keys)
+    return repacked_state(task, plan, job.layout.keys, rotations)
 
 
-def repacked_state(task: nn.Module, plan: StructuredPlan, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+def repacked_state(
+    task: nn.Module, plan: StructuredPlan, keys: Sequence[str], rotations: Optional[dict] = None
+) -> dict[str, torch.Tensor]:
     """A search or train task's dense weights and its tables repacked by ``plan`` (a
-    search's α folded into the values), keyed like the retrain task's state dict."""
+    search's α folded into the values; with ``rotations``, turned into each feature's
+    principal basis and the learned projections turned back), keyed like the retrain
+    task's state dict."""
     embedding = task.model.embedding
     tables = {k: embedding.ebc.embedding_bags[table_name(k)].weight.detach() for k in keys}
     alpha = getattr(embedding, "alpha", None)
@@ -88,17 +93,19 @@ def repacked_state(task: nn.Module, plan: StructuredPlan, keys: Sequence[str]) -
         f"model.{name}": value for name, value in task.model.state_dict().items()
         if not name.startswith("embedding.")
     }
-    for name, values in repacked_weights(plan, keys, tables, alpha.detach()).items():
+    for name, values in repacked_weights(plan, keys, tables, alpha.detach(), rotations).items():
         state[f"model.embedding.ebc.embedding_bags.{name}.weight"] = values
+    for key, projection in (rotated_projections(plan, keys, rotations) if rotations else {}).items():
+        state[f"model.embedding.projections.{key}"] = projection
     return state
 
 
-def initialise(job: Job, dmp, source: RunDir, plan: StructuredPlan) -> None:
+def initialise(job: Job, dmp, source: RunDir, plan: StructuredPlan, rotations: Optional[dict]) -> None:
     """Rank 0 repacks the source run's weights into ``init.pt``; every rank loads its shards."""
     path = job.run.path / INIT_FILE
     if job.env.is_main:
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(initial_state(job, source, plan), tmp)
+        torch.save(initial_state(job, source, plan, rotations), tmp)
         os.replace(tmp, path)
     barrier()
     load_full_state(dmp, torch.load(path, weights_only=True))
@@ -117,6 +124,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not any(g.width for g in plan.groups):
         raise SystemExit(f"dnis retrain: {source.path / 'prune.json'} keeps no column of any group: nothing to train")
     projection = args.projection or pruned["projection"]
+    rotations = basis_from_json(pruned["rotations"]) if "rotations" in pruned else None
+    if rotations is not None and projection != "learned":
+        raise SystemExit(f"dnis retrain: {source.path / 'prune.json'} prunes principal columns (--basis principal); "
+                         "only the learned projection maps them back")
     out = args.out or str(Path(args.run_dir) / "retrain")
     cfg = load_config([source.path / "config.yaml"], [*args.set, f"run.dir={out}"])
     job = open_job(env, cfg, new_run(env, cfg, args.resume), show_progress=not args.no_progress)
@@ -127,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     task = build_retrain_task(cfg, job.layout, plan, projection, torch.device("meta"))
     dmp, optimizer = shard_run_task(job, RunTask(task, plan=plan, projection=projection))
     if args.init == "source" and not (args.resume and latest_checkpoint(job.run.checkpoints)):
-        initialise(job, dmp, source, plan)  # a resumed run takes its weights from the checkpoint
+        initialise(job, dmp, source, plan, rotations)  # a resumed run takes its weights from the checkpoint
     before = evaluate(dmp, job.reader("test", train=False).batches(), env.device, desc="test")
     job.log(f"before retraining: test auc {before['auc']:.5f} logloss {before['logloss']:.5f}")
     train = job.reader("train", train=True)

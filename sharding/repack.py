@@ -276,9 +276,7 @@ class RepackedEmbedding(nn.Module):
         self.projections = nn.ParameterDict()
         if self.learned:  # per feature, row i puts stored column i at its model column
             for key, columns in self.slabs.features.items():
-                p = torch.zeros(len(columns.order), self.embedding_dim)
-                p[torch.arange(len(columns.order)), torch.tensor(columns.order)] = 1.0
-                self.projections[key] = nn.Parameter(p)
+                self.projections[key] = nn.Parameter(projection_init(columns.order, self.embedding_dim))
         else:  # each stored column's place in the flattened [F, K] output, slab by slab
             field = {key: i for i, key in enumerate(self.keys)}
             places = [field[s.key] * self.embedding_dim + c for s in self.slabs.slabs for c in s.columns]
@@ -352,24 +350,56 @@ def scatter_columns(
     return values.index_select(1, source)
 
 
+def projection_init(order: Sequence[int], embedding_dim: int, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """``[len(order), K]``: a learned projection that maps stored column ``i`` back as
+    its model column ``order[i]`` (row ``i`` one-hot), or with ``rotation`` (``R``, the
+    stored columns being those of ``E R``) as ``R[:, order[i]]ᵀ``, undoing the turn.
+
+    Example:
+        >>> projection_init([2, 0], 3)
+        tensor([[0., 0., 1.],
+                [1., 0., 0.]])
+    """
+    basis = torch.eye(embedding_dim) if rotation is None else rotation.float()
+    return basis[:, list(order)].T.contiguous()
+
+
 def repacked_weights(
-    plan: StructuredPlan, keys: Sequence[str], tables: dict[str, torch.Tensor], alpha: torch.Tensor
+    plan: StructuredPlan, keys: Sequence[str], tables: dict[str, torch.Tensor], alpha: torch.Tensor,
+    rotations: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Table weights of ``RepackedEmbedding.ebc`` from the searched full-width tables.
 
     ``tables[key]`` is the key's ``[rows, K]`` table (whole, or the rows of the groups
     this process builds); α is folded into the values: ``E[id, cols] * α[block, cols]``
-    for each slab's columns, its groups' rows stacked.
+    for each slab's columns, its groups' rows stacked. With ``rotations`` (per feature
+    ``R``, ``pipeline.prune.basis``) the columns are those of ``(E[id] * α[block]) R``.
     """
-    return {f"t_{slab.name}": slab_values(slab, tables[slab.key], alpha) for slab in ColumnSlabs(plan, keys).slabs}
+    rotations = rotations or {}
+    return {f"t_{slab.name}": slab_values(slab, tables[slab.key], alpha, rotations.get(slab.key))
+            for slab in ColumnSlabs(plan, keys).slabs}
 
 
-def slab_values(slab: Slab, table: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def rotated_projections(plan: StructuredPlan, keys: Sequence[str], rotations: dict[str, torch.Tensor]) -> dict:
+    """Per feature the learned projection that starts a ``repacked_weights`` of
+    ``rotations``: the stored principal coordinates back through their eigenvectors."""
+    return {key: projection_init(columns.order, plan.embedding_dim, rotations[key])
+            for key, columns in ColumnSlabs(plan, keys).features.items()}
+
+
+def slab_values(slab: Slab, table: torch.Tensor, alpha: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
     """``[slab.rows, slab.width]``: the slab's columns of its groups' rows of ``table``,
-    α-scaled; a shared row starts as the mean of the rows of the ids it serves."""
+    α-scaled (and turned by ``rotation``); a shared row starts as the mean of the rows
+    of the ids it serves."""
     cols = torch.tensor(slab.columns, dtype=torch.int64)
-    return torch.cat([shared_mean(g, table[g.group.start : g.group.stop][:, cols] * alpha[g.group.block, cols])
-                      for g in slab.groups])
+
+    def columns(g: GroupPlan) -> torch.Tensor:
+        rows = table[g.group.start : g.group.stop]
+        if rotation is None:
+            return rows[:, cols] * alpha[g.group.block, cols]
+        return ((rows * alpha[g.group.block]) @ rotation.to(rows.dtype))[:, cols]
+
+    return torch.cat([shared_mean(g, columns(g)) for g in slab.groups])
 
 
 def shared_mean(group: GroupPlan, rows: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ over ranks, so no table is ever gathered on one rank. The pieces alias the table
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -60,6 +61,48 @@ def group_sum_sq(model: nn.Module, groups: Sequence[Group], embedding_dim: int) 
                 # Pieces may sit on a GPU; the result (all-reduced below) is on the CPU.
                 out[index, col : col + values.shape[1]] += (prefix[hi] - prefix[lo]).cpu()
     return all_reduce_sum(out)
+
+
+def group_gram(model: nn.Module, groups: Sequence[Group], embedding_dim: int) -> torch.Tensor:
+    """``[len(groups), K, K]``: per group, ``Σ_{id in [start, stop)} E[id]ᵀ E[id]`` (float64).
+
+    Cross-column terms need whole rows: a rank's pieces of one table are put side by
+    side per row range (a column-wise table on one rank, several pieces); pieces of a
+    row range whose other columns sit on another rank raise ``ValueError`` naming the
+    table (load the run on fewer ranks: checkpoints load on any world size).
+    """
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        by_key[group.key].append(index)
+    out = torch.zeros(len(groups), embedding_dim, embedding_dim, dtype=torch.float64)
+    for key, tensor in feature_tables(model, list(by_key)).items():
+        for row, values in whole_rows(key, local_pieces(tensor, counted_once=is_rank0()), embedding_dim):
+            for index in by_key[key]:
+                lo, hi = group_rows(groups[index], row, values.shape[0])
+                if hi > lo:
+                    rows = values[lo:hi].detach().double()
+                    out[index] += (rows.T @ rows).cpu()
+    return all_reduce_sum(out)
+
+
+def whole_rows(key: str, pieces, embedding_dim: int) -> list[tuple[int, torch.Tensor]]:
+    """``(row offset, [rows, K])`` per row range of ``pieces``, their columns side by side.
+
+    Raises:
+        ValueError: when this rank's pieces of a row range do not cover all ``K`` columns.
+    """
+    ranges: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for row, col, values in pieces:
+        ranges[(row, values.shape[0])].append((col, values))
+    out = []
+    for (row, _), parts in sorted(ranges.items()):
+        parts.sort(key=lambda part: part[0])
+        if [c for c, _ in parts] != list(accumulate([0] + [v.shape[1] for _, v in parts[:-1]])) \
+                or sum(v.shape[1] for _, v in parts) != embedding_dim:
+            raise ValueError(f"table {table_name(key)}: this rank holds columns {[c for c, _ in parts]} of rows "
+                             f"from {row}, not whole rows; prune on fewer ranks (--nproc 1)")
+        out.append((row, parts[0][1] if len(parts) == 1 else torch.cat([v for _, v in parts], dim=1)))
+    return out
 
 
 def is_rank0() -> bool:

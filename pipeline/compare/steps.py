@@ -68,35 +68,38 @@ def train_step(cell: Cell, name: str, run_dir: Path, epochs: int, *extra: str, s
 
 def structured_done(
     source: Path, cr: float, allocation: str, min_row_lookups: float = 0, widths: Optional[list[int]] = None,
-    bits: Optional[int] = None,
+    bits: Optional[int] = None, basis: str = "columns",
 ) -> bool:
     """Whether the source's ``prune.json`` is the plan of target ``cr`` by ``allocation``
-    (with these ``min_row_lookups``, ``widths`` and budget ``bits``)."""
+    (with these ``min_row_lookups``, ``widths``, budget ``bits`` and ``basis``)."""
     path = source / "prune.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
     return (doc.get("target", {}).get("cr") == cr and doc.get("allocation") == allocation
             and doc.get("min_row_lookups", 0) == min_row_lookups and doc.get("widths") == widths
-            and doc.get("bits") == bits)
+            and doc.get("bits") == bits and doc.get("basis", "columns") == basis)
 
 
 def prune_step(
     cell: Cell, name: str, source: Path, cr: float, mode: str, done=None, allocation: str = "threshold",
     min_row_lookups: float = 0, widths: Optional[list[int]] = None, bits: Optional[int] = None,
+    basis: str = "columns",
 ) -> Step:
     """``dnis prune`` of ``source``; a structured one is done when ``done()`` (its retrain)."""
     if mode == "fine":
         wrote = lambda: fine_done(source, cr)  # noqa: E731
     else:
-        wrote = lambda: structured_done(source, cr, allocation, min_row_lookups, widths, bits)  # noqa: E731
+        wrote = lambda: structured_done(source, cr, allocation, min_row_lookups, widths, bits, basis)  # noqa: E731
     command = torchx(cell, "prune", "--run_dir", str(source), "--cr", f"{cr:g}", "--mode", mode,
                      "--allocation", allocation, "--min_row_lookups", f"{min_row_lookups:g}")
     command += ["--widths", ",".join(map(str, widths))] if widths else []
     command += ["--bits", str(bits)] if bits else []
+    command += ["--basis", basis] if basis != "columns" else []
     shared = f"-min{min_row_lookups:g}" if min_row_lookups else ""
     ladder = f"-ladder{max(widths)}" if widths else ""  # the ladders to K, K/2, K/4 log apart
     quantized = f"-int{bits}" if bits else ""
+    turned = f"-{basis}" if basis != "columns" else ""
     return Step(name, done or wrote, command, succeeded=wrote,
-                log=source.parent / f"{source.name}.prune-{mode}-{allocation}{ladder}{shared}{quantized}-{cr_tag(cr)}.log")
+                log=source.parent / f"{source.name}.prune-{mode}-{allocation}{ladder}{shared}{quantized}{turned}-{cr_tag(cr)}.log")
 
 
 def retrain_step(cell: Cell, name: str, source: Path, out: Path, epochs: int, init: str, planned=None) -> Step:
@@ -154,16 +157,18 @@ def plan_step(cell: Cell, name: str, plan_dir: Path, method: str, cr: float, can
     return Step(name, lambda: finished(plan_dir, "prune.json"), prepare=write)
 
 
-def shared_variant(method: str, cell: Cell) -> tuple[Optional[list[int]], Optional[int]]:
-    """``(widths, bits)`` of a ``SHARED_METHODS`` method's prune: every width in fp32,
-    the doubling ladder (up to K, K/2 or K/4), or the ladder from 2 in an INT8 budget
-    (each rung quantizes)."""
+def shared_variant(method: str, cell: Cell) -> tuple[Optional[list[int]], Optional[int], str]:
+    """``(widths, bits, basis)`` of a ``SHARED_METHODS`` method's prune: every width in
+    fp32, the doubling ladder (up to K, K/2 or K/4), or the ladder from 2 in an INT8
+    budget (each rung quantizes); ``_pca`` methods prune each feature's principal columns."""
+    basis = "principal" if method.endswith("_pca") else "columns"
+    method = method.removesuffix("_pca")
     if method == "dnis_shared":
-        return None, None
+        return None, None, basis
     divisor = {"dnis_shared_ladder": 1, "dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(method)
     if divisor:  # the ladder up to K / divisor
-        return doubling_widths(max(1, cell.embedding_dim() // divisor)), None
-    return [w for w in doubling_widths(cell.embedding_dim()) if w >= 2], 8
+        return doubling_widths(max(1, cell.embedding_dim() // divisor)), None, basis
+    return [w for w in doubling_widths(cell.embedding_dim()) if w >= 2], 8, basis
 
 
 def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
@@ -183,12 +188,12 @@ def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
         return [full_step, quantize_step(f"full/{method}", full, int(method[3:]))]
     if method in SHARED_METHODS:
         steps = [search_step]
-        widths, bits = shared_variant(method, cell)
+        widths, bits, basis = shared_variant(method, cell)
         for c in s.min_row_lookups:
             name, out = f"{method}/{tag}/min{c:g}", cell.dir(method, tag, f"min{c:g}")
-            planned = lambda c=c: structured_done(search, cr, "value", c, widths, bits)  # noqa: E731
+            planned = lambda c=c: structured_done(search, cr, "value", c, widths, bits, basis)  # noqa: E731
             steps += [prune_step(cell, f"{name}/prune", search, cr, "structured", lambda out=out: finished(out), "value",
-                                 c, widths, bits),
+                                 c, widths, bits, basis),
                       retrain_step(cell, name, search, out, R, "source", planned)]
             steps += [quantize_step(f"{name}/int{bits}", out, bits)] if bits else []
         return steps

@@ -11,8 +11,8 @@ serving (DESIGN.md, "Prune, repack, compression ratio"); MLP bytes are never inc
   column order, ``sharding.repack``): for the feature's widest group's ``W`` columns,
   ``"selection"`` stores each one's model column (uint8, ``K ≤ 256``), ``"learned"``
   (NIS-ME) a ``W × K`` fp32 matrix (``plan_bytes``). ``group_bytes`` charges each group
-  for a projection of its own width: an upper bound, linear in the widths, which the
-  knapsack and NIS's reward budget with.
+  for a projection of its own width: an upper bound, linear in the widths, which NIS's
+  reward budgets with (the knapsack counts the exact bytes, ``pipeline.prune.knapsack``).
 - Fine-grained (paper eq. 9, COO as the paper reports it): per non-zero entry an fp32
   value, an int32 row index (local to its table: < 2^31 rows per field) and an int8
   column index (``K ≤ 128``): 9 bytes. scipy's default COO (int32 row and column) would

@@ -7,7 +7,10 @@ dropping whole groups of ids to zero (DESIGN.md, "Prune, repack, compression rat
 
 Here a column is worth ``mass_g × score_gj``, where ``mass_g`` is the train occurrences
 of the group's ids (how many lookups the column serves) and ``score_gj = α × RMS`` as
-before, and costs ``rows_g × 4`` bytes plus its projection entry. The allocation is
+before, and costs ``rows_g × 4`` bytes plus a selection's index byte. The projection
+back to ``K`` is stored once per feature, as wide as its widest group: a learned one
+(``W × K × 4`` bytes) is not a cost of any one step, so the allocation counts the plan's
+exact bytes and, while the projections push it over, runs again with that much less. The allocation is
 greedy on worth per byte, each group's columns best first, so a group's marginal value
 only falls as it widens and the greedy prefix is the fractional knapsack optimum:
 
@@ -55,8 +58,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.prune.bytes import (
-    BUCKETS_BYTES, QUANTIZED_BITS, RANGE_START_BYTES, SCALE_BIAS_BYTES, VALUE_BYTES,
-    projection_column_bytes,
+    BUCKETS_BYTES, QUANTIZED_BITS, RANGE_START_BYTES, SCALE_BIAS_BYTES, SELECTION_INDEX_BYTES, VALUE_BYTES,
 )
 from pipeline.prune.nested import nested_columns
 from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, column_scores
@@ -104,7 +106,9 @@ def plan_by_value(
     buckets = shared_rows(groups, mass, min_row_lookups)
     rows = np.array([g.rows if b is None else b for g, b in zip(groups, buckets)], dtype=np.int64)
     step_columns = np.diff(ladder, prepend=0)[None, :]
-    step_cost = projection_column_bytes(projection, dim) * step_columns + rows[:, None] * (
+    # Each step is charged a selection's index byte per column (for a selection, an upper
+    # bound); the retry below pays what a learned W x K matrix per feature adds.
+    step_cost = SELECTION_INDEX_BYTES * step_columns + rows[:, None] * (
         VALUE_BYTES * step_columns if bits is None else -(-step_columns * bits // 8) + SCALE_BIAS_BYTES
     )  # [groups, rungs]
     order = np.argsort(-scores, axis=1, kind="stable")
@@ -116,7 +120,7 @@ def plan_by_value(
     left = budget - RANGE_START_BYTES * num - BUCKETS_BYTES * sum(b is not None for b in buckets)
     if left < step_cost[:, 0].min():
         raise ValueError(f"a budget of {budget:,.0f} bytes does not pay for one column of any group")
-    slack = 0.0  # quantized slab tables are padded to cache lines: spend that much less and retry
+    slack = 0.0  # projections (and quantized slabs' cache-line padding): spend that much less and retry
     while True:
         taken = greedy_rungs(gains, step_cost, steps[:, 0] > 0, left - slack)
         kept = nested_columns(groups, np.concatenate([[0], ladder])[taken], scores, mass)
@@ -126,7 +130,6 @@ def plan_by_value(
         over = plan.embedding_bytes(projection, bits) - budget
         if over <= 0:
             return plan
-        assert bits is not None, (over, budget)  # fp32 step costs are exact
         slack += over
 
 
