@@ -75,13 +75,20 @@ def group_gram(model: nn.Module, groups: Sequence[Group], embedding_dim: int) ->
     for index, group in enumerate(groups):
         by_key[group.key].append(index)
     out = torch.zeros(len(groups), embedding_dim, embedding_dim, dtype=torch.float64)
-    for key, tensor in feature_tables(model, list(by_key)).items():
-        for row, values in whole_rows(key, local_pieces(tensor, counted_once=is_rank0()), embedding_dim):
-            for index in by_key[key]:
-                lo, hi = group_rows(groups[index], row, values.shape[0])
-                if hi > lo:
-                    rows = values[lo:hi].detach().double()
-                    out[index] += (rows.T @ rows).cpu()
+    refused = ""
+    try:
+        for key, tensor in feature_tables(model, list(by_key)).items():
+            for row, values in whole_rows(key, local_pieces(tensor, counted_once=is_rank0()), embedding_dim):
+                for index in by_key[key]:
+                    lo, hi = group_rows(groups[index], row, values.shape[0])
+                    if hi > lo:
+                        rows = values[lo:hi].detach().double()
+                        out[index] += (rows.T @ rows).cpu()
+    except ValueError as error:  # every rank learns of it below (none waits in the sum for the others)
+        refused = str(error)
+    if all_reduce_sum(torch.tensor([float(bool(refused))])).item():
+        raise ValueError(refused or "another rank holds pieces of a table's rows, not whole rows; "
+                         "prune on fewer ranks (--nproc 1)")
     return all_reduce_sum(out)
 
 

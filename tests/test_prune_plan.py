@@ -336,3 +336,16 @@ def test_a_target_the_threshold_plans_jump_over_is_refused_with_the_nearest_reac
         assert plan.compression_ratio("selection") == pytest.approx(named, rel=1e-3)
     # without a tolerance the largest plan within the budget, however far below it
     assert plan_for_cr(groups, sum_sq, alpha, ones(groups), 1.5).compression_ratio("selection") == pytest.approx(above, rel=1e-3)
+
+
+def test_a_learned_projection_is_paid_once_per_feature_and_the_budget_is_spent():
+    from pipeline.prune.knapsack import value_plan_for_cr
+
+    one, sum_sq, alpha = _value_case()
+    groups = [Group(key, g.block, g.start, g.stop) for key in "abc" for g in one]
+    sum_sq, mass = sum_sq.repeat(3, 1), [1000 // (i % 12 + 1) * g.rows for i, g in enumerate(groups)]
+    unpruned = sum(g.rows for g in groups) * 16 * 4
+    for cr in (10, 20, 40, 80):
+        # (charging every group its own W x K matrix left 3-7% of these budgets unspent)
+        plan, _ = value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / cr, "learned", 1, 0, CR_TOLERANCE, [1, 2, 4, 8])
+        assert cr <= plan.compression_ratio("learned") <= 1.02 * cr, cr

@@ -23,7 +23,7 @@ from sharding.repack import (
     PROJECTIONS, RepackedEmbedding, KeyRewriter, SingleHotKeyRewriter,
     load_repacked_weights, repacked_weights,
 )
-from sharding.table_stats import group_sum_sq
+from sharding.table_stats import group_gram, group_sum_sq
 
 K, L = 8, 3
 META = torch.device("meta")
@@ -190,6 +190,7 @@ def sharded_outputs(env, seed: int) -> dict[str, float]:
     expected = structured_reference(alpha_ebc, plan, ids)
     groups = [g.group for g in plan.groups]
     expected_sum_sq = group_sum_sq(alpha_ebc, groups, K)
+    expected_gram = group_gram(alpha_ebc, groups, K)
     diffs = {}
     for kind in SHARDING_TYPES:
         for projection in PROJECTIONS:
@@ -201,6 +202,10 @@ def sharded_outputs(env, seed: int) -> dict[str, float]:
             EmbeddingBagCollection(table_configs(NUMS, K, 0.5), device=META), skewed_blocking())
         sharded = shard_like(env, Probe(alpha_meta), Probe(alpha_ebc), kind)
         diffs[f"sum_sq {kind}"] = (group_sum_sq(sharded, groups, K) - expected_sum_sq).abs().max().item()
+        try:  # cross-column sums need whole rows on one rank
+            diffs[f"gram {kind}"] = (group_gram(sharded, groups, K) - expected_gram).abs().max().item()
+        except ValueError as error:
+            assert kind in ("column_wise", "table_column_wise") and "not whole rows" in str(error), (kind, error)
     return diffs
 
 
@@ -224,6 +229,7 @@ def shard_like(env, model, full, sharding_type: str):
 def test_sharded_repacked_model_and_table_stats_equal_unsharded():
     for diffs in run_ranks(sharded_outputs, 2, 0):
         assert max(diffs.values()) < 1e-6, diffs
+        assert {"gram table_wise", "gram data_parallel"} <= set(diffs), diffs
 
 
 def trained_like(seed: int = 6):

@@ -28,7 +28,7 @@ from sharding.field_embedding import table_configs, table_name
 from sharding.local_ranks import run_ranks
 from sharding.repack import repacked_weights
 from sharding.shard_pieces import local_pieces
-from sharding.table_stats import group_sum_sq
+from sharding.table_stats import group_gram, group_sum_sq
 from tests.test_prune_fine import exact_epsilon, pruned_reference, tied
 from tests.test_repack import K, META, NUMS, Probe, searched, skewed_blocking
 
@@ -143,6 +143,17 @@ def pieces_equal_the_whole_table(env) -> list[str]:
             got = group_sum_sq(sharded, groups, K)
             if not torch.allclose(got, expected, rtol=1e-12, atol=0):
                 failures.append(f"{case}: group_sum_sq off by {(got - expected).abs().max()}")
+            whole = [g for g in groups if g.key != "b"]  # b is a grid: no rank holds its whole rows
+            gram = torch.stack([tables[g.key][g.start : g.stop].double().T @ tables[g.key][g.start : g.stop].double()
+                                for g in whole])
+            if not torch.allclose(group_gram(sharded, whole, K), gram, rtol=1e-12, atol=1e-15):
+                failures.append(f"{case}: group_gram differs")
+            try:
+                group_gram(sharded, groups, K)
+                failures.append(f"{case}: group_gram read a grid's rows as whole")
+            except ValueError as error:
+                if table_name("b") not in str(error):
+                    failures.append(f"{case}: {error}")
             for cr in (1.0, 7.0):
                 found = epsilon_for_cr(sharded, blocking, full.alpha, cr)
                 unsharded = epsilon_for_cr(full, blocking, full.alpha, cr)
