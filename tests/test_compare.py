@@ -222,7 +222,8 @@ def test_the_int8_method_prunes_in_an_int8_budget_on_quantizable_rungs_then_quan
     retrain.prepare()
 
 
-@pytest.mark.parametrize("method", ["dnis_ladder", "dnis_shared_ladder", "dnis_shared_half", "dnis_shared_narrow"])
+@pytest.mark.parametrize("method", ["dnis_ladder", "dnis_shared_ladder", "dnis_shared_half", "dnis_shared_narrow",
+                                    "dnis_shared_half_me", "dnis_shared_half_pca"])
 def test_the_ladder_methods_prune_on_doubling_widths_and_never_retrain_another_plan(tmp_path, method):
     from pipeline.compare.steps import method_steps
 
@@ -231,7 +232,7 @@ def test_the_ladder_methods_prune_on_doubling_widths_and_never_retrain_another_p
     cell = Cell(settings, "d", "deepfm", 0)
     cell.dir("search").mkdir(parents=True)
     _, prune, retrain = method_steps(cell, method, 10.0)
-    top = cell.embedding_dim() // {"dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(method, 1)
+    top = cell.embedding_dim() // {"dnis_shared": 2, "dnis_shared_narrow": 4}.get(method.split("_half")[0], 1)
     ladder = ",".join(str(2**i) for i in range(top.bit_length()))
     assert prune.command[prune.command.index("--widths") + 1] == ladder
     floor = 0 if method == "dnis_ladder" else 30
@@ -241,5 +242,12 @@ def test_the_ladder_methods_prune_on_doubling_widths_and_never_retrain_another_p
     with pytest.raises(ValueError, match="not this run's plan"):
         retrain.prepare()
     plan["widths"] = [int(w) for w in ladder.split(",")]
-    (cell.dir("search") / "prune.json").write_text(json.dumps(plan))
+    basis, projection = (prune.command[prune.command.index(f"--{o}") + 1] for o in ("basis", "projection"))
+    assert (basis, projection) == ("principal" if method.endswith("_pca") else "columns",
+                                   "learned" if method.endswith(("_pca", "_me")) else "selection")
+    if projection == "learned":  # the same widths, sized for the selection or on the tables' own columns
+        (cell.dir("search") / "prune.json").write_text(json.dumps(plan))
+        with pytest.raises(ValueError, match="not this run's plan"):
+            retrain.prepare()
+    (cell.dir("search") / "prune.json").write_text(json.dumps({**plan, "basis": basis, "projection": projection}))
     retrain.prepare()

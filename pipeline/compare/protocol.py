@@ -43,9 +43,11 @@ Methods and their stages (``E`` = epochs, ``s`` = search_epochs):
 ``dnis_shared_half``        as ``dnis_shared``, widths only 1, 2, 4, ..., K/2: a served
                             model's first layer reads at most K/2 columns per field
 ``dnis_shared_narrow``      the same up to K/4
-``dnis_shared_half_pca``    as ``dnis_shared_half`` (``_ladder_pca``: ``_ladder``) on each
-                            feature's principal columns (``pipeline.prune.basis``), with
-                            the learned projection turning them back
+``dnis_shared_half_me``     as ``dnis_shared_half`` (``_ladder_me``: ``_ladder``), the plan
+                            sized for and retrained with the learned (NIS-ME) projection
+``dnis_shared_half_pca``    as ``dnis_shared_half_me`` (``_ladder_pca``: ``_ladder_me``) on
+                            each feature's principal columns (``pipeline.prune.basis``),
+                            the learned projection starting as the turn back
 ``dnis_shared_int8``        as ``dnis_shared``, widths 2, 4, ..., K, the budget counted in
                             INT8 bytes (``knapsack``'s ``bits``); chosen on fp32
                             validation, evaluated quantized to INT8
@@ -65,12 +67,13 @@ from pipeline.config import load_config
 METHODS = (
     "full", "grid", "random", "mde", "nis_me", "magnitude", "magnitude_fine", "qr",
     "int8", "int4", "dnis", "dnis_value", "dnis_ladder", "dnis_shared", "dnis_shared_ladder",
-    "dnis_shared_half", "dnis_shared_narrow", "dnis_shared_ladder_pca", "dnis_shared_half_pca", "dnis_shared_int8",
-    "dnis_fine", "dnis_int8",
+    "dnis_shared_half", "dnis_shared_narrow", "dnis_shared_ladder_me", "dnis_shared_half_me", "dnis_shared_ladder_pca",
+    "dnis_shared_half_pca", "dnis_shared_int8", "dnis_fine", "dnis_int8",
 )
 # dnis_shared and its variants: one prune and retrain per min_row_lookups candidate.
 SHARED_METHODS = ("dnis_shared", "dnis_shared_ladder", "dnis_shared_half", "dnis_shared_narrow",
-                  "dnis_shared_ladder_pca", "dnis_shared_half_pca", "dnis_shared_int8")
+                  "dnis_shared_ladder_me", "dnis_shared_half_me", "dnis_shared_ladder_pca", "dnis_shared_half_pca",
+                  "dnis_shared_int8")
 # Methods whose CR is set by their model or number format, not by the budget (None:
 # whatever the quantised rows give).
 FIXED_CR = {"full": 1.0, "int8": None, "int4": None}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -66,40 +67,62 @@ def train_step(cell: Cell, name: str, run_dir: Path, epochs: int, *extra: str, s
     )
 
 
+@dataclass(frozen=True)
+class PruneVariant:
+    """How a value prune shapes its plan besides the budget: its widths, budget ``bits``,
+    ``basis`` (``columns`` or ``principal``) and the projection the plan is sized for."""
+
+    widths: Optional[list[int]] = None
+    bits: Optional[int] = None
+    basis: str = "columns"
+    projection: str = "selection"
+
+    def matches(self, doc: dict) -> bool:
+        """Whether ``prune.json`` (``doc``) was written for this variant."""
+        return (doc.get("widths") == self.widths and doc.get("bits") == self.bits
+                and doc.get("basis", "columns") == self.basis and doc.get("projection", "selection") == self.projection)
+
+    def args(self) -> list[str]:
+        """The prune component's arguments for this variant."""
+        out = ["--widths", ",".join(map(str, self.widths))] if self.widths else []
+        out += ["--bits", str(self.bits)] if self.bits else []
+        return out + ["--basis", self.basis, "--projection", self.projection]
+
+    def log_tag(self) -> str:
+        """What tells this variant's prune log apart (the ladders to K, K/2, K/4 too)."""
+        ladder = f"-ladder{max(self.widths)}" if self.widths else ""
+        quantized = f"-int{self.bits}" if self.bits else ""
+        turned = f"-{self.basis}" if self.basis != "columns" else ""
+        return ladder + quantized + turned + ("-learned" if self.projection == "learned" and not turned else "")
+
+
 def structured_done(
-    source: Path, cr: float, allocation: str, min_row_lookups: float = 0, widths: Optional[list[int]] = None,
-    bits: Optional[int] = None, basis: str = "columns",
+    source: Path, cr: float, allocation: str, min_row_lookups: float = 0, variant: PruneVariant = PruneVariant(),
 ) -> bool:
     """Whether the source's ``prune.json`` is the plan of target ``cr`` by ``allocation``
-    (with these ``min_row_lookups``, ``widths``, budget ``bits`` and ``basis``)."""
+    (with these ``min_row_lookups`` and this ``variant``)."""
     path = source / "prune.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
     return (doc.get("target", {}).get("cr") == cr and doc.get("allocation") == allocation
-            and doc.get("min_row_lookups", 0) == min_row_lookups and doc.get("widths") == widths
-            and doc.get("bits") == bits and doc.get("basis", "columns") == basis)
+            and doc.get("min_row_lookups", 0) == min_row_lookups and variant.matches(doc))
 
 
 def prune_step(
     cell: Cell, name: str, source: Path, cr: float, mode: str, done=None, allocation: str = "threshold",
-    min_row_lookups: float = 0, widths: Optional[list[int]] = None, bits: Optional[int] = None,
-    basis: str = "columns",
+    min_row_lookups: float = 0, variant: PruneVariant = PruneVariant(),
 ) -> Step:
     """``dnis prune`` of ``source``; a structured one is done when ``done()`` (its retrain)."""
     if mode == "fine":
         wrote = lambda: fine_done(source, cr)  # noqa: E731
     else:
-        wrote = lambda: structured_done(source, cr, allocation, min_row_lookups, widths, bits, basis)  # noqa: E731
+        wrote = lambda: structured_done(source, cr, allocation, min_row_lookups, variant)  # noqa: E731
     command = torchx(cell, "prune", "--run_dir", str(source), "--cr", f"{cr:g}", "--mode", mode,
                      "--allocation", allocation, "--min_row_lookups", f"{min_row_lookups:g}")
-    command += ["--widths", ",".join(map(str, widths))] if widths else []
-    command += ["--bits", str(bits)] if bits else []
-    command += ["--basis", basis] if basis != "columns" else []
+    command += variant.args() if mode == "structured" else []
     shared = f"-min{min_row_lookups:g}" if min_row_lookups else ""
-    ladder = f"-ladder{max(widths)}" if widths else ""  # the ladders to K, K/2, K/4 log apart
-    quantized = f"-int{bits}" if bits else ""
-    turned = f"-{basis}" if basis != "columns" else ""
+    tag = variant.log_tag()
     return Step(name, done or wrote, command, succeeded=wrote,
-                log=source.parent / f"{source.name}.prune-{mode}-{allocation}{ladder}{shared}{quantized}{turned}-{cr_tag(cr)}.log")
+                log=source.parent / f"{source.name}.prune-{mode}-{allocation}{tag}{shared}-{cr_tag(cr)}.log")
 
 
 def retrain_step(cell: Cell, name: str, source: Path, out: Path, epochs: int, init: str, planned=None) -> Step:
@@ -157,18 +180,20 @@ def plan_step(cell: Cell, name: str, plan_dir: Path, method: str, cr: float, can
     return Step(name, lambda: finished(plan_dir, "prune.json"), prepare=write)
 
 
-def shared_variant(method: str, cell: Cell) -> tuple[Optional[list[int]], Optional[int], str]:
-    """``(widths, bits, basis)`` of a ``SHARED_METHODS`` method's prune: every width in
-    fp32, the doubling ladder (up to K, K/2 or K/4), or the ladder from 2 in an INT8
-    budget (each rung quantizes); ``_pca`` methods prune each feature's principal columns."""
+def shared_variant(method: str, cell: Cell) -> PruneVariant:
+    """The prune of a ``SHARED_METHODS`` method: every width in fp32, the doubling ladder
+    (up to K, K/2 or K/4), or the ladder from 2 in an INT8 budget (each rung quantizes);
+    ``_me`` methods size the plan for the learned projection, ``_pca`` ones also prune
+    each feature's principal columns."""
+    base = method.removesuffix("_pca").removesuffix("_me")
     basis = "principal" if method.endswith("_pca") else "columns"
-    method = method.removesuffix("_pca")
-    if method == "dnis_shared":
-        return None, None, basis
-    divisor = {"dnis_shared_ladder": 1, "dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(method)
+    projection = "learned" if base != method else "selection"
+    if base == "dnis_shared":
+        return PruneVariant(None, None, basis, projection)
+    divisor = {"dnis_shared_ladder": 1, "dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(base)
     if divisor:  # the ladder up to K / divisor
-        return doubling_widths(max(1, cell.embedding_dim() // divisor)), None, basis
-    return [w for w in doubling_widths(cell.embedding_dim()) if w >= 2], 8, basis
+        return PruneVariant(doubling_widths(max(1, cell.embedding_dim() // divisor)), None, basis, projection)
+    return PruneVariant([w for w in doubling_widths(cell.embedding_dim()) if w >= 2], 8, basis, projection)
 
 
 def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
@@ -188,23 +213,23 @@ def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:
         return [full_step, quantize_step(f"full/{method}", full, int(method[3:]))]
     if method in SHARED_METHODS:
         steps = [search_step]
-        widths, bits, basis = shared_variant(method, cell)
+        variant = shared_variant(method, cell)
         for c in s.min_row_lookups:
             name, out = f"{method}/{tag}/min{c:g}", cell.dir(method, tag, f"min{c:g}")
-            planned = lambda c=c: structured_done(search, cr, "value", c, widths, bits, basis)  # noqa: E731
+            planned = lambda c=c: structured_done(search, cr, "value", c, variant)  # noqa: E731
             steps += [prune_step(cell, f"{name}/prune", search, cr, "structured", lambda out=out: finished(out), "value",
-                                 c, widths, bits, basis),
+                                 c, variant),
                       retrain_step(cell, name, search, out, R, "source", planned)]
-            steps += [quantize_step(f"{name}/int{bits}", out, bits)] if bits else []
+            steps += [quantize_step(f"{name}/int{variant.bits}", out, variant.bits)] if variant.bits else []
         return steps
     if method in ("dnis", "dnis_int8", "dnis_value", "dnis_ladder", "magnitude"):
         source, first = (warm, warm_step) if method == "magnitude" else (search, search_step)
         name = f"{'dnis' if method == 'dnis_int8' else method}/{tag}"
         out = cell.dir(name)
         allocation = "value" if method in ("dnis_value", "dnis_ladder") else "threshold"
-        widths = doubling_widths(cell.embedding_dim()) if method == "dnis_ladder" else None
-        prune = prune_step(cell, f"{name}/prune", source, cr, "structured", lambda: finished(out), allocation, 0, widths)
-        planned = lambda: structured_done(source, cr, allocation, 0, widths)  # noqa: E731
+        variant = PruneVariant(doubling_widths(cell.embedding_dim()) if method == "dnis_ladder" else None)
+        prune = prune_step(cell, f"{name}/prune", source, cr, "structured", lambda: finished(out), allocation, 0, variant)
+        planned = lambda: structured_done(source, cr, allocation, 0, variant)  # noqa: E731
         steps = [first, prune, retrain_step(cell, name, source, out, R, "source", planned)]
         return steps + ([quantize_step(f"{name}/int8", out, 8)] if method == "dnis_int8" else [])
     if method in ("dnis_fine", "magnitude_fine"):
