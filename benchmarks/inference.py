@@ -17,7 +17,7 @@ models are timed in alternation on the same rows, ``--rounds`` times (10× that 
     python benchmarks/inference.py [--run-dir runs/big/search --raw rows.tsv] [--crs 10 20]
                                    [--batches 1 64 4096] [--rounds 100] [--threads 1]
                                    [--allocation value --min-row-lookups 30 --widths 2,4,8,16,32]
-                                   [--fp32-only]
+                                   [--fp32-only] [--basis principal]
 
 Each batch is the first rows of the raw file parsed on their own, as a request of that
 many rows would be (parsing is not timed). Prints two markdown tables: per (tables,
@@ -45,13 +45,14 @@ import numpy as np
 import torch
 
 # search_setup puts the repository on sys.path: import it first.
-from search_setup import structured_plans, synthetic_search, trained_search
+from search_setup import projection_of, structured_plans, synthetic_search, trained_search
 
 from launch.retrain import repacked_state
 from pipeline.data.criteo_reader import ParsedBlock, parse_block
 from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
 from pipeline.inference import serving_model
+from pipeline.prune.basis import BASES
 from pipeline.prune.bytes import quantized_table_bytes, unpruned_bytes
 from pipeline.prune.knapsack import parse_widths
 from pipeline.tasks import build_retrain_task, build_train_task
@@ -79,8 +80,8 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
         return model
 
     def repacked(plan) -> torch.nn.Module:
-        task = build_retrain_task(cfg, layout, plan, "selection", torch.device("cpu"))
-        task.load_state_dict(repacked_state(search, plan, layout.keys), strict=False)
+        task = build_retrain_task(cfg, layout, plan, projection, torch.device("cpu"))
+        task.load_state_dict(repacked_state(search, plan, layout.keys, rotations), strict=False)
         return task.model
 
     def unpruned_cr(bits) -> float:
@@ -88,14 +89,15 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
         return 1.0 if bits is None else unpruned_bytes(sum(rows), dim) / quantized_table_bytes(rows, dim, bits).sum()
 
     plans = {"unpruned": (None, False)}
-    made = structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block, args.allocation,
-                            args.width_step, args.min_row_lookups, args.widths)
+    made, rotations = structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block,
+                                       args.allocation, args.width_step, args.min_row_lookups, args.widths, args.basis)
+    projection = projection_of(rotations)
     for cr, plan in made.items():
         plans[f"CR {cr:g}"] = (plan, True)
         plans[f"CR {cr:g} unfolded"] = (plan, False)
     return {
         (tables, name): (
-            unpruned_cr(bits) if plan is None else plan.compression_ratio("selection", bits),
+            unpruned_cr(bits) if plan is None else plan.compression_ratio(projection, bits),
             serving_model(unpruned() if plan is None else repacked(plan), layout, vocab, dense_fields, plan, bits,
                           fold),
         )
@@ -185,6 +187,8 @@ def main() -> None:
     parser.add_argument("--min-row-lookups", type=float, default=30.0, help="as dnis prune (value allocation)")
     parser.add_argument("--widths", type=parse_widths, help="as dnis prune (value allocation), e.g. 2,4,8,16,32")
     parser.add_argument("--fp32-only", action="store_true", help="no int8 tables (for plans with odd widths)")
+    parser.add_argument("--basis", choices=BASES, default="columns",
+                        help="as dnis prune (principal: the learned projection, folded block by block)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steady_allocator()

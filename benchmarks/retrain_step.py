@@ -12,6 +12,7 @@ are stepped in alternation, ``--rounds`` times ``--steps`` steps.
 
     python benchmarks/retrain_step.py [--run-dir runs/cmp/out/longtail/deepfm/seed0/search] [--crs 10 20]
                                       [--allocation value --min-row-lookups 30 --widths 1,2,4,8]
+                                      [--basis principal]
 
 Prints per model its embedding keys and pooled width (columns the EBC outputs per row)
 and mean ms per step, what one key per kept group (the layout before column slabs)
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 # search_setup puts the repository on sys.path: import it first.
-from search_setup import layout_of, structured_plans, synthetic_search, trained_search
+from search_setup import layout_of, projection_of, structured_plans, synthetic_search, trained_search
 
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -38,6 +39,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from pipeline.config import load_config
 from pipeline.data.batch import Batch
 from pipeline.data.loader import SplitReader
+from pipeline.prune.basis import BASES
 from pipeline.prune.knapsack import parse_widths
 from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_retrain_task, build_train_task
@@ -55,7 +57,7 @@ def embedding_shape(task: torch.nn.Module) -> tuple[int, int]:
     return sum(len(c.feature_names) for c in configs), sum(c.embedding_dim * len(c.feature_names) for c in configs)
 
 
-def bench(env, config: str, overrides: list, plans: dict, steps: int, rounds: int) -> dict:
+def bench(env, config: str, overrides: list, plans: dict, projection: str, steps: int, rounds: int) -> dict:
     """Per model: mean seconds per step, its (keys, pooled width), and on rank 0 the
     key rewrite's mean seconds per batch."""
     cfg = load_config([config], overrides)
@@ -77,7 +79,7 @@ def bench(env, config: str, overrides: list, plans: dict, steps: int, rounds: in
     rewrite_s = {}
     for name, doc in plans.items():
         plan = StructuredPlan.from_json(doc)
-        task = build_retrain_task(cfg, layout, plan, "selection", meta)
+        task = build_retrain_task(cfg, layout, plan, projection, meta)
         rewriter = KeyRewriter(plan, layout.keys)
         start = time.perf_counter()
         rewritten = [Batch(b.dense, rewriter(b.sparse), b.labels) for b in batches]
@@ -110,6 +112,8 @@ def main() -> None:
     parser.add_argument("--widths", type=parse_widths, help="as dnis prune (value allocation), e.g. 1,2,4,8,16,32")
     parser.add_argument("--min-row-lookups", type=float, default=0.0,
                         help="as dnis prune (value allocation; 30: dnis compare's dnis_shared)")
+    parser.add_argument("--basis", choices=BASES, default="columns",
+                        help="as dnis prune (principal: the plan trains its learned projection)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dnis-bench-") as scratch:
         if args.run_dir:
@@ -119,16 +123,18 @@ def main() -> None:
             cfg, layout, blocking, search, _ = synthetic_search(Path(scratch), args.rows)
             config = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
             overrides = [f"data.path={cfg.data.path}"]
-        plans = structured_plans(cfg, layout, blocking, search, args.crs, allocation=args.allocation,
-                                 width_step=args.width_step, min_row_lookups=args.min_row_lookups, widths=args.widths)
+        plans, rotations = structured_plans(
+            cfg, layout, blocking, search, args.crs, allocation=args.allocation, width_step=args.width_step,
+            min_row_lookups=args.min_row_lookups, widths=args.widths, basis=args.basis)
         named = {f"CR {cr:g}": plan.to_json() for cr, plan in plans.items()}
-        result = run_ranks(bench, args.ranks, config, overrides, named, args.steps, args.rounds)[0]
+        projection = projection_of(rotations)
+        result = run_ranks(bench, args.ranks, config, overrides, named, projection, args.steps, args.rounds)[0]
     plain_s = result["plain"][0]
     print(f"{args.ranks} CPU ranks, batch {cfg.data.batch_size}/rank, K={cfg.model.embedding_dim}, "
           f"mean of {args.steps * args.rounds} steps per model")
     print(f"{'model':<8} {'plan CR':>8} {'keys':>6} {'pooled':>7} {'step ms':>8} {'rewrite ms':>11}")
     for name, (seconds, (keys, width), rewrite) in result.items():
-        cr = plans[float(name[3:])].compression_ratio("selection") if name != "plain" else 1.0
+        cr = plans[float(name[3:])].compression_ratio(projection) if name != "plain" else 1.0
         rewrite_ms = f"{rewrite * 1e3:>11.1f}" if rewrite is not None else f"{'-':>11}"
         print(f"{name:<8} {cr:>8.2f} {keys:>6} {width:>7} {seconds * 1e3:>8.1f} {rewrite_ms}")
     for name in list(result)[1:]:

@@ -4,11 +4,11 @@ Either a finished search run (``trained_search``), or fresh synthetic rows and a
 untrained search model with a seeded α (``synthetic_search``: latency, memory and step
 times do not depend on training, only on the plan's shape). ``structured_plans`` prunes
 it for each target CR as ``dnis prune --cr`` does (8 ranges per block; τ allocation, or
-``--allocation value``).
+``--allocation value``; on the tables' own or, ``--basis principal``, their principal columns).
 
 Example:
     >>> cfg, layout, blocking, search, raw = synthetic_search(Path("runs/bench"), 300_000)  # doctest: +SKIP
-    >>> plans = structured_plans(cfg, layout, blocking, search, [10.0, 20.0])       # doctest: +SKIP
+    >>> plans, _ = structured_plans(cfg, layout, blocking, search, [10.0, 20.0])    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import launch  # noqa: E402, F401  (its upstream-notice filters: one place for every entry point)
+from launch.prune import column_statistics  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import preprocess, synth  # noqa: E402
 from pipeline.data.features import FeatureLayout  # noqa: E402
@@ -35,7 +36,6 @@ from pipeline.prune.plan import CR_TOLERANCE, StructuredPlan, group_mass, group_
 from pipeline.search.blocking import Blocking, compute_blocking  # noqa: E402
 from pipeline.tasks import build_search_task  # noqa: E402
 from sharding.checkpoint import load_checkpoint  # noqa: E402
-from sharding.table_stats import group_sum_sq  # noqa: E402
 
 
 def synthetic_search(scratch: Path, rows: int):
@@ -71,20 +71,26 @@ def layout_of(cfg) -> FeatureLayout:
 def structured_plans(
     cfg, layout: FeatureLayout, blocking: Blocking, search, crs: Sequence[float], ranges_per_block: int = 8,
     allocation: str = "threshold", width_step: int = 1, min_row_lookups: float = 0,
-    widths: Optional[Sequence[int]] = None,
-) -> dict[float, StructuredPlan]:
-    """Per target CR, the plan ``dnis prune --cr`` makes of ``search`` (selection
-    projection) with ``--allocation``, ``--width-step``, ``--min-row-lookups`` and ``--widths``."""
+    widths: Optional[Sequence[int]] = None, basis: str = "columns",
+) -> tuple[dict[float, StructuredPlan], Optional[dict]]:
+    """Per target CR, the plan ``dnis prune --cr`` makes of ``search`` with ``--allocation``,
+    ``--width-step``, ``--min-row-lookups``, ``--widths`` and ``--basis`` (the projection:
+    selection, learned for the principal basis), and the basis' rotations (or ``None``)."""
     groups = group_ranges(blocking, layout.num_embeddings, ranges_per_block)
-    dim = cfg.model.embedding_dim
-    sum_sq = group_sum_sq(search, groups, dim)
     alpha, mass = search.model.embedding.alpha.detach(), group_mass(groups, layout.counts)
+    sum_sq, alpha, rotations = column_statistics(search, groups, alpha, mass, basis)
+    projection = projection_of(rotations)
     if allocation == "value":
-        unpruned = unpruned_bytes(sum(g.rows for g in groups), dim)
+        unpruned = unpruned_bytes(sum(g.rows for g in groups), cfg.model.embedding_dim)
         # As dnis prune: the row-sharing floor halves while the plan would spend too little.
         return {
-            cr: value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / cr, "selection", width_step,
+            cr: value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / cr, projection, width_step,
                                   min_row_lookups, CR_TOLERANCE, widths)[0]
             for cr in crs
-        }
-    return {cr: plan_for_cr(groups, sum_sq, alpha, mass, cr) for cr in crs}
+        }, rotations
+    return {cr: plan_for_cr(groups, sum_sq, alpha, mass, cr, projection) for cr in crs}, rotations
+
+
+def projection_of(rotations: Optional[dict]) -> str:
+    """The projection a plan ships with: learned on a principal basis, else selection."""
+    return "selection" if rotations is None else "learned"

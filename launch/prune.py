@@ -152,11 +152,19 @@ def prune(job: Job, dmp, blocking, args: argparse.Namespace) -> tuple[Structured
     alpha = searched_alpha(dmp, blocking, job.cfg.model.embedding_dim)
     groups = group_ranges(blocking, job.layout.num_embeddings, args.ranges_per_block)
     mass = group_mass(groups, job.layout.counts)
-    if args.basis == "principal":
-        rotations, sum_sq = principal_basis(groups, group_gram(dmp, groups, alpha.shape[1]), alpha, mass)
-        plan, notes = plan_for(groups, sum_sq, torch.ones_like(alpha), mass, args)
-        return plan, {**notes, "rotations": basis_to_json(rotations)}
-    return plan_for(groups, group_sum_sq(dmp, groups, alpha.shape[1]), alpha, mass, args)
+    sum_sq, alpha, rotations = column_statistics(dmp, groups, alpha, mass, args.basis)
+    plan, notes = plan_for(groups, sum_sq, alpha, mass, args)
+    return plan, {**notes, **({"rotations": basis_to_json(rotations)} if rotations else {})}
+
+
+def column_statistics(model, groups, alpha: torch.Tensor, mass, basis: str):
+    """What a plan scores, ``(sum_sq, α, rotations)``: per group the column sums of
+    squares of ``model``'s tables and the searched α, or with ``basis`` principal those of
+    each feature's principal columns, α folded in (so α = 1), and the rotations."""
+    if basis == "principal":
+        rotations, sum_sq = principal_basis(groups, group_gram(model, groups, alpha.shape[1]), alpha, mass)
+        return sum_sq, torch.ones_like(alpha), rotations
+    return group_sum_sq(model, groups, alpha.shape[1]), alpha, None
 
 
 def plan_for(groups, sum_sq, alpha, mass, args: argparse.Namespace) -> tuple[StructuredPlan, dict]:
