@@ -118,6 +118,44 @@ class ServingRows(nn.Module):
         return single_hot_kjt(self.out_keys, values, None if weights is None else weights.index_select(0, field))
 
 
+def orthonormal_projections(embedding: nn.Module) -> None:
+    """Re-base a repacked embedding's learned projections to orthonormal rows, in place,
+    after ``ServingRows.relay``: the same outputs, and the FM's sum of squares becomes a
+    plain norm when folded (``pipeline.models.folded``) instead of a Gram term per feature.
+
+    Each feature's ``P = L Q`` (LQ: ``Q`` with orthonormal rows, ``L`` lower triangular);
+    the stored columns become ``x L`` and the projection ``Q``, so ``(x L) Q = x P``. ``L``
+    lower triangular keeps the nested widths: a row stored ``w`` columns wide has zeros
+    past ``w``, and so has ``x L``. Re-laid slabs of a feature store prefixes of one
+    numbering (its widest columns the fewest rows), so the feature's slabs side by side
+    are one ``[rows, W]`` matrix whose missing entries are those zeros.
+
+    Example:
+        >>> from sharding.repack import RepackedEmbedding
+        >>> from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
+        >>> plan = StructuredPlan((GroupPlan(Group("a", 0, 0, 2), (0, 1), 1), GroupPlan(Group("a", 1, 2, 5), (0,), 1)), 4, 0.0)
+        >>> module = RepackedEmbedding(plan, ["a"], "learned")
+        >>> module.ebc = ServingRows(plan, ["a"]).relay(module.ebc)
+        >>> orthonormal_projections(module)
+        >>> p = module.projections["a"].detach()
+        >>> torch.allclose(p @ p.T, torch.eye(2))
+        True
+    """
+    bags = embedding.ebc.embedding_bags
+    with torch.no_grad():
+        for key, slabs in embedding.slabs.by_key.items():
+            projection = embedding.projections[key]
+            q, r = torch.linalg.qr(projection.double().T)  # P^T = Q' R, so P = R^T Q'^T
+            weights = [bags[f"t_{slab.name}"].weight for slab in slabs]
+            stacked = weights[0].new_zeros(weights[0].shape[0], projection.shape[0], dtype=torch.float64)
+            for slab, weight in zip(slabs, weights):
+                stacked[: weight.shape[0], slab.lo : slab.hi] = weight
+            turned = stacked @ r.T
+            for slab, weight in zip(slabs, weights):
+                weight.copy_(turned[: weight.shape[0], slab.lo : slab.hi])
+            projection.copy_(q.T)
+
+
 def widest_first(plan: StructuredPlan, key: str) -> list[GroupPlan]:
     """``key``'s stored groups in serving order: widest first, then by id."""
     return sorted((g for g in plan.groups if g.group.key == key and g.width), key=lambda g: (-g.width, g.group.start))

@@ -86,3 +86,22 @@ def test_the_folded_interaction_exports_with_a_dynamic_batch(projection):
         dense, pooled = torch.randn(rows, DENSE), torch.randn(rows, columns)
         with torch.no_grad():
             assert torch.equal(program(dense, pooled), folded(dense, pooled)), rows
+
+
+def test_served_learned_projections_fold_with_a_plain_norm_and_the_same_logits():
+    from sharding.serving_rows import ServingRows, orthonormal_projections
+
+    model, plan = repacked_model("deepfm", "learned", DENSE)
+    sparse = KeyRewriter(plan, list(NUMS))(single_hot_kjt(list(NUMS), random_ids(2)))
+    dense = torch.randn(sparse.stride(), DENSE)
+    with torch.no_grad():
+        expected = model(dense, sparse)
+        assert model.folded(model.embedding.output_map()).gram is not None
+        rows = ServingRows(plan, list(NUMS))
+        model.embedding.ebc = rows.relay(model.embedding.ebc)
+        orthonormal_projections(model.embedding)
+        folded = model.folded(model.embedding.output_map()).eval()
+        ids = torch.stack([torch.from_numpy(rows.ids_of_ranks(k, random_ids(2)[f].numpy())) for f, k in enumerate(NUMS)])
+        got = folded(dense, model.embedding.ebc(rows(ids)).values())
+    assert folded.gram is None
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-3), (got - expected).abs().max()

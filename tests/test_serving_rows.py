@@ -15,7 +15,7 @@ from pipeline.data.batch import single_hot_kjt
 from pipeline.data.vocab import FieldVocab, Vocabulary
 from pipeline.inference import inference_tables
 from sharding.repack import KeyRewriter
-from sharding.serving_rows import ServingRows
+from sharding.serving_rows import ServingRows, orthonormal_projections
 from test_repack import NUMS, build_repacked, random_ids, searched, shared_reference, with_shared_rows
 
 KEYS = list(NUMS)
@@ -37,11 +37,14 @@ def serving_ids(rows: ServingRows, ranks: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.from_numpy(rows.ids_of_ranks(key, ranks[f].numpy())) for f, key in enumerate(KEYS)])
 
 
-def served(alpha_ebc, plan, bits: int = 32, weighted: bool = False):
-    """``(ServingRows, the repacked module re-laid for it on the inference TBE)``."""
-    rows, module = ServingRows(plan, KEYS), build_repacked(alpha_ebc, plan, weighted=weighted)
+def served(alpha_ebc, plan, bits: int = 32, weighted: bool = False, module=None):
+    """``(ServingRows, the repacked module re-laid for it on the inference TBE)``; a
+    learned ``module``'s projections re-based to orthonormal rows as serving does."""
+    rows, module = ServingRows(plan, KEYS), module or build_repacked(alpha_ebc, plan, weighted=weighted)
     training_rows = {c.name: c.num_embeddings for c in module.ebc.embedding_bag_configs()}
     module.ebc = rows.relay(module.ebc)
+    if module.learned:
+        orthonormal_projections(module)
     assert {c.name: c.num_embeddings - 1 for c in module.ebc.embedding_bag_configs()} == training_rows
     return rows, inference_tables(module.eval(), bits)
 
@@ -63,6 +66,27 @@ def test_serving_ids_read_the_rows_the_training_rewrite_reads(shared):
             _, unweighted = served(alpha_ebc, plan)
             reference = shared_reference(alpha_ebc, plan, ranks)
             assert (unweighted(rows(serving_ids(rows, ranks))) - reference).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_learned_projections_served_with_orthonormal_rows_give_the_same_outputs(shared):
+    alpha_ebc, plan = searched(seed=3)
+    plan = with_shared_rows(plan) if shared else plan
+    training = build_repacked(alpha_ebc, plan, "learned")
+    with torch.no_grad():  # projections moved off their selection, as after retraining
+        for p in training.projections.values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ranks = random_ids(6, rows=50)
+    expected = training(KeyRewriter(plan, KEYS)(single_hot_kjt(KEYS, ranks)))
+    copy = build_repacked(alpha_ebc, plan, "learned")
+    copy.load_state_dict(training.state_dict())
+    rows, module = served(alpha_ebc, plan, module=copy)
+    with torch.no_grad():
+        got = module(rows(serving_ids(rows, ranks)))
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+    for key, p in module.projections.items():
+        assert torch.allclose(p @ p.T, torch.eye(p.shape[0]), atol=1e-6), key
+        assert not torch.allclose(p, training.projections[key]), key
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -62,7 +62,7 @@ from pipeline.models.folded import FoldedInteraction
 from pipeline.prune.bytes import QUANT_ROW_ALIGNMENT
 from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_retrain_task, build_train_task
-from sharding.serving_rows import ServingRows
+from sharding.serving_rows import ServingRows, orthonormal_projections
 
 FP32_BITS = 32
 # TorchRec's names for FP32 / INT8 / INT4 rows.
@@ -223,6 +223,8 @@ def serving_model(
         return ServingModel(inference_tables(model.eval(), bits), layout, vocab, dense_fields)
     rows = ServingRows(plan, layout.keys)
     model.embedding.ebc = rows.relay(model.embedding.ebc)
+    if model.embedding.learned:  # the same outputs; folded, the FM's squares become a norm
+        orthonormal_projections(model.embedding)
     model = inference_tables(model.eval(), bits)
     folded = model.folded(model.embedding.output_map()) if fold else None
     vocab = vocab.renumbered({key: partial(rows.ids_of_ranks, key) for key in layout.id_columns})
