@@ -134,6 +134,31 @@ def test_retrain_starts_from_the_searched_model_exactly(search_run, tmp_path):
     assert result["test"]["rows"] == searched["rows"]
 
 
+def test_principal_columns_at_full_width_retrain_from_the_searched_model_exactly(search_run, tmp_path):
+    """τ = 0 on principal columns keeps every one: turned and turned back by the learned
+    projection, the repacked model is the α-model; the rotations read from 2 ranks'
+    shards equal 1 rank's, and the selection projection is refused for them."""
+    source = tmp_path / "search"
+    shutil.copytree(search_run, source)
+    rotations = {}
+    for nproc in (2, 1):
+        finish(torchrun("launch.prune", "--run-dir", str(source), "--tau", "0", "--basis", "principal", nproc=nproc))
+        pruned = json.loads((source / "prune.json").read_text())
+        assert pruned["basis"] == "principal" and pruned["projection"] == "learned"
+        rotations[nproc] = torch.tensor([pruned["rotations"][k] for k in sorted(pruned["rotations"])])
+    assert torch.allclose(rotations[1].abs(), rotations[2].abs(), atol=1e-4)  # eigenvectors, up to sign
+    refused = subprocess.run([sys.executable, "-m", "launch.retrain", "--run-dir", str(source), "--projection",
+                              "selection", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "only the learned projection" in refused.stderr.strip().splitlines()[-1]
+    out = tmp_path / "retrain"
+    finish(torchrun("launch.retrain", "--run-dir", str(source), "--out", str(out), "--set", "train.max_steps=4",
+                    "--no-progress"))
+    result = json.loads((out / "result.json").read_text())
+    searched = json.loads((search_run / "result.json").read_text())["test"]
+    assert abs(result["before_retrain"]["logloss"] - searched["logloss"]) < 1e-4
+    assert abs(result["before_retrain"]["auc"] - searched["auc"]) < 1e-4
+
+
 def test_retraining_a_plan_that_keeps_nothing_is_refused_in_one_line(search_run, tmp_path):
     source = tmp_path / "search"
     shutil.copytree(search_run, source)
