@@ -40,8 +40,11 @@ step "4/11 DNIS search of α per frequency block"
 step "5/11 evaluate the searched model on the test split"
 "${TORCHX[@]}" launch/components.py:evaluate --nproc "$NPROC" --run_dir "$DIR/search"
 
-step "6/11 structured prune to compression ratio $CR (α × column RMS, byte budget)"
-"${TORCHX[@]}" launch/components.py:prune --nproc "$NPROC" --run_dir "$DIR/search" --cr "$CR"
+# As dnis compare's best on both 1M-row worlds (dnis_shared_half_pca): columns by worth per
+# byte on each feature's principal directions, widths 1..16, rarely seen ids sharing rows.
+step "6/11 structured prune to compression ratio $CR (principal columns by worth per byte, byte budget)"
+"${TORCHX[@]}" launch/components.py:prune --nproc "$NPROC" --run_dir "$DIR/search" --cr "$CR" \
+    --allocation value --min_row_lookups 30 --widths 1,2,4,8,16 --basis principal
 
 step "7/11 retrain the repacked mixed-width model"
 "${TORCHX[@]}" launch/components.py:retrain --nproc "$NPROC" --run_dir "$DIR/search" --out "$DIR/retrain"
