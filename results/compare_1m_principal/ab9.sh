@@ -7,3 +7,4 @@ common=(--config configs/synthetic.yaml --data longtail=$M/data_longtail --data 
   --cr 10,20 --grid 1,2 --candidates 2
   --set train.eval_every=200 --set train.checkpoint_every=200 --set train.log_every=200 --set nis.warmup_steps=40)
 .venv/bin/dnis compare "${common[@]}" --methods dnis_shared_half_pca --seeds 3 --out $M/ab2
+# ab10.sh (run after it, as both prune into the same search directories): the same with --methods dnis_shared_half_me.
