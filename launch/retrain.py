@@ -65,7 +65,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def initial_state(job: Job, source: RunDir, plan: StructuredPlan, rotations=None) -> dict[str, torch.Tensor]:
+def initial_state(
+    job: Job, source: RunDir, plan: StructuredPlan, rotations: Optional[dict] = None
+) -> dict[str, torch.Tensor]:
     """The source run's best checkpoint, repacked by ``plan`` (see ``repacked_state``):
     a search's α-model, or a plain model (α = 1, magnitude pruning)."""
     if (source.path / "blocking.json").is_file():
