@@ -12,6 +12,8 @@ granularity.
 
 Structured: column j of a group is kept when ``α[block, j] × RMS_j(E[group rows])``
 clears τ; the RMS comes from the tables' shards on every rank (no table is gathered).
+With ``--basis principal`` the columns are those of each feature's rows turned into
+their principal directions (``pipeline.prune.basis``; Gram matrices from the shards).
 Writes ``prune.json`` (the plan, its compression ratio for both projections, bytes) to
 the run directory and prints the kept width per block.
 

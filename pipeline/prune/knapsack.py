@@ -11,8 +11,9 @@ before, and costs ``rows_g × 4`` bytes plus a selection's index byte. The proje
 back to ``K`` is stored once per feature, as wide as its widest group: a learned one
 (``W × K × 4`` bytes) is not a cost of any one step, so the allocation counts the plan's
 exact bytes and, while the projections push it over, runs again with that much less.
-The allocation is greedy on worth per byte, each group's columns best first, so a group's marginal value
-only falls as it widens and the greedy prefix is the fractional knapsack optimum:
+The allocation is greedy on worth per byte, each group's columns best first, so a
+group's marginal value only falls as it widens and the greedy prefix is the fractional
+knapsack optimum:
 
 1. first every group whose best column scores above zero gets one column (dropping an
    id to width 0 loses everything it learned), if the budget pays for that floor;
