@@ -36,6 +36,14 @@ def feature_tables(model: nn.Module, keys: Sequence[str]) -> dict[str, object]:
     return out
 
 
+def indices_by_key(groups: Sequence[Group]) -> dict[str, list[int]]:
+    """Per feature key, the indices of its groups in ``groups``."""
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        by_key[group.key].append(index)
+    return by_key
+
+
 def group_rows(group: Group, row: int, rows: int) -> tuple[int, int]:
     """Local ``[lo, hi)`` of ``group``'s ids in a piece of ``rows`` rows starting at id ``row``."""
     return min(max(group.start - row, 0), rows), min(max(group.stop - row, 0), rows)
@@ -47,9 +55,7 @@ def group_sum_sq(model: nn.Module, groups: Sequence[Group], embedding_dim: int) 
     ``model`` holds one table ``t_<key>`` per feature (an α-EBC or plain EBC, sharded
     by ``DistributedModelParallel`` or not). Replicated tables are counted on rank 0.
     """
-    by_key: dict[str, list[int]] = defaultdict(list)
-    for index, group in enumerate(groups):
-        by_key[group.key].append(index)
+    by_key = indices_by_key(groups)
     out = torch.zeros(len(groups), embedding_dim, dtype=torch.float64)
     for key, tensor in feature_tables(model, list(by_key)).items():
         for row, col, values in local_pieces(tensor, counted_once=is_rank0()):
@@ -71,9 +77,7 @@ def group_gram(model: nn.Module, groups: Sequence[Group], embedding_dim: int) ->
     row range whose other columns sit on another rank raise ``ValueError`` naming the
     table (load the run on fewer ranks: checkpoints load on any world size).
     """
-    by_key: dict[str, list[int]] = defaultdict(list)
-    for index, group in enumerate(groups):
-        by_key[group.key].append(index)
+    by_key = indices_by_key(groups)
     out = torch.zeros(len(groups), embedding_dim, embedding_dim, dtype=torch.float64)
     refused = ""
     try:
