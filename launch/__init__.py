@@ -63,14 +63,16 @@ def run_as_process(main: Callable[[], object]) -> None:
     its static owner; seen in 2-rank search, structured and fine-grained prune runs, with
     or without the process group destroyed first), failing a job that had succeeded.
     Failures (exceptions, ``SystemExit`` with a message) still exit the usual way,
-    except a ``ConfigError`` (a config key or override, or data too small for it): the
-    user's to fix, so one line ``dnis <stage>: <message>`` and exit 2, no traceback.
+    except a ``ConfigError`` (a config key or override, or data too small for it) or a
+    ``CheckpointMismatch`` (a checkpoint of another model): the user's to fix, so one
+    line ``dnis <stage>: <message>`` and exit 2, no traceback.
     """
     from pipeline.config import ConfigError
+    from sharding.checkpoint import CheckpointMismatch
 
     try:
         main()
-    except ConfigError as error:
+    except (ConfigError, CheckpointMismatch) as error:
         raise SystemExit(f"{_command(main)}: {error}") from None
     sys.stdout.flush()
     sys.stderr.flush()

@@ -28,6 +28,11 @@ EXTRA_FILE = "extra.pt"
 LATEST_FILE = "latest"
 
 
+class CheckpointMismatch(ValueError):
+    """The checkpoint lacks some of the model's weights: the user's to fix (wrong run or
+    config), reported in one line."""
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -88,6 +93,13 @@ def load_checkpoint(
     if not (directory / ".metadata").is_file():
         raise FileNotFoundError(f"{directory}: not a complete checkpoint (no .metadata)")
     state = {"model": model.state_dict()}
+    stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    missing = [key for key in state["model"] if f"model.{key}" not in stored]
+    if missing:
+        raise CheckpointMismatch(
+            f"{directory}: no {missing[0]} (and {len(missing) - 1} more of the model's weights): the checkpoint "
+            f"holds another model (another config, or a version before its names changed)"
+        )
     if optimizer is not None:
         if hasattr(optimizer, "init_state"):
             optimizer.init_state()  # lazily created states (Adam) must exist to be filled

@@ -42,6 +42,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from pipeline.prune.plan import GroupPlan, StructuredPlan
+from sharding.column_lift import ColumnLift, column_slots
 from sharding.column_slabs import NO_FOLD, ColumnSlabs, GroupIndex, Slab, fold, fold_constants
 
 PROJECTIONS = ("selection", "learned")
@@ -277,12 +278,16 @@ class RepackedEmbedding(nn.Module):
         if self.learned:  # per feature, row i puts stored column i at its model column
             for key, columns in self.slabs.features.items():
                 self.projections[key] = nn.Parameter(projection_init(columns.order, self.embedding_dim))
-        else:  # each stored column's place in the flattened [F, K] output, slab by slab
-            field = {key: i for i, key in enumerate(self.keys)}
-            places = [field[s.key] * self.embedding_dim + c for s in self.slabs.slabs for c in s.columns]
-            self.register_buffer("_places", torch.tensor(places, dtype=torch.int64), persistent=False)
-            starts = [0, *accumulate(s.width for s in self.slabs.slabs)]
-            self._place_range = {s.name: (a, b) for s, a, b in zip(self.slabs.slabs, starts, starts[1:])}
+        # The pooled columns, slab by slab (table order): each one's place in the flattened
+        # [F, K] output (a selection's), its field, and each slab's range of them.
+        field = {key: i for i, key in enumerate(self.keys)}
+        places = [field[s.key] * self.embedding_dim + c for s in self.slabs.slabs for c in s.columns]
+        self.register_buffer("_places", torch.tensor(places, dtype=torch.int64), persistent=False)
+        starts = [0, *accumulate(s.width for s in self.slabs.slabs)]
+        self._column_range = {s.name: (a, b) for s, a, b in zip(self.slabs.slabs, starts, starts[1:])}
+        self.columns = starts[-1]
+        self.register_buffer("_columns", torch.arange(self.columns), persistent=False)
+        self.register_buffer("_slots", column_slots(self._places, len(self.keys), self.embedding_dim), persistent=False)
 
     @property
     def num_fields(self) -> int:
@@ -296,8 +301,19 @@ class RepackedEmbedding(nn.Module):
             by_name = pooled.to_dict()
             return torch.stack([self._learned(key, by_name) for key in self.keys], dim=1)
         width = self.num_fields * self.embedding_dim
-        out = scatter_columns(pooled, self._places, self._place_range, width)
+        out = scatter_columns(pooled, self._places, self._column_range, width)
         return out.view(-1, self.num_fields, self.embedding_dim)
+
+    def pooled_columns(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """``[B, C]``: the pooled slab columns in table order (whatever order of keys a
+        sharded EBC gives them in): what ``output_map`` maps to the fields."""
+        return scatter_columns(self.ebc(features), self._columns, self._column_range, self.columns)
+
+    def column_lift(self) -> ColumnLift:
+        """How ``pooled_columns`` make the fields, from the live projections (autograd
+        reaches them through it)."""
+        rows = torch.cat([self.projections[s.key][s.lo : s.hi] for s in self.slabs.slabs]) if self.learned else None
+        return ColumnLift(self.num_fields, self.embedding_dim, self._places, self._slots, rows)
 
     def output_map(self) -> torch.Tensor:
         """``[C, F * K]``: the output as a linear map of the pooled slab columns (slabs in

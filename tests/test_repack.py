@@ -374,3 +374,12 @@ def test_plan_bytes_are_what_the_repacked_model_stores(projection):
         projections = sum(max(g.width for g in plan.groups if g.group.key == key) for key in NUMS)
     index = 8 * len(plan.groups) + 8 * sum(g.buckets is not None for g in plan.groups)
     assert plan.embedding_bytes(projection) == values + projections + index
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_a_missing_weight(tmp_path):
+    from sharding.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "old", torch.nn.Sequential(torch.nn.Linear(2, 1)))
+    renamed = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    with pytest.raises(CheckpointMismatch, match=r"old: no 1\.weight \(and 1 more of the model's weights\)"):
+        load_checkpoint(tmp_path / "old", renamed, local=True)

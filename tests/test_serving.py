@@ -167,10 +167,6 @@ def embedding_jacobian(model, inputs, sparse) -> torch.Tensor:
     with torch.no_grad():
         emb = model.model.embedding(sparse)
     emb.requires_grad_(True)
-    hook = model.model.embedding.register_forward_hook(lambda module, args, output: emb)
-    try:
-        model.model(inputs[0], sparse).sum().backward()
-    finally:
-        hook.remove()
+    model.model.interact(inputs[0], emb).sum().backward()
     return emb.grad
 

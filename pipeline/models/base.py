@@ -16,14 +16,19 @@ from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import ModelConfig
+from pipeline.models.column_fold import column_fold_logits
 from pipeline.models.folded import FoldedInteraction, folded_interaction
 
 
 def mlp_head(in_features: int, dims: tuple[int, ...]) -> nn.Sequential:
-    """ReLU MLP of ``dims`` followed by a linear layer to one logit."""
-    if not dims:
-        return nn.Sequential(nn.Linear(in_features, 1))
-    return nn.Sequential(MLP(in_features, list(dims)), nn.Linear(dims[-1], 1))
+    """ReLU MLP of ``dims`` followed by a linear layer to one logit, as one flat
+    ``Sequential`` that starts with its first linear layer (a repacked model trains it
+    folded: ``pipeline.models.column_fold``)."""
+    layers: list[nn.Module] = []
+    for width in dims:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        in_features = width
+    return nn.Sequential(*layers, nn.Linear(in_features, 1))
 
 
 def fm_pairwise(fields: torch.Tensor) -> torch.Tensor:
@@ -57,6 +62,10 @@ class CTRModel(nn.Module):
         )
         self.num_fields = num_fields + (1 if num_dense else 0)
         self.flat_dim = self.num_fields * cfg.embedding_dim
+        # A repacked embedding whose pooled columns are fewer than the fields' trains the
+        # heads folded onto them (``pipeline.models.column_fold``).
+        self.column_fold = bool(self.folded_heads) and hasattr(embedding, "pooled_columns") \
+            and embedding.columns < num_fields * cfg.embedding_dim
 
     def fields(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """``[B, F', K]``: the dense field (if any) first, then the embeddings."""
@@ -69,6 +78,9 @@ class CTRModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        if self.column_fold:
+            lift = self.embedding.column_lift()
+            return column_fold_logits(self, dense, self.embedding.pooled_columns(sparse), lift)
         return self.interact(dense, self.embedding(sparse))
 
     # The heads that read ``flat(fields)`` through a linear layer first, and whether the FM

@@ -90,10 +90,13 @@ def folded_interaction(
     # projection to orthonormal rows (``sharding.serving_rows.orthonormal_projections``):
     # the Gram matrix is the identity, up to float rounding for the latter.
     gram = None if torch.allclose(gram, torch.eye(columns), rtol=0, atol=1e-5) else gram
-    sums = columns if field_places(lift, embedding_dim) is not None else columns * embedding_dim
+    placed = field_places(lift, embedding_dim) is not None
+    sums = columns if placed else columns * embedding_dim
     squares = columns if gram is None else columns * columns
     folded = columns * outputs + (sums + squares if fm else 0)
-    unfolded = flat * outputs + (3 * flat if fm else 0) + flat  # the last: building the fields
+    # The unfolded model builds its fields first: a selection places the columns, a
+    # learned projection multiplies them (as the folded FM sums do).
+    unfolded = flat * outputs + (3 * flat if fm else 0) + (flat if placed else columns * embedding_dim)
     if folded >= unfolded:
         return None
     return FoldedInteraction(dense_arch, [fold_head(h, lift) for h in heads], lift, gram, embedding_dim, fm)
