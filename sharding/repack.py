@@ -42,7 +42,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from pipeline.prune.plan import GroupPlan, StructuredPlan
-from sharding.column_lift import ColumnLift, column_slots
+from sharding.column_lift import ColumnLift, FieldColumns
 from sharding.column_slabs import NO_FOLD, ColumnSlabs, GroupIndex, Slab, fold, fold_constants
 
 PROJECTIONS = ("selection", "learned")
@@ -287,7 +287,10 @@ class RepackedEmbedding(nn.Module):
         self._column_range = {s.name: (a, b) for s, a, b in zip(self.slabs.slabs, starts, starts[1:])}
         self.columns = starts[-1]
         self.register_buffer("_columns", torch.arange(self.columns), persistent=False)
-        self.register_buffer("_slots", column_slots(self._places, len(self.keys), self.embedding_dim), persistent=False)
+        fields = FieldColumns.of(self._places, len(self.keys), self.embedding_dim)
+        self.register_buffer("_slots", fields.slots, persistent=False)
+        self.register_buffer("_positions", fields.positions, persistent=False)
+        self._widths = fields.widths
 
     @property
     def num_fields(self) -> int:
@@ -313,7 +316,8 @@ class RepackedEmbedding(nn.Module):
         """How ``pooled_columns`` make the fields, from the live projections (autograd
         reaches them through it)."""
         rows = torch.cat([self.projections[s.key][s.lo : s.hi] for s in self.slabs.slabs]) if self.learned else None
-        return ColumnLift(self.num_fields, self.embedding_dim, self._places, self._slots, rows)
+        fields = FieldColumns(self._slots, self._positions, self._widths)
+        return ColumnLift(self.num_fields, self.embedding_dim, self._places, fields, rows)
 
     def output_map(self) -> torch.Tensor:
         """``[C, F * K]``: the output as a linear map of the pooled slab columns (slabs in

@@ -227,6 +227,7 @@ def serving_model(
         orthonormal_projections(model.embedding)
     model = inference_tables(model.eval(), bits)
     folded = model.folded(model.embedding.output_map()) if fold else None
+    model.column_fold = False  # folded once above, or served on its fields: never re-folded per call
     vocab = vocab.renumbered({key: partial(rows.ids_of_ranks, key) for key in layout.id_columns})
     return ServingModel(model, layout, vocab, dense_fields, rows, None if folded is None else folded.eval())
 
