@@ -105,11 +105,12 @@ class ServingRows(nn.Module):
                 relaid.embedding_bags[config.name].weight.copy_(weight)
         return relaid
 
-    def forward(self, ids: torch.Tensor, weights: torch.Tensor | None = None) -> KeyedJaggedTensor:
-        """The slab KJT of serving ids ``[F, B]`` (``keys`` order) and their weights."""
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor | None = None, check: bool = True) -> KeyedJaggedTensor:
+        """The slab KJT of serving ids ``[F, B]`` (``keys`` order) and their weights;
+        ``check=False`` for ids known to be in range (a vocabulary's)."""
         field = self.field  # each buffer read costs 0.5 µs (nn.Module.__getattr__)
         # An exported graph has no data checks; clamp + equal: 2 small ops at batch 1, not 4.
-        if not torch.compiler.is_compiling() and not torch.equal(ids.clamp(self.bottom, self.top), ids):
+        if check and not torch.compiler.is_compiling() and not torch.equal(ids.clamp(self.bottom, self.top), ids):
             bad = (ids > self.top) | (ids < 0)
             f = int(bad.any(dim=1).nonzero()[0])
             raise ValueError(f"id {int(ids[f][bad[f]][0])} of {self.keys[f]} is outside its serving ids "

@@ -11,6 +11,7 @@ import argparse
 
 import torch
 
+from launch import run_as_process
 from launch.common import load_run
 from pipeline.data.loader import SplitReader
 from sharding.dmp import init_distributed
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)  # as the stages: no interpreter teardown to abort a finished rank under load

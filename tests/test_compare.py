@@ -202,19 +202,24 @@ def test_a_retrain_never_runs_on_the_plan_another_budget_left_behind(tmp_path):
         retrain_min30.prepare()
 
 
-def test_the_int8_method_prunes_in_an_int8_budget_on_quantizable_rungs_then_quantizes(tmp_path):
+@pytest.mark.parametrize("method, top, basis", [("dnis_shared_int8", 1, "columns"),
+                                                ("dnis_shared_half_int8_pca", 2, "principal")])
+def test_the_int8_methods_prune_in_an_int8_budget_on_quantizable_rungs_then_quantize(tmp_path, method, top, basis):
     from pipeline.compare.steps import method_steps
 
     settings = Settings(configs=(TINY,), data={"d": str(tmp_path / "data")}, models=("deepfm",),
-                        methods=("dnis_shared_int8",), crs=(10.0,), seeds=1, out=str(tmp_path), min_row_lookups=(30,))
+                        methods=(method,), crs=(10.0,), seeds=1, out=str(tmp_path), min_row_lookups=(30,))
     cell = Cell(settings, "d", "deepfm", 0)
-    _, prune, retrain, quantize = method_steps(cell, "dnis_shared_int8", 10.0)
-    ladder = [2**i for i in range(1, cell.embedding_dim().bit_length())]
+    _, prune, retrain, quantize = method_steps(cell, method, 10.0)
+    ladder = [2**i for i in range(1, (cell.embedding_dim() // top).bit_length())]
     assert prune.command[prune.command.index("--widths") + 1] == ",".join(map(str, ladder))
     assert prune.command[prune.command.index("--bits") + 1] == "8"
-    assert quantize.command[-2:] == ["--bits", "8"] and str(cell.dir("dnis_shared_int8", "cr10", "min30")) in quantize.command
+    assert prune.command[prune.command.index("--basis") + 1] == basis
+    assert quantize.command[-2:] == ["--bits", "8"] and str(cell.dir(method, "cr10", "min30")) in quantize.command
     cell.dir("search").mkdir(parents=True)
-    plan = {"target": {"cr": 10.0}, "allocation": "value", "min_row_lookups": 30, "widths": ladder}
+    projection = "learned" if basis == "principal" else "selection"
+    plan = {"target": {"cr": 10.0}, "allocation": "value", "min_row_lookups": 30, "widths": ladder,
+            "basis": basis, "projection": projection}
     (cell.dir("search") / "prune.json").write_text(json.dumps(plan))  # dnis_shared_ladder-like: fp32 budget
     with pytest.raises(ValueError, match="not this run's plan"):
         retrain.prepare()

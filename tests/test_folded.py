@@ -60,8 +60,8 @@ def test_the_folded_first_layer_reads_only_the_pooled_columns():
     folded = model.folded(model.embedding.output_map())
     columns = sum(s.width for s in model.embedding.slabs.slabs)
     assert columns == len(NUMS) * K - 4
-    first = [m for m in folded.heads[1].modules() if isinstance(m, torch.nn.Linear)][0]
-    assert first.in_features == columns and first.out_features == 256
+    # first_order's and deep's first layers in one: 1 + 256 outputs (a selection's FM sums add no columns)
+    assert folded.first.in_features == columns and folded.first.out_features == 1 + 256
 
 
 @pytest.mark.parametrize("name, projection, seed", [
@@ -105,3 +105,11 @@ def test_served_learned_projections_fold_with_a_plain_norm_and_the_same_logits()
         got = folded(dense, model.embedding.ebc(rows(ids)).values())
     assert folded.gram is None
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-3), (got - expected).abs().max()
+
+
+def test_doctests():
+    import doctest
+
+    from pipeline.models import folded
+
+    assert doctest.testmod(folded).failed == 0

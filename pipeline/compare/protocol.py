@@ -16,44 +16,46 @@ The protocol (README, "Comparing methods"):
 
 Methods and their stages (``E`` = epochs, ``s`` = search_epochs):
 
-==========================  ==============================================================
-``full``                    train E (the unpruned reference, CR 1)
-``grid``                    train E at each uniform width K' of ``grid`` and the widest
-                            that fits each budget (K // CR); per budget the fitting K' with
-                            the lowest validation loss
-``random``                  ``candidates`` random descending per-block width plans per
-                            budget, each trained E from scratch; the best on validation
-``mde``                     the MDE plan for the budget, trained E from scratch
-``nis_me``                  ``dnis nis`` for s epochs (RL controller), its plan retrained
-                            from scratch for E - s
-``magnitude``               train s, column-structured magnitude prune, retrain E - s
-``magnitude_fine``          train s, entry-wise magnitude prune (COO bytes), no retrain
-``qr``                      QR embeddings with collisions for the budget, trained E
-``int8`` / ``int4``         ``full`` quantised row-wise after training (CR ≈ 4 / 8)
-``dnis``                    search s, structured prune (one τ, widths in steps of 4),
-                            retrain E - s
-``dnis_value``              as ``dnis``, the prune allocating columns by worth per byte
-                            (``pipeline.prune.knapsack``, any width)
-``dnis_ladder``             as ``dnis_value``, widths only 1, 2, 4, ..., K
-                            (``knapsack.doubling_widths``: fewer column slabs to serve)
-``dnis_shared``             as ``dnis_value``, ids of groups seen fewer than c times on
-                            average sharing rows (hashing), one prune and retrain per c
-                            of ``min_row_lookups``; the best on validation
-``dnis_shared_ladder``      as ``dnis_shared``, widths only 1, 2, 4, ..., K
-``dnis_shared_half``        as ``dnis_shared``, widths only 1, 2, 4, ..., K/2: a served
-                            model's first layer reads at most K/2 columns per field
-``dnis_shared_narrow``      the same up to K/4
-``dnis_shared_half_me``     as ``dnis_shared_half`` (``_ladder_me``: ``_ladder``), the plan
-                            sized for and retrained with the learned (NIS-ME) projection
-``dnis_shared_half_pca``    as ``dnis_shared_half_me`` (``_ladder_pca``: ``_ladder_me``) on
-                            each feature's principal columns (``pipeline.prune.basis``),
-                            the learned projection starting as the turn back
-``dnis_shared_int8``        as ``dnis_shared``, widths 2, 4, ..., K, the budget counted in
-                            INT8 bytes (``knapsack``'s ``bits``); chosen on fp32
-                            validation, evaluated quantized to INT8
-``dnis_fine``               search s, eq. 9 prune (COO bytes), no retrain
-``dnis_int8``               ``dnis``'s retrained model quantised to int8 (compound CR)
-==========================  ==============================================================
+==============================  ==============================================================
+``full``                        train E (the unpruned reference, CR 1)
+``grid``                        train E at each uniform width K' of ``grid`` and the widest
+                                that fits each budget (K // CR); per budget the fitting K' with
+                                the lowest validation loss
+``random``                      ``candidates`` random descending per-block width plans per
+                                budget, each trained E from scratch; the best on validation
+``mde``                         the MDE plan for the budget, trained E from scratch
+``nis_me``                      ``dnis nis`` for s epochs (RL controller), its plan retrained
+                                from scratch for E - s
+``magnitude``                   train s, column-structured magnitude prune, retrain E - s
+``magnitude_fine``              train s, entry-wise magnitude prune (COO bytes), no retrain
+``qr``                          QR embeddings with collisions for the budget, trained E
+``int8`` / ``int4``             ``full`` quantised row-wise after training (CR ≈ 4 / 8)
+``dnis``                        search s, structured prune (one τ, widths in steps of 4),
+                                retrain E - s
+``dnis_value``                  as ``dnis``, the prune allocating columns by worth per byte
+                                (``pipeline.prune.knapsack``, any width)
+``dnis_ladder``                 as ``dnis_value``, widths only 1, 2, 4, ..., K
+                                (``knapsack.doubling_widths``: fewer column slabs to serve)
+``dnis_shared``                 as ``dnis_value``, ids of groups seen fewer than c times on
+                                average sharing rows (hashing), one prune and retrain per c
+                                of ``min_row_lookups``; the best on validation
+``dnis_shared_ladder``          as ``dnis_shared``, widths only 1, 2, 4, ..., K
+``dnis_shared_half``            as ``dnis_shared``, widths only 1, 2, 4, ..., K/2: a served
+                                model's first layer reads at most K/2 columns per field
+``dnis_shared_narrow``          the same up to K/4
+``dnis_shared_half_me``         as ``dnis_shared_half`` (``_ladder_me``: ``_ladder``), the plan
+                                sized for and retrained with the learned (NIS-ME) projection
+``dnis_shared_half_pca``        as ``dnis_shared_half_me`` (``_ladder_pca``: ``_ladder_me``) on
+                                each feature's principal columns (``pipeline.prune.basis``),
+                                the learned projection starting as the turn back
+``dnis_shared_int8``            as ``dnis_shared``, widths 2, 4, ..., K, the budget counted in
+                                INT8 bytes (``knapsack``'s ``bits``); chosen on fp32
+                                validation, evaluated quantized to INT8
+``dnis_shared_half_int8_pca``   as ``dnis_shared_half_pca``, widths 2, 4, ..., K/2, the
+                                budget counted in INT8 bytes, evaluated quantized to INT8
+``dnis_fine``                   search s, eq. 9 prune (COO bytes), no retrain
+``dnis_int8``                   ``dnis``'s retrained model quantised to int8 (compound CR)
+==============================  ==============================================================
 """
 
 from __future__ import annotations
@@ -68,12 +70,12 @@ METHODS = (
     "full", "grid", "random", "mde", "nis_me", "magnitude", "magnitude_fine", "qr",
     "int8", "int4", "dnis", "dnis_value", "dnis_ladder", "dnis_shared", "dnis_shared_ladder",
     "dnis_shared_half", "dnis_shared_narrow", "dnis_shared_ladder_me", "dnis_shared_half_me", "dnis_shared_ladder_pca",
-    "dnis_shared_half_pca", "dnis_shared_int8", "dnis_fine", "dnis_int8",
+    "dnis_shared_half_pca", "dnis_shared_int8", "dnis_shared_half_int8_pca", "dnis_fine", "dnis_int8",
 )
 # dnis_shared and its variants: one prune and retrain per min_row_lookups candidate.
 SHARED_METHODS = ("dnis_shared", "dnis_shared_ladder", "dnis_shared_half", "dnis_shared_narrow",
                   "dnis_shared_ladder_me", "dnis_shared_half_me", "dnis_shared_ladder_pca", "dnis_shared_half_pca",
-                  "dnis_shared_int8")
+                  "dnis_shared_int8", "dnis_shared_half_int8_pca")
 # Methods whose CR is set by their model or number format, not by the budget (None:
 # whatever the quantised rows give).
 FIXED_CR = {"full": 1.0, "int8": None, "int4": None}

@@ -81,7 +81,7 @@ def method_row(cell: Cell, method: str, cr: float, unpruned: int, dim: int) -> O
         dirs = {c: cell.dir(method, tag, f"min{c:g}") for c in cell.settings.min_row_lookups}
         rows = [dict(r, choice=f"min {c:g}", c=c) for c, r in ((c, _run_row(d)) for c, d in dirs.items()) if r]
         row = pick_by_validation(rows)
-        if row and method == "dnis_shared_int8":  # chosen on fp32 validation, shipped as INT8
+        if row and "_int8" in method:  # chosen on fp32 validation, shipped as INT8
             quantized = _quantized_row(dirs[row["c"]], 8)
             row = None if quantized is None else dict(quantized, choice=row["choice"], val_loss=row["val_loss"])
         if row:

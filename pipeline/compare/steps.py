@@ -182,18 +182,22 @@ def plan_step(cell: Cell, name: str, plan_dir: Path, method: str, cr: float, can
 
 def shared_variant(method: str, cell: Cell) -> PruneVariant:
     """The prune of a ``SHARED_METHODS`` method: every width in fp32, the doubling ladder
-    (up to K, K/2 or K/4), or the ladder from 2 in an INT8 budget (each rung quantizes);
+    (up to K, K/2 or K/4), or with ``_int8`` that ladder (up to K for ``dnis_shared_int8``)
+    from 2 in an INT8 budget (each rung quantizes);
     ``_me`` methods size the plan for the learned projection, ``_pca`` ones also prune
     each feature's principal columns."""
     base = method.removesuffix("_pca").removesuffix("_me")
     basis = "principal" if method.endswith("_pca") else "columns"
     projection = "learned" if base != method else "selection"
-    if base == "dnis_shared":
+    int8 = base.endswith("_int8")
+    base = base.removesuffix("_int8")
+    divisor = {"dnis_shared_ladder": 1, "dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(base, 1 if int8 else None)
+    if divisor is None:  # every width
         return PruneVariant(None, None, basis, projection)
-    divisor = {"dnis_shared_ladder": 1, "dnis_shared_half": 2, "dnis_shared_narrow": 4}.get(base)
-    if divisor:  # the ladder up to K / divisor
-        return PruneVariant(doubling_widths(max(1, cell.embedding_dim() // divisor)), None, basis, projection)
-    return PruneVariant([w for w in doubling_widths(cell.embedding_dim()) if w >= 2], 8, basis, projection)
+    widths = doubling_widths(max(1, cell.embedding_dim() // divisor))  # the ladder up to K / divisor
+    if int8:  # from 2: every rung quantizes
+        return PruneVariant([w for w in widths if w >= 2], 8, basis, projection)
+    return PruneVariant(widths, None, basis, projection)
 
 
 def method_steps(cell: Cell, method: str, cr: float) -> list[Step]:

@@ -93,6 +93,7 @@ class ServingModel(nn.Module):
         self.model, self.folded = model, folded
         self.layout, self.vocab, self.rewrite = layout, vocab, rewrite
         self.dense_fields = tuple(dense_fields)
+        self._keys_checked = False
         self.eval()
 
     def encode(self, block: ParsedBlock) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,31 +107,38 @@ class ServingModel(nn.Module):
         dataset's id columns): themselves, or a repacked model's serving ids."""
         return ids if self.rewrite is None else self.rewrite.serving_ids(ids.T, self.layout.id_columns).T
 
-    def features(self, dense: torch.Tensor, ids: torch.Tensor) -> KeyedJaggedTensor:
+    def features(self, dense: torch.Tensor, ids: torch.Tensor, check: bool = True) -> KeyedJaggedTensor:
         """The KJT the model reads: every key single-hot (``key_ids``), or a repacked
-        model's slabs."""
+        model's slabs (serving ids checked against their ranges unless ``check=False``)."""
         ids, weights = key_ids(dense, ids.T, self.layout)
         if self.rewrite is None:
             return single_hot_kjt(self.layout.keys, ids, weights)
-        return self.rewrite(ids, weights)
+        return self.rewrite(ids, weights, check)
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B]`` of encoded rows (``encode``): the tensor part of serving."""
-        sparse = self.features(dense, ids)
+        return self.logits(dense, ids)
+
+    def logits(self, dense: torch.Tensor, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """``forward``; ``check=False`` for ids of ``encode`` (the vocabulary's: in range)."""
+        sparse = self.features(dense, ids, check)
         if self.folded is None:
             return self.model(dense, sparse)
         pooled = self.model.embedding.ebc(sparse)
-        if pooled.keys() != self.rewrite.out_keys:  # the order output_map's rows are in
-            raise RuntimeError(f"pooled keys {pooled.keys()} are not the slabs' {self.rewrite.out_keys}")
+        if not self._keys_checked:  # the order output_map's rows are in: fixed by the first call
+            if pooled.keys() != self.rewrite.out_keys:
+                raise RuntimeError(f"pooled keys {pooled.keys()} are not the slabs' {self.rewrite.out_keys}")
+            self._keys_checked = True
         return self.folded(dense, pooled.values())
 
     @torch.no_grad()
     def predict(self, block: ParsedBlock) -> torch.Tensor:
         """Click probabilities of raw rows (in eval mode: ``eval()`` visits every module,
-        80 µs of a 0.8 ms call at batch 1, so only when something set training mode)."""
+        80 µs of a 0.8 ms call at batch 1, so only when something set training mode).
+        The vocabulary's ids need no range check (2 of a repacked request's ops)."""
         if self.training:
             self.eval()
-        return torch.sigmoid(self(*self.encode(block)))
+        return torch.sigmoid(self.logits(*self.encode(block), check=False))
 
     def embedding_bytes(self) -> int:
         """Bytes held by the embedding module (tables, quantization scales, projections)

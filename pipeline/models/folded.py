@@ -17,12 +17,16 @@ frequent ids): the first layer is as wide as unfolded, but the ``[B, F, K]`` sca
 (8.8 ms of a 33 ms forward at 4096 rows) is gone. A learned projection pays ``C²`` for
 its Gram term and folds only when ``C`` is small, unless its rows are orthonormal (as
 serving makes them). Models whose fields meet a
-non-linearity first (DCNv2's cross, DLRM's dots) are not folded.
+non-linearity first (DCNv2's cross, DLRM's dots) are not folded. The heads' folded first
+layers (and a learned projection's FM sums) are stacked into one linear layer: one
+product per request instead of one per head, which is most of a request at batch 1.
 
 Example:
     >>> lift = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # 2 columns -> F=2, K=2
-    >>> fold_linear(nn.Linear(4, 1), lift).weight.shape
-    torch.Size([1, 2])
+    >>> deep = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
+    >>> folded = folded_interaction(None, [nn.Linear(4, 1), deep], lift, 2, fm=False)
+    >>> folded.first                       # both heads' first layers, on the 2 columns
+    Linear(in_features=2, out_features=4, bias=True)
 """
 
 from __future__ import annotations
@@ -32,27 +36,23 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.functional import linear
 
 
-def fold_linear(linear: nn.Linear, lift: torch.Tensor) -> nn.Linear:
-    """``linear`` applied to ``x @ lift``, as a linear layer of ``x``."""
-    folded = nn.Linear(lift.shape[0], linear.out_features, bias=linear.bias is not None)
-    with torch.no_grad():
-        folded.weight.copy_(linear.weight @ lift.T)
-        if linear.bias is not None:
-            folded.bias.copy_(linear.bias)
-    return folded
+def rest_of(head: nn.Module) -> nn.ModuleList:
+    """Copies of the linear layers ``head`` (a linear layer, or ``mlp_head``'s
+    ``Sequential``: linear layers with a ReLU between each two) applies after its first
+    layer; each reads the ReLU of the one before.
 
-
-def fold_head(head: nn.Module, lift: torch.Tensor) -> nn.Module:
-    """A copy of ``head`` (an MLP, or one linear layer) whose first linear layer reads ``x``."""
+    Raises:
+        ValueError: for a head of another shape.
+    """
     if isinstance(head, nn.Linear):
-        return fold_linear(head, lift)
-    folded = copy.deepcopy(head)
-    name = next(n for n, m in folded.named_modules() if m is first_linear(folded))
-    parent, _, attr = name.rpartition(".")
-    setattr(folded.get_submodule(parent), attr, fold_linear(first_linear(folded), lift))
-    return folded
+        return nn.ModuleList()
+    layers = list(head)
+    if not (all(isinstance(m, nn.ReLU) for m in layers[1::2]) and all(isinstance(m, nn.Linear) for m in layers[::2])):
+        raise ValueError(f"cannot fold a head that is not linear layers with ReLUs between them: {head}")
+    return nn.ModuleList(copy.deepcopy(layers[2::2]))
 
 
 def first_linear(head: nn.Module) -> nn.Linear:
@@ -99,16 +99,17 @@ def folded_interaction(
     unfolded = flat * outputs + (3 * flat if fm else 0) + (flat if placed else columns * embedding_dim)
     if folded >= unfolded:
         return None
-    return FoldedInteraction(dense_arch, [fold_head(h, lift) for h in heads], lift, gram, embedding_dim, fm)
+    return FoldedInteraction(dense_arch, heads, lift, gram, embedding_dim, fm)
 
 
 class FoldedInteraction(nn.Module):
-    """Logits ``[B]`` from dense values and pooled columns ``[B, C]``: the sum of
-    ``heads`` (each ``[B, 1]``) plus, with ``fm``, the FM pairwise term.
+    """Logits ``[B]`` from dense values and pooled columns ``[B, C]``: the sum of the
+    heads (each ``[B, 1]``) plus, with ``fm``, the FM pairwise term.
 
     Args:
         dense_arch: the model's bottom MLP (its output is the first field), or ``None``.
-        heads: the model's linear and MLP heads, folded (``fold_linear``, ``fold_head``).
+        heads: the model's linear and MLP heads that read ``flat(fields)`` (copied; their
+            first layers are folded and stacked into ``first``).
         lift: ``[X, F' * K]``, ``x -> flat(fields)``.
         gram: ``lift @ liftᵀ``, or ``None`` where it is the identity.
         embedding_dim: ``K``.
@@ -120,26 +121,44 @@ class FoldedInteraction(nn.Module):
         gram: Optional[torch.Tensor], embedding_dim: int, fm: bool,
     ) -> None:
         super().__init__()
-        self.dense_arch, self.heads, self.fm = dense_arch, nn.ModuleList(heads), fm
+        self.dense_arch, self.fm = dense_arch, fm
         fields = lift.shape[1] // embedding_dim
         self.embedding_dim = embedding_dim
-        # Σ_i v_i: a selection's columns added at their places, else a product with lift S.
+        # Σ_i v_i: a selection's columns added at their places, else a product with lift S,
+        # stacked with the heads' first layers.
         places = field_places(lift, embedding_dim)
-        sums = None if places is not None else lift @ torch.eye(embedding_dim).repeat(fields, 1)
+        firsts = [first_linear(h) for h in heads]
+        weights = [f.weight.detach() @ lift.T for f in firsts]
+        biases = [f.bias.detach() if f.bias is not None else torch.zeros(f.out_features) for f in firsts]
+        if fm and places is None:
+            weights.append((lift @ torch.eye(embedding_dim).repeat(fields, 1)).T)
+            biases.append(torch.zeros(embedding_dim))
+        self.first = nn.Linear(lift.shape[0], sum(w.shape[0] for w in weights))
+        with torch.no_grad():
+            self.first.weight.copy_(torch.cat(weights))
+            self.first.bias.copy_(torch.cat(biases))
+        self.splits = [w.shape[0] for w in weights]
+        self.rests = nn.ModuleList([rest_of(h) for h in heads])
         self.places: Optional[torch.Tensor]
-        self.field_sums: Optional[torch.Tensor]
         self.register_buffer("places", places, persistent=False)
-        self.register_buffer("field_sums", sums, persistent=False)
         self.gram: Optional[torch.Tensor]
         self.register_buffer("gram", gram, persistent=False)
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        # Layers are applied as functions, not module calls: at batch 1 the calls were a
+        # third of the interaction's time (56 -> 38 µs for DeepFM, one thread).
         x = pooled if self.dense_arch is None else torch.cat([self.dense_arch(dense), pooled], dim=1)
-        out = sum(head(x) for head in self.heads).squeeze(1)
+        parts = linear(x, self.first.weight, self.first.bias).split(self.splits, dim=1)
+        out = None
+        for part, rest in zip(parts, self.rests):
+            for layer in rest:
+                part = linear(torch.relu(part), layer.weight, layer.bias)
+            out = part if out is None else out + part
+        out = out.squeeze(1)
         if not self.fm:
             return out
-        if self.field_sums is not None:
-            field_sum = x @ self.field_sums
+        if self.places is None:
+            field_sum = parts[-1]
         else:  # one add per column, not a [C, K] product (4.5 -> 2.4 ms at 4096 × 1,248)
             field_sum = x.new_zeros(x.shape[0], self.embedding_dim).index_add_(1, self.places, x)
         square_of_sum = field_sum.square().sum(dim=1)
