@@ -33,6 +33,25 @@ class CheckpointMismatch(ValueError):
     config), reported in one line."""
 
 
+def check_matches(directory: Path, model_state: dict[str, Any]) -> None:
+    """Raise ``CheckpointMismatch`` unless ``directory`` holds every weight of
+    ``model_state`` at its (global) shape."""
+    stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    missing = [key for key in model_state if f"model.{key}" not in stored]
+    if missing:
+        raise CheckpointMismatch(
+            f"{directory}: no {missing[0]} (and {len(missing) - 1} more of the model's weights): the checkpoint "
+            f"holds another model (another config, or a version before its names changed)"
+        )
+    for key, value in model_state.items():
+        size = getattr(stored[f"model.{key}"], "size", None)  # tensors only; sharded ones by their global size
+        if size is not None and hasattr(value, "size") and tuple(size) != tuple(value.size()):
+            raise CheckpointMismatch(
+                f"{directory}: {key} is {list(size)} there, {list(value.size())} in the model: the checkpoint "
+                f"holds another model (another config)"
+            )
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -93,13 +112,7 @@ def load_checkpoint(
     if not (directory / ".metadata").is_file():
         raise FileNotFoundError(f"{directory}: not a complete checkpoint (no .metadata)")
     state = {"model": model.state_dict()}
-    stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    missing = [key for key in state["model"] if f"model.{key}" not in stored]
-    if missing:
-        raise CheckpointMismatch(
-            f"{directory}: no {missing[0]} (and {len(missing) - 1} more of the model's weights): the checkpoint "
-            f"holds another model (another config, or a version before its names changed)"
-        )
+    check_matches(directory, state["model"])
     if optimizer is not None:
         if hasattr(optimizer, "init_state"):
             optimizer.init_state()  # lazily created states (Adam) must exist to be filled

@@ -376,10 +376,13 @@ def test_plan_bytes_are_what_the_repacked_model_stores(projection):
     assert plan.embedding_bytes(projection) == values + projections + index
 
 
-def test_a_checkpoint_of_another_model_is_refused_naming_a_missing_weight(tmp_path):
+def test_a_checkpoint_of_another_model_is_refused_naming_a_missing_or_misshapen_weight(tmp_path):
     from sharding.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 
     save_checkpoint(tmp_path / "old", torch.nn.Sequential(torch.nn.Linear(2, 1)))
     renamed = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 1))
     with pytest.raises(CheckpointMismatch, match=r"old: no 1\.weight \(and 1 more of the model's weights\)"):
         load_checkpoint(tmp_path / "old", renamed, local=True)
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 1))
+    with pytest.raises(CheckpointMismatch, match=r"old: 0\.weight is \[1, 2\] there, \[1, 3\] in the model"):
+        load_checkpoint(tmp_path / "old", wider, local=True)
