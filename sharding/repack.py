@@ -279,7 +279,8 @@ class RepackedEmbedding(nn.Module):
             for key, columns in self.slabs.features.items():
                 self.projections[key] = nn.Parameter(projection_init(columns.order, self.embedding_dim))
         # The pooled columns, slab by slab (table order): each one's place in the flattened
-        # [F, K] output (a selection's), its field, and each slab's range of them.
+        # [F, K] output (a selection's; its field is place // K), each slab's range of them,
+        # and which columns each field reads (``FieldColumns``: the fold's layout).
         field = {key: i for i, key in enumerate(self.keys)}
         places = [field[s.key] * self.embedding_dim + c for s in self.slabs.slabs for c in s.columns]
         self.register_buffer("_places", torch.tensor(places, dtype=torch.int64), persistent=False)
