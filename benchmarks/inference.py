@@ -21,7 +21,7 @@ models are timed in alternation on the same rows, ``--rounds`` times (10× that 
 
 Each batch is the first rows of the raw file parsed on their own, as a request of that
 many rows would be (parsing is not timed). Prints two markdown tables: per (tables,
-model) the CR the bytes formula gives (``pipeline.prune.bytes``, against unpruned fp32),
+model) the CR the bytes formula gives (``plans.bytes``, against unpruned fp32),
 the embedding MiB held (tables with their zero rows, scales, projections, the serving ids' buffers),
 how far that is from unpruned fp32 ÷ CR, and how many times smaller it is than the
 unpruned model with the same tables; per (batch, tables, model) p50 and p99 ms from
@@ -53,9 +53,9 @@ from pipeline.data.metadata import DatasetMeta
 from pipeline.data.vocab import Vocabulary
 from pipeline.inference import serving_model
 from pipeline.prune.basis import BASES
-from pipeline.prune.bytes import quantized_table_bytes, unpruned_bytes
 from pipeline.prune.knapsack import parse_widths
 from pipeline.tasks import build_retrain_task, build_train_task
+from plans.bytes import quantized_table_bytes, unpruned_bytes
 from sharding.field_embedding import table_name
 
 PRECISIONS = {"fp32": None, "int8": 8}  # tables -> bits of serving_model

@@ -41,8 +41,8 @@ from pipeline.data.batch import Batch
 from pipeline.data.loader import SplitReader
 from pipeline.prune.basis import BASES
 from pipeline.prune.knapsack import parse_widths
-from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_retrain_task, build_train_task
+from plans.structured import StructuredPlan
 from sharding.dmp import make_optimizer, shard_model
 from sharding.local_ranks import run_ranks
 from sharding.repack import KeyRewriter, repacked_constraints

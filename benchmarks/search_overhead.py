@@ -27,13 +27,14 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 import launch  # noqa: F401  (its upstream-notice filters: one place for every entry point)
 from pipeline.config import load_config
-from pipeline.data.batch import Batch, concat_batches, single_hot_kjt
+from pipeline.data.batch import Batch, concat_batches
 from pipeline.data.metadata import encode_counts
 from pipeline.search.blocking import compute_blocking
 from pipeline.search.dnis import AlphaUpdater
 from pipeline.tasks import build_search_task, build_train_task
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import all_reduce_mean, make_optimizer, shard_model
+from sharding.kjt import single_hot_kjt
 from sharding.local_ranks import run_ranks
 
 NUM_TABLES = 26

@@ -30,11 +30,13 @@ from pipeline.data import preprocess, synth  # noqa: E402
 from pipeline.data.features import FeatureLayout  # noqa: E402
 from pipeline.data.metadata import DatasetMeta  # noqa: E402
 from pipeline.loop import BEST  # noqa: E402
-from pipeline.prune.bytes import unpruned_bytes  # noqa: E402
 from pipeline.prune.knapsack import value_plan_for_cr  # noqa: E402
-from pipeline.prune.plan import CR_TOLERANCE, StructuredPlan, group_mass, group_ranges, plan_for_cr  # noqa: E402
-from pipeline.search.blocking import Blocking, compute_blocking  # noqa: E402
+from pipeline.prune.plan import CR_TOLERANCE, group_mass, group_ranges, plan_for_cr  # noqa: E402
+from pipeline.search.blocking import compute_blocking  # noqa: E402
 from pipeline.tasks import build_search_task  # noqa: E402
+from plans.blocking import Blocking  # noqa: E402
+from plans.bytes import unpruned_bytes  # noqa: E402
+from plans.structured import StructuredPlan  # noqa: E402
 from sharding.checkpoint import load_checkpoint  # noqa: E402
 
 

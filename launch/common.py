@@ -27,8 +27,9 @@ from pipeline.data.metadata import DatasetMeta
 from pipeline.evaluate import evaluate
 from pipeline.loop import StepHook, Trainer
 from pipeline.run_dir import RunDir
-from pipeline.search.blocking import Blocking, compute_blocking
+from pipeline.search.blocking import compute_blocking
 from pipeline.tasks import RunTask, build_run_task
+from plans.blocking import Blocking
 from sharding.alpha_ebc import split_multi_hot
 from sharding.checkpoint import latest_checkpoint, load_checkpoint
 from sharding.dmp import DistEnv, init_distributed, make_optimizer, shard_model

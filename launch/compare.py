@@ -34,7 +34,7 @@ from pipeline.compare.steps import ROOT, method_steps
 from pipeline.config import load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
-from pipeline.prune.bytes import unpruned_bytes
+from plans.bytes import unpruned_bytes
 from launch import run_as_process
 
 # A few steps per run, and sizes that fit the 200-row real samples (~170 train and ~15

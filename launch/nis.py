@@ -32,10 +32,10 @@ from launch.common import blocking_for, evaluate_test_split, fit, shard_run_task
 from launch.prune import plan_summary
 from launch.search import alpha_parameter, search_train_batches
 from pipeline.search.alpha_table import alpha_rows
-from pipeline.search.blocking import Blocking
 from pipeline.search.nis import EpisodeLog, NISController, NISSearch
 from pipeline.search.nis_grid import PROJECTION, BlockGrid, most_probable_within_budget
 from pipeline.tasks import RunTask, build_search_task
+from plans.blocking import Blocking
 from sharding.dmp import all_reduce_mean
 
 

@@ -32,9 +32,10 @@ from launch.common import add_run_options
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import METADATA_FILE, DatasetMeta
-from pipeline.prune.plan import StructuredPlan
-from pipeline.search.blocking import Blocking, compute_blocking
+from pipeline.search.blocking import compute_blocking
 from pipeline.tasks import build_retrain_task, build_search_task, build_train_task
+from plans.blocking import Blocking
+from plans.structured import StructuredPlan
 from sharding.dmp import fuse_table_optimizer
 from sharding.repack import repacked_constraints
 from sharding.target_plan import COMPUTE_DEVICES, GIB, TargetCluster, TargetPlan, plan_for_cluster, smallest_world_size

@@ -36,10 +36,11 @@ from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
 from pipeline.prune.fine import FinePrune, apply_epsilon, epsilon_for_cr, table_bytes
 from pipeline.prune.basis import BASES, basis_to_json, principal_basis
-from pipeline.prune.bytes import unpruned_bytes
 from pipeline.prune.knapsack import parse_widths, value_plan_for_cr
-from pipeline.prune.plan import CR_TOLERANCE, StructuredPlan, group_mass, group_ranges, plan_for_cr, plan_for_tau
+from pipeline.prune.plan import CR_TOLERANCE, group_mass, group_ranges, plan_for_cr, plan_for_tau
 from pipeline.tasks import retrained_plan
+from plans.bytes import unpruned_bytes
+from plans.structured import StructuredPlan
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import init_distributed
 from sharding.repack import PROJECTIONS

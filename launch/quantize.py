@@ -12,7 +12,7 @@ key rewrite) and ``pipeline.evaluate``, the metrics of every other stage.
 
 Writes ``quantized_int{bits}.json`` (``quantized_int{bits}_{split}.json`` for another
 split) into the run directory, atomically: the split's auc/logloss/rows, the stored
-bytes of the quantized tables (``pipeline.prune.bytes``: packed values + fp16 scale and
+bytes of the quantized tables (``plans.bytes``: packed values + fp16 scale and
 bias per row; a repacked model's range starts and projections as its prune plan counts
 them), the unpruned fp32 bytes, their ratio and the stage's wall time.
 """
@@ -32,9 +32,9 @@ from pipeline.config import load_config
 from pipeline.evaluate import evaluate
 from pipeline.inference.model import serve_artifact
 from pipeline.loop import BEST
-from pipeline.prune.bytes import QUANTIZED_BITS, quantized_table_bytes, unpruned_bytes
 from pipeline.run_dir import RunDir
 from pipeline.tasks import RunTask, TrainTask, build_run_task
+from plans.bytes import QUANTIZED_BITS, quantized_table_bytes, unpruned_bytes
 from sharding.dmp import DistEnv
 
 

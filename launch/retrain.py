@@ -36,10 +36,10 @@ from pipeline.config import load_config
 from pipeline.evaluate import evaluate
 from pipeline.loop import BEST
 from pipeline.prune.basis import basis_from_json
-from pipeline.prune.plan import StructuredPlan
 from pipeline.run_dir import RunDir
-from pipeline.search.blocking import Blocking
 from pipeline.tasks import RunTask, build_retrain_task, build_search_task, build_train_task
+from plans.blocking import Blocking
+from plans.structured import StructuredPlan
 from sharding.checkpoint import latest_checkpoint, load_checkpoint, load_full_state
 from sharding.dmp import barrier, init_distributed
 from sharding.field_embedding import table_name

@@ -20,9 +20,9 @@ from launch.common import Job, blocking_for, evaluate_test_split, fit, shard_run
 from pipeline.data.batch import Batch
 from pipeline.data.loader import search_batches
 from pipeline.search.alpha_table import alpha_rows, format_alpha_table
-from pipeline.search.blocking import Blocking
 from pipeline.search.dnis import AlphaUpdater, DNISTask
 from pipeline.tasks import RunTask, build_search_task
+from plans.blocking import Blocking
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import all_reduce_mean
 

@@ -21,10 +21,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from pipeline.config import Config, ConfigError
 from pipeline.data.batch import Batch
 from pipeline.models import build_model
-from pipeline.prune.plan import StructuredPlan
-from pipeline.search.blocking import Blocking
 from pipeline.search.dnis import DNISTask
-from pipeline.search.qr import QRPlan, plan_qr
+from pipeline.search.qr import plan_qr
+from plans.blocking import Blocking
+from plans.qr import QRPlan
+from plans.structured import StructuredPlan
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.field_embedding import FieldEmbeddingCollection, table_configs
 from sharding.qr_embedding import QREmbedding

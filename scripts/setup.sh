@@ -25,6 +25,6 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --no-deps "$(grep -E '^torchrec==' "$REQS")"
 # This package, editable, without deps (they are all pinned above).
 "${PIP[@]}" install --no-deps --no-build-isolation -e .
-"$VENV/bin/python" -c "import torchrec, fbgemm_gpu, torchx, pipeline, sharding, launch"
+"$VENV/bin/python" -c "import torchrec, fbgemm_gpu, torchx, pipeline, plans, sharding, launch"
 echo "$want" > "$STAMP"
 echo "setup: $VENV ready"

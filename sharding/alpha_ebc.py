@@ -27,7 +27,7 @@ from torch.nn.functional import embedding
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.search.blocking import Blocking
+from plans.blocking import Blocking
 from sharding.field_embedding import block_key
 from sharding.scaled_fields import field_order, scaled_fields
 

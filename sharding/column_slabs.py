@@ -1,6 +1,6 @@
 """Where the repacked model keeps each id's values: column slabs of nested plans.
 
-In a nested plan (``pipeline.prune.nested``) a group of feature ``f`` at width ``w``
+In a nested plan (``plans.structured``) a group of feature ``f`` at width ``w``
 keeps the first ``w`` columns of ``f``'s column order. A *slab* is the positions
 ``[lo, hi)`` of that order between two consecutive distinct widths of ``f``; it stores
 the rows of every group at least ``hi`` wide, stacked in id order. A group's row is thus
@@ -16,7 +16,7 @@ widths of a feature (its pooled slabs together are as wide as its widest group, 
 ``searchsorted``, as groups are id ranges of frequency-ranked ids.
 
 Example:
-    >>> from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
+    >>> from plans.structured import Group, GroupPlan, StructuredPlan
     >>> plan = StructuredPlan((GroupPlan(Group("a", 0, 0, 10), tuple(range(8))),
     ...                        GroupPlan(Group("a", 1, 10, 100), (0, 1, 2, 3)),
     ...                        GroupPlan(Group("a", 2, 100, 1000), ())), embedding_dim=8, tau=0.0)
@@ -33,8 +33,7 @@ from typing import Sequence
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.prune.nested import feature_columns
-from pipeline.prune.plan import GroupPlan, StructuredPlan
+from plans.structured import GroupPlan, StructuredPlan, feature_columns
 
 
 def kept_groups(plan: StructuredPlan, keys: Sequence[str]) -> dict[str, list[GroupPlan]]:

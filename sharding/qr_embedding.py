@@ -1,6 +1,6 @@
 """QR compositional embeddings (Shi et al., KDD 2020) as plain TorchRec tables.
 
-Each QR feature ``f`` (see ``pipeline.search.qr.QRPlan``) becomes two keys, ``f@q``
+Each QR feature ``f`` (see ``plans.qr.QRPlan``) becomes two keys, ``f@q``
 (``id // m``) and ``f@r`` (``id % m``), each with its own table in one
 ``EmbeddingBagCollection`` that DMP shards with TorchRec's own sharders.
 ``QRKeyWriter`` (a batch transform, run by the loader before the pipeline) writes the
@@ -10,7 +10,7 @@ for bags of at most one id, so QR features must be single-hot (every Criteo cate
 is; the paper's weighted dense fields have one-row tables and never become QR).
 
 Example:
-    >>> from pipeline.data.batch import single_hot_kjt
+    >>> from sharding.kjt import single_hot_kjt
     >>> plan = QRPlan({"a": 10}, embedding_dim=4, remainders={"a": 4})
     >>> kjt = QRKeyWriter(plan)(single_hot_kjt(["a"], torch.tensor([[9, 2]])))
     >>> kjt.keys(), kjt.values().tolist()   # 9 = 2·4 + 1, 2 = 0·4 + 2
@@ -27,7 +27,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.search.qr import QRPlan
+from plans.qr import QRPlan
 from sharding.field_embedding import table_configs, table_name
 
 

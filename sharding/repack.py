@@ -20,8 +20,8 @@ selection, whose first ``w`` rows a group of width ``w`` uses (NIS's embedding b
 one projection per column block, shared by the vocabulary ranges that store it).
 
 Example:
-    >>> from pipeline.data.batch import single_hot_kjt
-    >>> from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
+    >>> from sharding.kjt import single_hot_kjt
+    >>> from plans.structured import Group, GroupPlan, StructuredPlan
     >>> plan = StructuredPlan((GroupPlan(Group("a", 0, 0, 3), (0, 2), 2),
     ...                        GroupPlan(Group("a", 1, 3, 5), ())), embedding_dim=4, tau=0.1)
     >>> kjt = KeyRewriter(plan, ["a"])(single_hot_kjt(["a"], torch.tensor([[1, 4]])))
@@ -41,7 +41,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from pipeline.prune.plan import GroupPlan, StructuredPlan
+from plans.structured import GroupPlan, StructuredPlan
 from sharding.column_lift import ColumnLift, FieldColumns
 from sharding.column_slabs import NO_FOLD, ColumnSlabs, GroupIndex, Slab, fold, fold_constants
 
@@ -428,7 +428,7 @@ def shared_mean(group: GroupPlan, rows: torch.Tensor) -> torch.Tensor:
     the ids ``fold`` sends to it.
 
     Example:
-        >>> from pipeline.prune.plan import Group
+        >>> from plans.structured import Group
         >>> shared_mean(GroupPlan(Group("a", 0, 0, 3), (0,), 1, buckets=2), torch.tensor([[1.0], [2.0], [5.0]]))
         tensor([[3.],
                 [2.]])

@@ -17,7 +17,7 @@ The lookups the slab does not store read the zero row, so no mask and no compact
     slab a:0-4 reads min(id, 100) (rows 0-99 and a zero row), a:4-8 min(id, 10)
 
 Example:
-    >>> from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
+    >>> from plans.structured import Group, GroupPlan, StructuredPlan
     >>> plan = StructuredPlan((GroupPlan(Group("a", 0, 0, 4), (0, 1, 2, 3)),
     ...                        GroupPlan(Group("a", 1, 4, 10), (0, 1, 2, 3, 4, 5, 6, 7)),
     ...                        GroupPlan(Group("a", 2, 10, 20), ())), embedding_dim=8, tau=0.0)
@@ -40,9 +40,9 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.data.batch import single_hot_kjt
-from pipeline.prune.plan import GroupPlan, StructuredPlan
+from plans.structured import GroupPlan, StructuredPlan
 from sharding.column_slabs import ColumnSlabs, Slab
+from sharding.kjt import single_hot_kjt
 
 
 class ServingRows(nn.Module):
@@ -133,7 +133,7 @@ def orthonormal_projections(embedding: nn.Module) -> None:
 
     Example:
         >>> from sharding.repack import RepackedEmbedding
-        >>> from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
+        >>> from plans.structured import Group, GroupPlan, StructuredPlan
         >>> plan = StructuredPlan((GroupPlan(Group("a", 0, 0, 2), (0, 1), 1), GroupPlan(Group("a", 1, 2, 5), (0,), 1)), 4, 0.0)
         >>> module = RepackedEmbedding(plan, ["a"], "learned")
         >>> module.ebc = ServingRows(plan, ["a"]).relay(module.ebc)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.prune.plan import Group
+from plans.structured import Group
 from sharding.field_embedding import table_name
 from sharding.shard_pieces import local_pieces
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
-from pipeline.data.batch import single_hot_kjt
+from sharding.kjt import single_hot_kjt
 from sharding.local_ranks import run_ranks
 from sharding.repack import KeyRewriter, RepackedEmbedding
 from test_folded import DENSE, NARROW, repacked_model

@@ -19,13 +19,14 @@ from pipeline.compare.plans import mde_plan, random_plan, width_plan
 from pipeline.compare.protocol import Cell, Settings
 from pipeline.compare.results import method_row
 from pipeline.config import ModelConfig
-from pipeline.data.batch import Batch, single_hot_kjt
+from pipeline.data.batch import Batch
 from pipeline.models import build_model
 from pipeline.prune.plan import group_mass, group_ranges, plan_for_tau
 from pipeline.search.blocking import compute_blocking
 from pipeline.tasks import TrainTask
 from sharding.dmp import narrow_table_constraints
 from sharding.field_embedding import FieldEmbeddingCollection, table_configs
+from sharding.kjt import single_hot_kjt
 from sharding.repack import KeyRewriter, RepackedEmbedding
 from sharding.table_stats import group_sum_sq
 

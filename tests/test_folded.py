@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.data.batch import single_hot_kjt
 from pipeline.models import build_model
+from sharding.kjt import single_hot_kjt
 from sharding.repack import KeyRewriter
 from test_repack import K, NUMS, build_repacked, random_ids, searched
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.data.batch import single_hot_kjt
-from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
+from plans.structured import Group, GroupPlan, StructuredPlan
+from sharding.kjt import single_hot_kjt
 from sharding.repack import COMPARE_BOUNDS, COMPARE_ROWS, KeyRewriter, SingleHotKeyRewriter
 from test_repack import K, NUMS, multi_hot_batch, random_ids, searched
 

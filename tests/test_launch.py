@@ -14,7 +14,7 @@ import torch
 
 from launch_helpers import ROOT, TINY, finish, kill_tree, search_args, torchrun, val_losses
 from pipeline.data import preprocess, synth
-from pipeline.prune.plan import StructuredPlan
+from plans.structured import StructuredPlan
 
 pytestmark = pytest.mark.multirank
 

@@ -12,9 +12,9 @@ from torchx.components.component_test_base import ComponentTestCase
 
 import launch.components as components
 from launch_helpers import TINY, finish, torchrun
-from pipeline.prune.plan import WIDTH_MULTIPLE, StructuredPlan
 from pipeline.search.nis import NISController
 from pipeline.search.nis_grid import BlockGrid, most_probable_within_budget
+from plans.structured import WIDTH_MULTIPLE, StructuredPlan
 from search_fixtures import CASES, K, NUM_BLOCKS, build_task, case_blocking, make_batch
 
 DIM_BLOCKS = 4

@@ -18,7 +18,7 @@ from launch import plan as dnis_plan
 from pipeline.config import load_config, save_config
 from pipeline.data import preprocess
 from pipeline.data.schema import NUM_DENSE, NUM_SPARSE
-from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
+from plans.structured import Group, GroupPlan, StructuredPlan
 from sharding.repack import SHARDED_KINDS
 from sharding.target_plan import GIB, TargetCluster
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from launch.prune import parse_args
-from pipeline.data.batch import single_hot_kjt
 from pipeline.prune.basis import principal_basis
-from pipeline.prune.plan import GroupPlan, StructuredPlan
+from plans.structured import GroupPlan, StructuredPlan
+from sharding.kjt import single_hot_kjt
 from sharding.repack import KeyRewriter, RepackedEmbedding, load_repacked_weights, repacked_weights, rotated_projections
 from sharding.table_stats import group_gram, group_sum_sq
 from test_repack import K, NUMS, random_ids, searched

@@ -12,11 +12,11 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 import pipeline.prune.fine as fine
-from pipeline.data.batch import single_hot_kjt
-from pipeline.prune.bytes import nnz_for_cr
 from pipeline.prune.fine import apply_epsilon, epsilon_for_cr
+from plans.bytes import nnz_for_cr
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.field_embedding import table_configs, table_name
+from sharding.kjt import single_hot_kjt
 from sharding.local_ranks import run_ranks
 from tests.test_repack import (
     K, META, NUMS, SHARDING_TYPES, Probe, random_ids, searched, shard_like, skewed_blocking,

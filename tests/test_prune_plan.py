@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.prune.bytes as prune_bytes
 import pipeline.prune.nested as prune_nested
 import pipeline.prune.plan as prune_plan
+import plans.bytes as prune_bytes
+import plans.structured as structured
 from pipeline.data.metadata import encode_counts
-from pipeline.prune.bytes import fine_grained_bytes, nnz_for_cr
-from pipeline.prune.nested import feature_columns, nested_columns
-from pipeline.prune.plan import (
-    CR_TOLERANCE, Group, GroupPlan, StructuredPlan, column_scores, group_ranges, plan_for_cr, plan_for_tau,
-)
+from pipeline.prune.nested import nested_columns
+from pipeline.prune.plan import CR_TOLERANCE, column_scores, group_ranges, plan_for_cr, plan_for_tau
 from pipeline.search.blocking import compute_blocking
+from plans.bytes import fine_grained_bytes, nnz_for_cr
+from plans.structured import Group, GroupPlan, StructuredPlan, feature_columns
 
 
 def zipf_fields(num_keys: int = 26, max_vocab: int = 50_000):
@@ -44,7 +44,7 @@ def column_sum_sq(groups, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_doctests():
-    for module in (prune_bytes, prune_nested, prune_plan):
+    for module in (prune_bytes, prune_nested, prune_plan, structured):
         assert doctest.testmod(module).failed == 0
 
 

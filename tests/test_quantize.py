@@ -17,8 +17,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from launch import cli
 from pipeline.config import load_config
 from pipeline.inference import inference_tables
-from pipeline.prune.bytes import quantized_table_bytes
-from pipeline.prune.plan import Group, GroupPlan, StructuredPlan
+from plans.bytes import quantized_table_bytes
+from plans.structured import Group, GroupPlan, StructuredPlan
 
 pytestmark = pytest.mark.multirank  # the run fixtures spawn ranks
 

@@ -12,12 +12,13 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.data.batch import single_hot_kjt
-from pipeline.prune.plan import GroupPlan, StructuredPlan, group_ranges
+from pipeline.prune.plan import group_ranges
 from pipeline.search.blocking import compute_blocking
+from plans.structured import GroupPlan, StructuredPlan
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection, split_multi_hot
 from sharding.checkpoint import load_full_state
 from sharding.field_embedding import table_configs
+from sharding.kjt import single_hot_kjt
 from sharding.local_ranks import run_ranks
 from sharding.repack import (
     PROJECTIONS, RepackedEmbedding, KeyRewriter, SingleHotKeyRewriter,

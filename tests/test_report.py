@@ -14,11 +14,12 @@ import launch.cli
 import launch.report
 from data_fixtures import write_dataset
 from pipeline.config import load_config, save_config
-from pipeline.prune.bytes import PROJECTIONS
-from pipeline.prune.plan import GroupPlan, StructuredPlan, group_ranges
+from pipeline.prune.plan import group_ranges
 from pipeline.report import PLOTS, dense_parameters
 from pipeline.search.alpha_table import alpha_rows
 from pipeline.search.blocking import compute_blocking
+from plans.bytes import PROJECTIONS
+from plans.structured import GroupPlan, StructuredPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

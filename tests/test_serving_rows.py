@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.batch import single_hot_kjt
 from pipeline.data.vocab import FieldVocab, Vocabulary
 from pipeline.inference import inference_tables
+from sharding.kjt import single_hot_kjt
 from sharding.repack import KeyRewriter
 from sharding.serving_rows import ServingRows, orthonormal_projections
 from test_repack import NUMS, build_repacked, random_ids, searched, shared_reference, with_shared_rows

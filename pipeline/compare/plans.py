@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.prune.bytes import plan_bytes
-from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, group_mass
+from pipeline.prune.plan import group_mass
+from plans.bytes import plan_bytes
+from plans.structured import Group, GroupPlan, StructuredPlan
 
 
 def width_plan(groups: list[Group], widths, dim: int) -> StructuredPlan:

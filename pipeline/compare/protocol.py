@@ -7,7 +7,7 @@ The protocol (README, "Comparing methods"):
   the same total training budget of ``epochs`` epochs with early stopping on validation
   loss: a method with a search phase spends ``search_epochs`` of it searching and the rest
   retraining; a method without one trains its model from scratch for all of it;
-- the shipped model's embedding bytes are counted one way for all (``pipeline.prune.bytes``
+- the shipped model's embedding bytes are counted one way for all (``plans.bytes``
   and the QR and quantisation formulas next to it): values, range starts, projections,
   COO indices, scales and biases; MLP bytes are left out;
 - choices between candidates (grid widths, random plans) use the validation loss only;

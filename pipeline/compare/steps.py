@@ -23,10 +23,10 @@ from pipeline.compare.protocol import SHARED_METHODS, Cell, Step, cr_tag
 from pipeline.config import load_config, save_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
-from pipeline.prune.bytes import PROJECTIONS, unpruned_bytes
 from pipeline.prune.knapsack import doubling_widths
 from pipeline.prune.plan import group_ranges
 from pipeline.search.blocking import compute_blocking
+from plans.bytes import PROJECTIONS, unpruned_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT = "result.json"

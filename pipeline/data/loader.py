@@ -39,10 +39,11 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.data.batch import Batch, concat_batches, single_hot_kjt
+from pipeline.data.batch import Batch, concat_batches
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
 from pipeline.data.schema import LABEL
+from sharding.kjt import single_hot_kjt
 
 UNITS_PER_RANK = 4
 

@@ -44,7 +44,7 @@ import torch
 from pipeline.config import Config, ConfigError, config_from_dict, config_to_dict
 from pipeline.data.features import FeatureLayout
 from pipeline.data.vocab import FieldVocab, Vocabulary
-from pipeline.prune.plan import StructuredPlan
+from plans.structured import StructuredPlan
 
 EXPORT_DIR = "model"  # a run directory's own export: <run>/model
 FORMAT = "dnis-model"

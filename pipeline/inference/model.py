@@ -16,7 +16,7 @@ Every table is served by TorchRec's inference EBC (``quantize_inference_model``:
 inference TBE, all tables in one kernel call), with fp32 rows (exactly the trained
 values) or, with ``bits=8`` or ``bits=4``, rows quantized row-wise to INT8/INT4 (an
 entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus fp16 rounding
-of the row's scale and bias; bytes as ``pipeline.prune.bytes`` counts them). A repacked
+of the row's scale and bias; bytes as ``plans.bytes`` counts them). A repacked
 model is served with its own id numbering (``sharding.serving_rows``: the vocabulary maps
 raw values straight to serving ids, and each column slab stores a prefix of them, so the
 ids reach the slabs with one ``minimum`` each), and where it costs less an FM, DeepFM or
@@ -49,7 +49,6 @@ from torchrec.quant.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import DataConfig, load_config
-from pipeline.data.batch import single_hot_kjt
 from pipeline.data.chunk_passes import encode_block
 from pipeline.data.criteo_reader import ParsedBlock
 from pipeline.data.features import FeatureLayout
@@ -59,9 +58,10 @@ from pipeline.inference.artifact import (
     EXPORT_DIR, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE, Artifact, ArtifactError, check_weights, read_artifact,
 )
 from pipeline.models.folded import FoldedInteraction
-from pipeline.prune.bytes import QUANT_ROW_ALIGNMENT
-from pipeline.prune.plan import StructuredPlan
 from pipeline.tasks import build_retrain_task, build_train_task
+from plans.bytes import QUANT_ROW_ALIGNMENT
+from plans.structured import StructuredPlan
+from sharding.kjt import single_hot_kjt
 from sharding.serving_rows import ServingRows, orthonormal_projections
 
 FP32_BITS = 32

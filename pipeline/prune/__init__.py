@@ -1,1 +1,2 @@
-"""Pruning a searched α-model: structured plans (what ships) and eq. 9 byte accounting."""
+"""Pruning a searched α-model: choosing structured plans (what ships) and eq. 9's ε; the
+plans' types and byte accounting are in ``plans/``."""

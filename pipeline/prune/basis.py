@@ -16,7 +16,7 @@ The count weighting uses a group's mean count (its train occurrences over its id
 of one group have near-equal frequency ranks.
 
 Example:
-    >>> from pipeline.prune.plan import Group
+    >>> from plans.structured import Group
     >>> g = [Group("a", 0, 0, 2)]
     >>> gram = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)  # rows along (1, 1)
     >>> basis, sum_sq = principal_basis(g, gram, torch.ones(1, 2), [4])
@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.prune.plan import Group
+from plans.structured import Group
 
 BASES = ("columns", "principal")
 

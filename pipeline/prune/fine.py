@@ -39,11 +39,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from pipeline.prune.bytes import (
-    COO_ENTRY_BYTES, VALUE_BYTES, fine_grained_bytes, nnz_for_cr, unpruned_bytes,
-)
 from pipeline.prune.plan import group_ranges
-from pipeline.search.blocking import Blocking
+from plans.blocking import Blocking
+from plans.bytes import COO_ENTRY_BYTES, VALUE_BYTES, fine_grained_bytes, nnz_for_cr, unpruned_bytes
 from sharding.shard_pieces import local_pieces
 from sharding.table_stats import all_reduce_sum, feature_tables, group_rows, is_rank0
 

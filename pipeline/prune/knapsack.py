@@ -58,11 +58,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline.prune.bytes import (
+from pipeline.prune.nested import nested_columns
+from pipeline.prune.plan import column_scores
+from plans.bytes import (
     BUCKETS_BYTES, QUANTIZED_BITS, RANGE_START_BYTES, SCALE_BIAS_BYTES, SELECTION_INDEX_BYTES, VALUE_BYTES,
 )
-from pipeline.prune.nested import nested_columns
-from pipeline.prune.plan import Group, GroupPlan, StructuredPlan, column_scores
+from plans.structured import Group, GroupPlan, StructuredPlan
 
 
 def shared_rows(groups: list[Group], mass, min_row_lookups: float) -> list[int | None]:

@@ -1,4 +1,4 @@
-"""Structured pruning plan: which columns of each (feature, block, id range) group ship.
+"""Structured pruning: choosing which columns of each (feature, block, id range) group ship.
 
 A group is an id range of one feature inside one frequency block (ids are frequency
 ranks, so a block's ids of a feature are one range). Column ``j`` of group ``g`` scores
@@ -11,7 +11,8 @@ column order per feature, chosen by the scores of the groups that store each pos
 so that the repacked layout shares column slabs between a feature's groups. Every
 stored column is a kept column.
 
-τ is chosen for a byte budget (``plan_for_cr``); byte accounting is in ``bytes.py``.
+τ is chosen for a byte budget (``plan_for_cr``). The plan types (``Group``, ``GroupPlan``,
+``StructuredPlan``) live in ``plans.structured``, byte accounting in ``plans.bytes``.
 
 Example:
     >>> g = [Group("a", 0, 0, 2), Group("a", 1, 2, 100)]
@@ -25,118 +26,18 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from pipeline.prune.bytes import BUCKETS_BYTES, plan_bytes, unpruned_bytes
 from pipeline.prune.nested import nested_columns
-from pipeline.search.blocking import Blocking
+from plans.blocking import Blocking
+from plans.bytes import plan_bytes, unpruned_bytes
+from plans.structured import WIDTH_MULTIPLE, Group, GroupPlan, StructuredPlan
 
-WIDTH_MULTIPLE = 4
 # A structured prune for a target CR lands at most this far above it, or is refused.
 CR_TOLERANCE = 0.10
-
-
-@dataclass(frozen=True)
-class Group:
-    """Ids ``[start, stop)`` of feature ``key``, all in α row ``block``."""
-
-    key: str
-    block: int  # α row: blocking.row_offset(key) + local block
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """The stored columns of one group (sorted); ``()`` drops the group.
-
-    ``multiple`` is the width granularity: 4 for the pruned tables (FBGEMM's sharded
-    kernels need it), 1 for the baselines' narrow tables (1-3 columns), which
-    ``sharding.dmp`` keeps data-parallel, the one TorchRec kernel that takes any width.
-
-    ``buckets`` (``None``: one row per id) makes the group's ids share that many rows:
-    id ``i`` reads row ``(i - start) mod buckets`` of the group (``fold``), the hashing
-    trick for ids seen too rarely to learn a row of their own.
-    """
-
-    group: Group
-    columns: tuple[int, ...]
-    multiple: int = WIDTH_MULTIPLE
-    buckets: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.buckets is not None and not 0 < self.buckets < self.group.rows:
-            raise ValueError(f"{self.group}: {self.buckets} shared rows; expected 1..{self.group.rows - 1}")
-
-    @property
-    def width(self) -> int:
-        """Stored columns: ``len(columns)`` rounded up to a multiple of ``multiple``."""
-        return -(-len(self.columns) // self.multiple) * self.multiple
-
-    @property
-    def stored_rows(self) -> int:
-        return self.group.rows if self.buckets is None else self.buckets
-
-
-@dataclass(frozen=True)
-class StructuredPlan:
-    """Per group, its stored columns; ``tau`` is the score threshold that gave them."""
-
-    groups: tuple[GroupPlan, ...]
-    embedding_dim: int
-    tau: float
-
-    def embedding_bytes(self, projection: str, bits: Optional[int] = None) -> int:
-        """Serving bytes of all groups: values (fp32, or quantized to ``bits``), range
-        starts and projections."""
-        keys = [g.group.key for g in self.groups]
-        rows = [g.stored_rows for g in self.groups]
-        widths = [g.width for g in self.groups]
-        shared = sum(g.buckets is not None for g in self.groups)
-        return plan_bytes(keys, rows, widths, self.embedding_dim, projection, bits) + shared * BUCKETS_BYTES
-
-    def unpruned_bytes(self) -> int:
-        return unpruned_bytes(sum(g.group.rows for g in self.groups), self.embedding_dim)
-
-    @property
-    def num_alpha_rows(self) -> int:
-        """Rows of the α matrix the groups' ``block`` indices point into."""
-        return 1 + max(g.group.block for g in self.groups)
-
-    def compression_ratio(self, projection: str, bits: Optional[int] = None) -> float:
-        """Unpruned (fp32) ÷ pruned embedding bytes (quantized to ``bits``: the compound CR)."""
-        return self.unpruned_bytes() / self.embedding_bytes(projection, bits)
-
-    def to_json(self) -> dict:
-        return {
-            "embedding_dim": self.embedding_dim,
-            "tau": self.tau,
-            "groups": [
-                {"key": g.group.key, "block": g.group.block, "start": g.group.start,
-                 "stop": g.group.stop, "columns": list(g.columns), "multiple": g.multiple,
-                 **({} if g.buckets is None else {"buckets": g.buckets})}
-                for g in self.groups
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict) -> "StructuredPlan":
-        groups = tuple(
-            GroupPlan(
-                Group(g["key"], g["block"], g["start"], g["stop"]), tuple(g["columns"]),
-                g.get("multiple", WIDTH_MULTIPLE), g.get("buckets"),
-            )
-            for g in doc["groups"]
-        )
-        return cls(groups, doc["embedding_dim"], float(doc["tau"]))
 
 
 def group_ranges(

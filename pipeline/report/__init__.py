@@ -22,7 +22,7 @@ Outputs:
   block), ``cr_auc.png`` (test AUC and logloss against CR, log x), ``params.png``
   (embedding parameters unpruned and pruned; dense MLP parameters apart).
 
-CR and bytes count embeddings only (``pipeline.prune.bytes``); dense parameters are never
+CR and bytes count embeddings only (``plans.bytes``); dense parameters are never
 mixed in. A stage's wall time is ``wall_s`` from its result (or prune entry); runs written
 before that field existed get the span of their own metrics events, which misses the
 start-up before the first event.

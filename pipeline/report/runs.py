@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from pipeline.config import Config, load_config
-from pipeline.prune.bytes import unpruned_bytes
-from pipeline.prune.plan import StructuredPlan
-from pipeline.search.blocking import Blocking
+from plans.blocking import Blocking
+from plans.bytes import unpruned_bytes
+from plans.structured import StructuredPlan
 
 STAGE_EVENTS = ("train", "val", "test", "resume")  # what a stage logs about itself
 

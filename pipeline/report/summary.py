@@ -12,14 +12,14 @@ import torch
 from pipeline.config import Config, load_config
 from pipeline.data.features import FeatureLayout
 from pipeline.data.metadata import DatasetMeta
-from pipeline.prune.bytes import VALUE_BYTES
-from pipeline.prune.plan import StructuredPlan
 from pipeline.report.runs import (
     RetrainRun, SearchRun, StructuredModel, load_retrain, load_search, read_json, retrain_dirs,
     stage_wall_s,
 )
-from pipeline.search.blocking import Blocking
 from pipeline.tasks import build_train_task
+from plans.blocking import Blocking
+from plans.bytes import VALUE_BYTES
+from plans.structured import StructuredPlan
 
 METHODS = ("reference", "search (α)", "structured", "structured+retrain", "fine-grained")
 PLOTS = ("alpha.png", "dims.png", "cr_auc.png", "params.png")

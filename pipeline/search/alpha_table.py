@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.search.blocking import Blocking
+from plans.blocking import Blocking
 
 
 def alpha_rows(alpha: torch.Tensor, blocking: Blocking) -> list[dict]:

@@ -4,7 +4,7 @@ The grid crosses the DNIS frequency blocks (α rows, ``blocking.py``) with ``S``
 blocks of ``K/S`` columns. An *architecture* gives every α row ``l`` a number of dim
 blocks ``d_l`` in ``0..S``: its ids keep their first ``d_l·K/S`` columns (Multi-size
 Embedding), and the shipped model projects each (feature, block) group back to ``K``
-with a learned matrix, whose bytes count (``pipeline/prune/bytes.py``).
+with a learned matrix, whose bytes count (``plans/bytes.py``).
 
 Example:
     >>> from pipeline.search.blocking import compute_blocking
@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.prune.bytes import group_bytes, unpruned_bytes
-from pipeline.prune.plan import WIDTH_MULTIPLE, Group, GroupPlan, StructuredPlan, group_ranges
-from pipeline.search.blocking import Blocking
+from pipeline.prune.plan import group_ranges
+from plans.blocking import Blocking
+from plans.bytes import group_bytes, unpruned_bytes
+from plans.structured import WIDTH_MULTIPLE, Group, GroupPlan, StructuredPlan
 
 PROJECTION = "learned"  # NIS-ME projects every width back to K with a learned matrix
 

@@ -1,11 +1,7 @@
 """The quotient-remainder (QR) baseline's table sizes, chosen to hit a byte budget.
 
-QR compositional embeddings (Shi et al., KDD 2020) replace a table of ``n`` rows by a
-remainder table of ``m`` rows (``id % m``) and a quotient table of ``ceil(n / m)`` rows
-(``id // m``); id ``i`` embeds to ``e_q[i // m] ⊙ e_r[i % m]``. Serving stores both
-tables at full width ``K`` in fp32 and nothing else (``m`` is a constant of the model),
-so a QR table costs ``(m + ceil(n / m)) × K × 4`` bytes; every other table stays full
-(``n × K × 4``). CR = unpruned bytes ÷ QR bytes, as for every method (DESIGN.md).
+What a QR table stores and costs, and the ``QRPlan`` that records the sizes, are in
+``plans.qr``.
 
 Example:
     >>> plan = plan_qr({"big": 10_000, "small": 10}, embedding_dim=4, min_rows=100, target_cr=20.0)
@@ -16,14 +12,8 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
-from pipeline.prune.bytes import VALUE_BYTES, unpruned_bytes
-
-
-def qr_rows(num_embeddings: int, remainder: int) -> int:
-    """Rows stored for a table of ``num_embeddings`` ids under QR with ``remainder`` rows."""
-    return remainder + -(-num_embeddings // remainder)
+from plans.qr import QRPlan, qr_rows
 
 
 def smallest_remainder(num_embeddings: int) -> int:
@@ -31,44 +21,6 @@ def smallest_remainder(num_embeddings: int) -> int:
     grows as ``m`` grows past it (the quotient loses at most one row per extra remainder
     row there), which makes the budget search below monotone."""
     return math.isqrt(num_embeddings - 1) + 1
-
-
-@dataclass(frozen=True)
-class QRPlan:
-    """Which tables are QR (their remainder count ``m``); the rest stay full.
-
-    Attributes:
-        num_embeddings: rows of every feature's full table, in field order.
-        embedding_dim: ``K``, the width of every table.
-        remainders: ``m`` per QR feature; absent features keep their full table.
-    """
-
-    num_embeddings: dict[str, int]
-    embedding_dim: int
-    remainders: dict[str, int] = field(default_factory=dict)
-
-    def table_rows(self, key: str) -> int:
-        """Rows stored for ``key``: both QR tables, or the full table."""
-        n = self.num_embeddings[key]
-        return qr_rows(n, self.remainders[key]) if key in self.remainders else n
-
-    def embedding_bytes(self) -> int:
-        """Serving bytes of all tables (fp32, width ``K``)."""
-        return sum(self.table_rows(k) for k in self.num_embeddings) * self.embedding_dim * VALUE_BYTES
-
-    def unpruned_bytes(self) -> int:
-        return unpruned_bytes(sum(self.num_embeddings.values()), self.embedding_dim)
-
-    def compression_ratio(self) -> float:
-        return self.unpruned_bytes() / self.embedding_bytes()
-
-    def bytes_record(self) -> dict:
-        """What a run's ``result.json`` records about its embedding size."""
-        return {
-            "embedding": "qr", "embedding_bytes": self.embedding_bytes(),
-            "unpruned_bytes": self.unpruned_bytes(), "compression_ratio": self.compression_ratio(),
-            "qr_remainders": dict(self.remainders),
-        }
 
 
 def plan_qr(num_embeddings: dict[str, int], embedding_dim: int, min_rows: int, target_cr: float) -> QRPlan:
