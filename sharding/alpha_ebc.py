@@ -65,8 +65,11 @@ class AlphaEmbeddingBagCollection(nn.Module):
     updated by the DNIS step from gradients taken on validation rows.
 
     Example:
+        >>> from sharding.field_embedding import table_configs
+        >>> from sharding.kjt import single_hot_kjt
         >>> configs = table_configs({"a": 10, "b": 5}, 4, 0.01)
-        >>> blocking = compute_blocking({"a": [[3, 10]], "b": [[2, 5]]}, num_blocks=2)
+        >>> blocking = Blocking(("a", "b"), {"a": [3], "b": [2]}, num_blocks=2, per_field=False,
+        ...                     block_features=(5, 10), block_mass=(30, 10))
         >>> m = AlphaEmbeddingBagCollection(EmbeddingBagCollection(configs), blocking)
         >>> kjt = single_hot_kjt(["a", "b"], torch.tensor([[0, 9], [1, 4]]))
         >>> m(kjt).shape

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 import pytest
 
-import pipeline.search.blocking
-import plans.blocking
 from pipeline.data.metadata import encode_counts
 from pipeline.search.blocking import compute_blocking
 from plans.blocking import Blocking
 
 COUNTS = {"a": [[10, 2], [1, 4]], "b": [[5, 2]]}  # a: 10 10 1 1 1 1, b: 5 5
-
-
-def test_doctests():
-    for module in (plans.blocking, pipeline.search.blocking):
-        assert doctest.testmod(module).failed == 0
 
 
 def test_equal_count_and_equal_mass_cuts_by_hand():

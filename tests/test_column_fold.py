@@ -92,10 +92,3 @@ def test_the_folded_model_sharded_on_two_ranks_equals_unsharded():
     for diffs in run_ranks(sharded_logits, 2):
         assert max(diffs.values()) < 1e-4, diffs
 
-
-def test_doctests():
-    import doctest
-
-    from sharding import column_lift
-
-    assert doctest.testmod(column_lift).failed == 0

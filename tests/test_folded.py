@@ -106,10 +106,3 @@ def test_served_learned_projections_fold_with_a_plain_norm_and_the_same_logits()
     assert folded.gram is None
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-3), (got - expected).abs().max()
 
-
-def test_doctests():
-    import doctest
-
-    from pipeline.models import folded
-
-    assert doctest.testmod(folded).failed == 0

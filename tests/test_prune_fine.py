@@ -5,13 +5,11 @@ offers on CPU, 2 ranks) equals pruning the unsharded Ẽ."""
 from __future__ import annotations
 
 import copy
-import doctest
 
 import pytest
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-import pipeline.prune.fine as fine
 from pipeline.prune.fine import apply_epsilon, epsilon_for_cr
 from plans.bytes import nnz_for_cr
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
@@ -62,10 +60,6 @@ def pruned_reference(alpha_ebc, epsilon: float):
     for key, scaled in whole_scaled(alpha_ebc).items():
         pruned.ebc.embedding_bags[table_name(key)].weight.data[scaled.abs() < epsilon] = 0.0
     return pruned
-
-
-def test_doctests():
-    assert doctest.testmod(fine).failed == 0
 
 
 @pytest.mark.parametrize("model", ["random", "tied"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 import re
 
@@ -10,10 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.prune.nested as prune_nested
-import pipeline.prune.plan as prune_plan
-import plans.bytes as prune_bytes
-import plans.structured as structured
 from pipeline.data.metadata import encode_counts
 from pipeline.prune.nested import nested_columns
 from pipeline.prune.plan import CR_TOLERANCE, column_scores, group_ranges, plan_for_cr, plan_for_tau
@@ -41,11 +36,6 @@ def column_sum_sq(groups, dim: int, seed: int = 0) -> torch.Tensor:
     mid = np.array([(g.start + g.stop) / 2 for g in groups])
     rms = (mid[:, None] + 1) ** -0.3 * rng.uniform(0.5, 1.5, (len(groups), dim))
     return torch.tensor(rms**2 * np.array([g.rows for g in groups])[:, None])
-
-
-def test_doctests():
-    for module in (prune_bytes, prune_nested, prune_plan, structured):
-        assert doctest.testmod(module).failed == 0
 
 
 @pytest.mark.parametrize("ranges_per_block", [1, 3, 4])

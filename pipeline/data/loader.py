@@ -20,8 +20,8 @@ Batches are built in a background thread, ``prefetch`` ahead.
 
 Example:
     >>> layout = FeatureLayout.from_meta(DatasetMeta.load(path), "embedding")  # doctest: +SKIP
-    >>> reader = SplitReader(path, "train", layout, batch_size=4096, rank=1, world_size=4)
-    >>> for batch in reader.batches(epoch=0, start=100): ...  # resumes at batch 100
+    >>> reader = SplitReader(path, "train", layout, batch_size=4096, rank=1, world_size=4)  # doctest: +SKIP
+    >>> for batch in reader.batches(epoch=0, start=100): ...  # resumes at batch 100  # doctest: +SKIP
 """
 
 from __future__ import annotations
