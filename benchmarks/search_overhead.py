@@ -3,8 +3,9 @@
 Both run the same DeepFM (K=64, MLP 400x3, the paper's settings) over 26 sharded tables
 on 2 CPU ranks (gloo), through the same ``TrainPipelineSparseDist``, on the same train
 batches (4096 rows per rank); the search step adds the configured validation rows
-(default 1024, the 1:4 setting of ``configs/base.yaml``; also 1:1, and 1:4 on every
-second step only) and the α update.
+(default 1024, the 1:4 setting of ``configs/base.yaml``; also 1:1, 1:4 on every second
+step only, and 1:4 with the validation rows' pass in float32 instead of the default
+``search.alpha_grad_dtype: auto``) and the α update.
 
     python benchmarks/search_overhead.py [--steps 5 --rounds 6] [--batch 4096]
 
@@ -30,7 +31,7 @@ from pipeline.config import load_config
 from pipeline.data.batch import Batch, concat_batches
 from pipeline.data.metadata import encode_counts
 from pipeline.search.blocking import compute_blocking
-from pipeline.search.dnis import AlphaUpdater
+from pipeline.search.dnis import AlphaUpdater, autocast_for
 from pipeline.tasks import build_search_task, build_train_task
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.dmp import all_reduce_mean, make_optimizer, shard_model
@@ -93,7 +94,7 @@ class SearchPipeline:
         return out
 
 
-def bench(env, steps: int, rounds: int, batch: int, settings: list[tuple[int, int]]) -> dict:
+def bench(env, steps: int, rounds: int, batch: int, settings: list[tuple[int, int, str]]) -> dict:
     """Median (wall, CPU) step time per setting (α and plain steps alike when α skips
     steps); settings alternate in rounds so drift hits all alike."""
     cfg = load_config(["configs/base.yaml"], [f"data.batch_size={batch}"])
@@ -114,15 +115,15 @@ def bench(env, steps: int, rounds: int, batch: int, settings: list[tuple[int, in
         return dmp, TrainPipelineSparseDist(dmp, opt, env.device)
 
     runs = {"plain": (sharded(build_train_task(cfg, layout, meta))[1], itertools.cycle(train))}
-    for rows, interval in settings:
-        cfg_i = replace(cfg, search=replace(cfg.search, alpha_interval=interval))
+    for rows, interval, dtype in settings:
+        cfg_i = replace(cfg, search=replace(cfg.search, alpha_interval=interval, alpha_grad_dtype=dtype))
         dmp, pipe = sharded(build_search_task(cfg_i, layout, blocking, meta))
         alpha = next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
         updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
         val = make_batches(env.rank + 100, rows, 4, layout)
         # Validation rows ride along on α steps only (every ``interval``-th step).
         joined = [concat_batches([t, v]) if i % interval == 0 else t for i, (t, v) in enumerate(zip(train, val))]
-        runs[setting_name(rows, interval)] = (SearchPipeline(pipe, updater), itertools.cycle(joined))
+        runs[setting_name(rows, interval, dtype)] = (SearchPipeline(pipe, updater), itertools.cycle(joined))
     times = {name: [] for name in runs}
     for name, (pipe, batches) in runs.items():
         step_times(pipe, batches, 3)  # warm-up
@@ -132,8 +133,9 @@ def bench(env, steps: int, rounds: int, batch: int, settings: list[tuple[int, in
     return {name: tuple(statistics.median(column) for column in zip(*t)) for name, t in times.items()}
 
 
-def setting_name(val_rows: int, interval: int) -> str:
-    return f"search val {val_rows}" + (f" every {interval} steps" if interval > 1 else "")
+def setting_name(val_rows: int, interval: int, dtype: str) -> str:
+    every = f" every {interval} steps" if interval > 1 else ""
+    return f"search val {val_rows}{every}" + (f" in {dtype}" if dtype != "auto" else "")
 
 
 def main() -> None:
@@ -144,18 +146,19 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=1024, help="validation rows per α step (default setting)")
     parser.add_argument("--ranks", type=int, default=2, help="local ranks (NCCL takes one per GPU)")
     args = parser.parse_args()
-    settings = [(args.val, 1), (args.batch, 1), (args.val, 2)]
+    settings = [(args.val, 1, "auto"), (args.batch, 1, "auto"), (args.val, 2, "auto"), (args.val, 1, "float32")]
     result = run_ranks(bench, args.ranks, args.steps, args.rounds, args.batch, settings)[0]
     (plain, plain_cpu) = result["plain"]
     device = "CUDA" if torch.cuda.is_available() else "CPU"
     print(f"26 tables, K=64, DeepFM, {args.ranks} {device} ranks, train batch {args.batch}/rank, "
-          f"median of {args.steps * args.rounds} steps")
+          f"median of {args.steps * args.rounds} steps; validation rows' pass (auto) in "
+          f"{str(autocast_for('auto')[1]).removeprefix('torch.')}")
     print(f"plain step: {plain * 1e3:.1f} ms (CPU {plain_cpu * 1e3:.1f} ms)")
-    for rows, interval in settings:
-        wall, cpu = result[setting_name(rows, interval)]
-        print(f"{setting_name(rows, interval)} / train {args.batch}: {wall * 1e3:.1f} ms  ratio {wall / plain:.3f}"
+    for setting in settings:
+        wall, cpu = result[setting_name(*setting)]
+        print(f"{setting_name(*setting)} / train {args.batch}: {wall * 1e3:.1f} ms  ratio {wall / plain:.3f}"
               f"  (CPU {cpu * 1e3:.1f} ms, ratio {cpu / plain_cpu:.3f})")
-    wall, cpu = result[setting_name(args.val, 1)]
+    wall, cpu = result[setting_name(*settings[0])]
     print(f"ratio {wall / plain:.3f} (CPU {cpu / plain_cpu:.3f})")
 
 

@@ -45,13 +45,15 @@ def search_train_batches(job: Job, task: DNISTask) -> tuple[Callable[[int, int, 
     return train_batches, train.num_batches()
 
 
-def save_alpha(job: Job, alpha: torch.Tensor, blocking: Blocking) -> None:
-    """``alpha.pt`` and ``alpha.json`` (rank 0), and the α table on stdout."""
+def save_alpha(job: Job, alpha: torch.Tensor, blocking: Blocking, grad_dtype: torch.dtype) -> None:
+    """``alpha.pt`` and ``alpha.json`` (rank 0, with the dtype α's gradients were taken
+    in: ``search.alpha_grad_dtype`` resolved), and the α table on stdout."""
     alpha = alpha.detach().cpu().clone()
     if job.env.is_main:
         torch.save(alpha, job.run.path / "alpha.pt")
     job.run.write_json("alpha.json", {
         "alpha": alpha.tolist(), "blocking": blocking.to_json(), "blocks": alpha_rows(alpha, blocking),
+        "grad_dtype": str(grad_dtype).removeprefix("torch."),
     })
     job.log("α per block (0 = most frequent):\n" + format_alpha_table(alpha, blocking))
 
@@ -68,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
     train_batches, steps_per_epoch = search_train_batches(job, task)
     fit(job, dmp, optimizer, train_batches, steps_per_epoch, [updater], resume=args.resume)
-    save_alpha(job, alpha, blocking)
+    save_alpha(job, alpha, blocking, task.alpha_grad_dtype)
     evaluate_test_split(job, dmp, "search")
 
 

@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 
 MULTI_HOT_DISTRIBUTIONS = ("uniform", "pareto")
+ALPHA_GRAD_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,13 @@ class SearchConfig:
     val_batch_size: int = 1024  # validation rows per search step, per rank
     alpha_interval: int = 1  # update alpha every this many steps
     grad_norm_eps: float = 1e-7  # eq. 8
+    alpha_grad_dtype: str = "auto"  # validation rows' pass: auto | float32 | bfloat16
+
+    def __post_init__(self) -> None:
+        if self.alpha_grad_dtype not in ALPHA_GRAD_DTYPES:
+            raise ConfigError(
+                f"search.alpha_grad_dtype {self.alpha_grad_dtype!r}: expected one of {ALPHA_GRAD_DTYPES}"
+            )
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,10 @@ def build_search_task(
     multi_hot = layout.multi_hot_keys
     ebc = _ebc(cfg, layout, device, multi_hot, blocking.num_blocks)
     embedding = AlphaEmbeddingBagCollection(ebc, blocking, multi_hot)
-    return DNISTask(_model(cfg, layout, embedding), cfg.data.batch_size, cfg.search.alpha_interval)
+    return DNISTask(
+        _model(cfg, layout, embedding), cfg.data.batch_size, cfg.search.alpha_interval,
+        cfg.search.alpha_grad_dtype,
+    )
 
 
 def build_retrain_task(

@@ -33,6 +33,8 @@ def test_unknown_section_and_wrong_type_are_errors(tmp_path):
         load_config([write(tmp_path / "b.yaml", "train:\n  epochs: three\n")])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config([], ["epochs=3"])
+    with pytest.raises(ConfigError, match=r"search\.alpha_grad_dtype 'float16': expected one of"):
+        load_config([], ["search.alpha_grad_dtype=float16"])
 
 
 def test_saved_config_loads_back_identically(tmp_path):

@@ -14,6 +14,7 @@ import torch
 
 from launch_helpers import ROOT, TINY, finish, kill_tree, search_args, torchrun, val_losses
 from pipeline.data import preprocess, synth
+from pipeline.search.dnis import autocast_for
 from plans.structured import StructuredPlan
 
 pytestmark = pytest.mark.multirank
@@ -26,6 +27,7 @@ def test_search_killed_and_resumed_equals_uninterrupted_run(dataset, search_run,
     assert (alpha_full < 1).any() and (alpha_full >= 0).all()
     doc = json.loads((full / "alpha.json").read_text())
     assert len(doc["blocks"]) == 4 and doc["blocking"]["num_blocks"] == 4
+    assert doc["grad_dtype"] == str(autocast_for("auto")[1]).removeprefix("torch.")
 
     killed = tmp_path / "killed"
     proc = torchrun("launch.search", *search_args(dataset, killed))
