@@ -72,10 +72,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     job = start(args)
     cfg = job.cfg.nis
-    # An episode ends with the validation rows the loader adds on DNIS's α steps.
-    job.cfg = dataclasses.replace(
-        job.cfg, search=dataclasses.replace(job.cfg.search, alpha_interval=cfg.steps_per_episode)
-    )
+    # An episode ends with the validation rows the loader adds on DNIS's α steps. Their
+    # loss is the reward itself, compared between episodes, not a direction that eq. 8
+    # normalises as DNIS's α gradient is: it stays in float32.
+    job.cfg = dataclasses.replace(job.cfg, search=dataclasses.replace(
+        job.cfg.search, alpha_interval=cfg.steps_per_episode, alpha_grad_dtype="float32",
+    ))
     job.run.save_config(job.cfg)
     blocking = blocking_for(job)
     job.run.write_json("blocking.json", blocking.to_json())

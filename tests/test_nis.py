@@ -12,6 +12,7 @@ from torchx.components.component_test_base import ComponentTestCase
 
 import launch.components as components
 from launch_helpers import TINY, finish, torchrun
+from pipeline.config import load_config
 from pipeline.search.nis import NISController
 from pipeline.search.nis_grid import BlockGrid, most_probable_within_budget
 from plans.structured import WIDTH_MULTIPLE, StructuredPlan
@@ -110,6 +111,8 @@ def test_controller_learns_on_two_ranks_within_budget(dataset, tmp_path):
     assert pruned["compression_ratio"]["learned"] == pytest.approx(summary["compression_ratio"])
     assert all(g.width % WIDTH_MULTIPLE == 0 and g.width <= plan.embedding_dim for g in plan.groups)
     assert summary["architecture"] == pruned["architecture"]
+    # The reward is the validation loss itself: never taken in bfloat16.
+    assert load_config([tmp_path / "nis" / "config.yaml"]).search.alpha_grad_dtype == "float32"
 
 
 @pytest.mark.multirank
