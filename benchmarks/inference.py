@@ -33,8 +33,6 @@ and batch.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gzip
 import itertools
 import tempfile
@@ -56,6 +54,7 @@ from pipeline.prune.basis import BASES
 from pipeline.prune.knapsack import parse_widths
 from pipeline.tasks import build_retrain_task, build_train_task
 from plans.bytes import quantized_table_bytes, unpruned_bytes
+from sharding.allocator import keep_freed_memory
 from sharding.field_embedding import table_name
 
 PRECISIONS = {"fp32": None, "int8": 8}  # tables -> bits of serving_model
@@ -104,18 +103,6 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
         for tables, bits in PRECISIONS.items() if bits is None or not args.fp32_only
         for name, (plan, fold) in plans.items()
     }
-
-
-def steady_allocator() -> None:
-    """Serve every block under 32 MiB from malloc's heap and keep freed memory there, as a
-    serving process with jemalloc or tcmalloc would. Left to glibc's dynamic mmap threshold,
-    a batch's 20 MiB temporaries (4096 × 1,248 floats) were fresh, page-faulting mappings
-    in some runs and reused heap in others: the unpruned model's tensor part at 4096 rows
-    took 14.8 ms in one run and 24.1 ms in the next, and ratios moved with it."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers (malloc.h)
-    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)):
-        print("note: mallopt refused; allocator left as it is (timings may vary between runs)")
 
 
 def time_models(models: dict, rows: ParsedBlock, rounds: int) -> dict[tuple[str, str], tuple[float, float, float]]:
@@ -191,7 +178,8 @@ def main() -> None:
                         help="as dnis prune (principal: the learned projection, folded block by block)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    steady_allocator()
+    if not keep_freed_memory():
+        print("note: not glibc; allocator left as it is (timings may vary between runs)")
     with tempfile.TemporaryDirectory(prefix="dnis-bench-") as scratch:
         if args.run_dir:
             if not args.raw:

@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     opts = parse_args(argv, default_workers=max(1, (os.cpu_count() or 1) // local_ranks),
                       prog="python -m launch.preprocess")
-    env = init_distributed()
+    env = init_distributed(keep_freed=False)  # its workers hand freed memory back
     try:
         run(opts, env.rank, env.world_size, barrier)
     except (PreprocessError, ValueError) as err:

@@ -30,6 +30,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from sharding.allocator import keep_freed_memory
+
 # Fused (in-backward) table optimizers. FBGEMM has no fused Adam on CPU ("Optimizer
 # adam is not supported in CPU mode"), so row-wise Adagrad (TorchRec DLRM's choice)
 # is the default everywhere; "adam" works on GPU only.
@@ -56,12 +58,16 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(timeout_minutes: int = 60) -> DistEnv:
+def init_distributed(timeout_minutes: int = 60, keep_freed: bool = True) -> DistEnv:
     """Join the job torchrun (or torchx) started: NCCL on GPUs, gloo on CPU.
 
     Without torchrun's variables it starts a one-process group, so every entry point
-    runs the same code alone or under ``torchx run ... --nproc N``.
+    runs the same code alone or under ``torchx run ... --nproc N``. With ``keep_freed``
+    (training and evaluation ranks) freed memory stays in malloc's heap from here on
+    (``sharding.allocator``); preprocessing, which bounds its memory, passes ``False``.
     """
+    if keep_freed:
+        keep_freed_memory()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank = int(os.environ.setdefault("RANK", "0"))
