@@ -24,17 +24,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 import launch  # noqa: F401  (its upstream-notice filters: one place for every entry point)
 from pipeline.config import load_config
 from pipeline.data.batch import Batch, concat_batches
 from pipeline.data.metadata import encode_counts
+from pipeline.loop import train_pipeline
 from pipeline.search.blocking import compute_blocking
 from pipeline.search.dnis import AlphaUpdater, autocast_for
 from pipeline.tasks import build_search_task, build_train_task
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
-from sharding.dmp import all_reduce_mean, make_optimizer, shard_model
+from sharding.dmp import make_optimizer, shard_model, start_all_reduce_mean
 from sharding.kjt import single_hot_kjt
 from sharding.local_ranks import run_ranks
 
@@ -83,7 +83,8 @@ def step_times(pipeline, it, steps: int) -> list[tuple[float, float]]:
 
 
 class SearchPipeline:
-    """The search step as the loop runs it: pipeline step, then the α update hook."""
+    """The search step as the loop runs it: pipeline step (the α all-reduce started
+    between forward and backward, ``train_pipeline``), then the α update hook."""
 
     def __init__(self, pipeline, updater: AlphaUpdater) -> None:
         self.pipeline, self.updater = pipeline, updater
@@ -111,15 +112,15 @@ def bench(env, steps: int, rounds: int, batch: int, settings: list[tuple[int, in
     def sharded(task):
         torch.manual_seed(0)
         dmp = shard_model(task, env, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
-        opt = make_optimizer(dmp, cfg.train.dense_lr, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
-        return dmp, TrainPipelineSparseDist(dmp, opt, env.device)
+        return dmp, make_optimizer(dmp, cfg.train.dense_lr, cfg.train.sparse_optimizer, cfg.train.sparse_lr)
 
-    runs = {"plain": (sharded(build_train_task(cfg, layout, meta))[1], itertools.cycle(train))}
+    runs = {"plain": (train_pipeline(*sharded(build_train_task(cfg, layout, meta)), env.device), itertools.cycle(train))}
     for rows, interval, dtype in settings:
         cfg_i = replace(cfg, search=replace(cfg.search, alpha_interval=interval, alpha_grad_dtype=dtype))
-        dmp, pipe = sharded(build_search_task(cfg_i, layout, blocking, meta))
+        dmp, optimizer = sharded(build_search_task(cfg_i, layout, blocking, meta))
         alpha = next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
-        updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
+        updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, start_all_reduce_mean)
+        pipe = train_pipeline(dmp, optimizer, env.device, [updater])
         val = make_batches(env.rank + 100, rows, 4, layout)
         # Validation rows ride along on α steps only (every ``interval``-th step).
         joined = [concat_batches([t, v]) if i % interval == 0 else t for i, (t, v) in enumerate(zip(train, val))]

@@ -24,7 +24,7 @@ from pipeline.search.dnis import AlphaUpdater, DNISTask
 from pipeline.tasks import RunTask, build_search_task
 from plans.blocking import Blocking
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
-from sharding.dmp import all_reduce_mean
+from sharding.dmp import start_all_reduce_mean
 
 
 def alpha_parameter(dmp: nn.Module) -> nn.Parameter:
@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     task = build_search_task(cfg, job.layout, blocking, torch.device("meta"))
     dmp, optimizer = shard_run_task(job, RunTask(task, blocking=blocking))
     alpha = alpha_parameter(dmp)
-    updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, all_reduce_mean)
+    updater = AlphaUpdater(alpha, cfg.search.alpha_lr, cfg.search.grad_norm_eps, start_all_reduce_mean)
     train_batches, steps_per_epoch = search_train_batches(job, task)
     fit(job, dmp, optimizer, train_batches, steps_per_epoch, [updater], resume=args.resume)
     save_alpha(job, alpha, blocking, task.alpha_grad_dtype)

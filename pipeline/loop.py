@@ -37,8 +37,26 @@ def _detach(pipeline) -> None:
         pipeline.detach()
 
 
+def train_pipeline(model: nn.Module, optimizer, device: torch.device, hooks: Sequence[Any] = (),
+                   pipelined: bool = True):
+    """TorchRec's ``TrainPipelineSparseDist`` (or ``TrainPipelineBase``) over ``model``,
+    calling ``after_forward(outputs)`` of each hook that has one between the forward and
+    the backward (``AlphaUpdater`` starts its all-reduce there)."""
+    forward_hooks = [hook.after_forward for hook in hooks if hasattr(hook, "after_forward")]
+
+    def forward(batch):
+        loss, outputs = model(batch)
+        for hook in forward_hooks:
+            hook(outputs)
+        return loss, outputs
+
+    pipeline = TrainPipelineSparseDist if pipelined else TrainPipelineBase
+    return pipeline(model, optimizer, device, custom_model_fwd=forward if forward_hooks else None)
+
+
 class StepHook(Protocol):
-    """Called after every training step; its state travels in checkpoints."""
+    """Called after every training step (and, where it has ``after_forward``, between the
+    forward and the backward); its state travels in checkpoints."""
 
     def after_step(self, outputs: dict[str, torch.Tensor]) -> None: ...
 
@@ -147,9 +165,7 @@ class Trainer:
         return self.state
 
     def _make_pipeline(self):
-        if self.cfg.pipeline:
-            return TrainPipelineSparseDist(self.model, self.optimizer, self.device)
-        return TrainPipelineBase(self.model, self.optimizer, self.device)
+        return train_pipeline(self.model, self.optimizer, self.device, self.hooks, self.cfg.pipeline)
 
     def _run_epoch(self) -> None:
         state = self.state

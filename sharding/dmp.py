@@ -14,7 +14,7 @@ import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -103,10 +103,21 @@ def _free_port() -> int:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Average ``tensor`` over all ranks (in place) and return it."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor
+    return start_all_reduce_mean(tensor)()
+
+
+def start_all_reduce_mean(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start averaging ``tensor`` over all ranks (in place); the returned call waits for
+    it and returns it. Lets a small reduction travel while the backward computes."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return lambda: tensor
+    work = dist.all_reduce(tensor, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return tensor.div_(dist.get_world_size())
+
+    return wait
 
 
 def barrier() -> None:

@@ -17,7 +17,7 @@ from pipeline.search.dnis import AlphaUpdater
 from search_fixtures import CASES, build_task, make_batch
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
 from sharding.field_embedding import table_name
-from sharding.dmp import all_reduce_mean, make_optimizer, shard_model
+from sharding.dmp import make_optimizer, shard_model, start_all_reduce_mean
 
 SHARDING_TYPES = ["table_wise", "column_wise", "table_column_wise", "data_parallel"]
 SPARSE_LR, DENSE_LR, ALPHA_LR = 0.1, 1e-2, 1e-2
@@ -94,7 +94,7 @@ def sharded_step(env, case: str, sharding_type: str, start: dict):
     alpha_part_table_diff = max_diff(table_state(dmp.state_dict()), start)
     loss.backward()
     optimizer.step()
-    AlphaUpdater(alpha, ALPHA_LR, all_reduce_mean=all_reduce_mean).step(out["grad_alpha"])
+    AlphaUpdater(alpha, ALPHA_LR, start_mean=start_all_reduce_mean).step(out["grad_alpha"])
     return out, alpha_part_table_diff, dmp.state_dict()
 
 

@@ -1,5 +1,6 @@
-"""The search loop on 2 CPU ranks: TorchRec's sparse-dist pipeline equals the plain loop,
-and a run resumed from a checkpoint ends exactly where an uninterrupted one does."""
+"""The search loop on 2 CPU ranks: TorchRec's sparse-dist pipeline equals the plain loop
+and the α all-reduce started between forward and backward equals a blocking one, and a
+run resumed from a checkpoint ends exactly where an uninterrupted one does."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pipeline.run_dir import RunDir
 from pipeline.search.dnis import AlphaUpdater
 from search_fixtures import build_task, make_batch
 from sharding.alpha_ebc import AlphaEmbeddingBagCollection
-from sharding.dmp import all_reduce_mean, make_optimizer, shard_model
+from sharding.dmp import make_optimizer, shard_model, start_all_reduce_mean
 
 pytestmark = pytest.mark.multirank
 STEPS = 8
@@ -36,13 +37,22 @@ class LossRecorder:
         pass
 
 
-def make_trainer(env, run_dir, pipeline: bool, checkpoint_every=10**9, steps=STEPS):
+class BlockingAlphaUpdate:
+    """The α update without ``after_forward``: its all-reduce blocks after the step."""
+
+    def __init__(self, updater):
+        self.updater = updater
+        self.after_step, self.metrics = updater.after_step, updater.metrics
+        self.state_dict, self.load_state_dict = updater.state_dict, updater.load_state_dict
+
+
+def make_trainer(env, run_dir, pipeline: bool, checkpoint_every=10**9, steps=STEPS, blocking=False):
     task = build_task("multi", torch.device("meta"))
     dmp = shard_model(task, env, "rowwise_adagrad", 0.05)
     optimizer = make_optimizer(dmp, 1e-3, "rowwise_adagrad", 0.05)
     alpha = next(m for m in dmp.modules() if isinstance(m, AlphaEmbeddingBagCollection)).alpha
     recorder = LossRecorder()
-    updater = AlphaUpdater(alpha, 1e-2, all_reduce_mean=all_reduce_mean)
+    updater = AlphaUpdater(alpha, 1e-2, start_mean=start_all_reduce_mean)
 
     def train_batches(epoch, start, global_step):
         task.steps_taken = global_step
@@ -55,16 +65,18 @@ def make_trainer(env, run_dir, pipeline: bool, checkpoint_every=10**9, steps=STE
     trainer = Trainer(
         dmp, optimizer, cfg, env.device, train_batches, steps,
         val_batches=lambda: [make_batch("multi", seed=99 + env.rank, rows=16)],
-        run=RunDir(run_dir, is_main=env.is_main), hooks=[updater, recorder],
+        run=RunDir(run_dir, is_main=env.is_main),
+        hooks=[BlockingAlphaUpdate(updater) if blocking else updater, recorder],
     )
     return trainer, recorder, alpha
 
 
 def pipelines_agree(env, tmp):
     results = {}
-    for flag in (False, True):
+    for flag in (False, True, "blocking"):
         torch.manual_seed(0)
-        trainer, recorder, alpha = make_trainer(env, f"{tmp}/pipe_{flag}", pipeline=flag)
+        trainer, recorder, alpha = make_trainer(env, f"{tmp}/pipe_{flag}", pipeline=bool(flag),
+                                                blocking=flag == "blocking")
         trainer.fit()
         results[flag] = (recorder.losses, alpha.detach().clone())
     # The sparse-dist pipeline must really pipeline the sharded EBC (not fall back).
@@ -115,6 +127,8 @@ def test_sparse_dist_pipeline_matches_plain_loop(tmp_path):
         assert len(plain_losses) == STEPS
         assert max(abs(a - b) for a, b in zip(plain_losses, piped_losses)) < 1e-6
         assert (plain_alpha - piped_alpha).abs().max() < 1e-6
+        # α's all-reduce started between forward and backward: the same update as blocking.
+        assert torch.equal(result["blocking"][1], piped_alpha) and result["blocking"][0] == piped_losses
         assert (plain_alpha < 1).any()  # α moved
         assert result["pipelined_modules"] >= 1
 

@@ -128,8 +128,14 @@ class AlphaUpdater:
         alpha: the α parameter (``requires_grad=False``; kept out of DDP).
         lr: Adam learning rate.
         eps: eq. 8's ``ε_g``.
-        all_reduce_mean: averages a tensor over ranks (identity on one process);
+        start_mean: starts averaging a tensor over ranks and returns the call that waits
+            for the mean (``sharding.dmp.start_all_reduce_mean``; by default one process);
             passed in so this module needs no process group.
+
+    As a loop hook it starts the average between forward and backward
+    (``after_forward``), so the reduction travels while the backward runs, and applies
+    the update after the step (``after_step``): the same update, without a blocking
+    all-reduce of its own.
     """
 
     def __init__(
@@ -137,26 +143,37 @@ class AlphaUpdater:
         alpha: nn.Parameter,
         lr: float = 1e-2,
         eps: float = 1e-7,
-        all_reduce_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        start_mean: Optional[Callable[[torch.Tensor], Callable[[], torch.Tensor]]] = None,
     ) -> None:
         self.alpha = alpha
         self.eps = eps
-        self.all_reduce_mean = all_reduce_mean or (lambda t: t)
+        self.start_mean = start_mean or (lambda t: lambda: t)
         self.optimizer = torch.optim.Adam([alpha], lr=lr)
+        self._pending: Optional[Callable[[], torch.Tensor]] = None
 
     def step(self, grad_alpha: torch.Tensor) -> None:
         """One α update from this rank's gradient."""
-        grad = self.all_reduce_mean(grad_alpha.detach().clone())
+        self._update(self.start_mean(grad_alpha.detach().clone())())
+
+    def _update(self, grad: torch.Tensor) -> None:
         self.alpha.grad = normalize_rows(grad, self.eps)
         self.optimizer.step()
         self.alpha.grad = None
         with torch.no_grad():
             self.alpha.clamp_(0.0, 1.0)
 
+    def after_forward(self, outputs: dict[str, torch.Tensor]) -> None:
+        """Loop hook before the backward: start averaging the step's α gradient."""
+        if "grad_alpha" in outputs:
+            self._pending = self.start_mean(outputs["grad_alpha"].detach().clone())
+
     def after_step(self, outputs: dict[str, torch.Tensor]) -> None:
         """Loop hook: update α when the step produced a gradient."""
-        if "grad_alpha" in outputs:
-            self.step(outputs["grad_alpha"])
+        if self._pending is None and "grad_alpha" in outputs:  # a caller without after_forward
+            self.after_forward(outputs)
+        if self._pending is not None:
+            wait, self._pending = self._pending, None
+            self._update(wait())
 
     def metrics(self) -> dict[str, list[float]]:
         """Mean α of every row (block), for the metrics log."""
