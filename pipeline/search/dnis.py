@@ -14,7 +14,8 @@ Taking α's gradient at the pre-update Θ is the first-order approximation (``ξ
 eq. 7), as in first-order DARTS. The validation rows' interaction runs in
 ``search.alpha_grad_dtype`` (``auto``: bfloat16 where matmuls run natively in it, see
 ``autocast_for``): α only ever sees that gradient normalised row by row (eq. 8) and
-through Adam, and in bfloat16 the pass costs a third of fp32 on an AMX CPU. ``AlphaUpdater`` then averages the gradient over ranks,
+through Adam, and in bfloat16 the pass costs about half of float32's on an AMX CPU.
+``AlphaUpdater`` then averages the gradient over ranks (started before the backward),
 normalises it row-wise (eq. 8), takes an Adam step and clips α to [0, 1].
 """
 
