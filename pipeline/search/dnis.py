@@ -28,6 +28,7 @@ import torch.fx
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
+from pipeline.config import ALPHA_GRAD_DTYPES
 from pipeline.data.batch import Batch
 
 
@@ -54,8 +55,8 @@ def autocast_for(name: str) -> tuple[str, torch.dtype]:
     if name == "auto":
         amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         name = "bfloat16" if device_type == "cuda" or amx() else "float32"
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"search.alpha_grad_dtype: expected auto, float32 or bfloat16, got {name!r}")
+    if name not in ALPHA_GRAD_DTYPES:
+        raise ValueError(f"search.alpha_grad_dtype: expected one of {ALPHA_GRAD_DTYPES}, got {name!r}")
     return device_type, getattr(torch, name)
 
 
