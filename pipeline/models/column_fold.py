@@ -21,6 +21,9 @@ from torch import nn
 from torch.nn.functional import linear
 
 from sharding.column_lift import ColumnLift
+from sharding.squared_norm import squared_norm
+
+torch.fx.wrap("squared_norm")  # a leaf when the train pipeline traces the model
 
 if TYPE_CHECKING:
     from pipeline.models.base import CTRModel
@@ -53,5 +56,5 @@ def column_fold_logits(model: "CTRModel", dense: torch.Tensor, pooled: torch.Ten
     field_sum, sum_of_squares = lift.field_sums(pooled)
     if field is not None:
         field_sum = field_sum + field
-        sum_of_squares = sum_of_squares + torch.linalg.vector_norm(field, dim=1).square()
+        sum_of_squares = sum_of_squares + squared_norm(field, 1)
     return out + 0.5 * (field_sum.square().sum(dim=1) - sum_of_squares)
