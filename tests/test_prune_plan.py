@@ -339,21 +339,3 @@ def test_a_learned_projection_is_paid_once_per_feature_and_the_budget_is_spent()
         # (charging every group its own W x K matrix left 3-7% of these budgets unspent)
         plan, _ = value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / cr, "learned", 1, 0, CR_TOLERANCE, [1, 2, 4, 8])
         assert cr <= plan.compression_ratio("learned") <= 1.02 * cr, cr
-
-
-def test_a_few_rows_at_a_width_of_their_own_are_widened_instead_of_costing_a_slab(monkeypatch):
-    from pipeline.prune import knapsack
-
-    groups = [Group("a", 0, 0, 1), Group("a", 1, 1, 2001), Group("b", 0, 0, 1000), Group("b", 1, 1000, 3000)]
-    sum_sq = torch.ones(4, 16)
-    sum_sq[0, 1:] = 0  # an out-of-vocabulary row: one column worth keeping
-    sum_sq[3, 2:] = 0  # 2000 rows: two columns worth keeping
-    mass = [g.rows for g in groups]
-    budget = sum(g.rows for g in groups) * 16 * 4  # room for every column that scores
-    plan = knapsack.plan_by_value(groups, sum_sq, torch.ones(4, 16), mass, budget, widths=[1, 2, 4, 8, 16])
-    assert [g.width for g in plan.groups] == [16, 16, 16, 2]  # a: one slab; b's 2000 rows keep theirs
-    assert feature_columns(plan, ["a", "b"])["a"].widths == (16,)
-    assert plan.embedding_bytes("selection") <= budget
-    monkeypatch.setattr(knapsack, "THIN_SLAB_SHARE", 0.0)
-    plan = knapsack.plan_by_value(groups, sum_sq, torch.ones(4, 16), mass, budget, widths=[1, 2, 4, 8, 16])
-    assert [g.width for g in plan.groups] == [1, 16, 16, 2]

@@ -38,13 +38,6 @@ columns at 8 bits, a narrow one little (4 bytes of scale and bias are one fp32 c
 so fewer, wider steps (a ladder) suit it. Every step must quantize (its columns × bits a
 multiple of 16).
 
-Each distinct width of a feature is one more slab, so one more lookup for each of its
-ids at least that wide: a handful of rows at their own width (an out-of-vocabulary row
-at width 1 beside the feature's rows at 16) cost the retraining and serving steps a
-table and a lookup per id for a few bytes. ``merge_thin_slabs`` widens such groups to
-their feature's next width, cheapest first, while the widening costs at most
-``THIN_SLAB_SHARE`` of the budget (the allocation then spends that much less elsewhere).
-
 With ``min_row_lookups`` = c, a group whose ids average fewer than c train occurrences
 shares ``ceil(mass_g / c)`` rows between its ids (``GroupPlan.buckets``: the hashing
 trick): rows seen once or twice only memorise their labels, and a shared row is cheaper,
@@ -71,43 +64,6 @@ from plans.bytes import (
     BUCKETS_BYTES, QUANTIZED_BITS, RANGE_START_BYTES, SCALE_BIAS_BYTES, SELECTION_INDEX_BYTES, VALUE_BYTES,
 )
 from plans.structured import Group, GroupPlan, StructuredPlan
-
-
-# Bytes that may widen thin slabs' groups (``merge_thin_slabs``), as a share of the
-# budget. On the 1M-row long-tail plans (widths to 32, CR 10 and 20) the merges worth
-# making cost at most 1e-4 of it (1-6 rows), the next cheapest 2.6e-3 (thousands).
-THIN_SLAB_SHARE = 1e-3
-
-
-def merge_thin_slabs(taken: np.ndarray, keys: Sequence[str], step_cost: np.ndarray, allowance: float) -> np.ndarray:
-    """``taken`` (rungs per group) with thin slabs merged: while the cheapest merge costs
-    at most what is left of ``allowance`` bytes, the groups at one of a feature's
-    distinct widths take its next wider one (``step_cost[g, k]``: the bytes of group
-    ``g``'s rung ``k``), so that width's slab boundary goes.
-
-    Example:
-        >>> cost = np.array([[4.0, 4.0], [400.0, 400.0], [4.0, 4.0]])
-        >>> merge_thin_slabs(np.array([1, 2, 2]), ["a", "a", "b"], cost, 10.0)
-        array([2, 2, 2])
-        >>> merge_thin_slabs(np.array([2, 1, 2]), ["a", "a", "b"], cost, 10.0)  # 400 B: kept
-        array([2, 1, 2])
-    """
-    taken = taken.copy()
-    features = [np.flatnonzero(np.asarray(keys) == key) for key in dict.fromkeys(keys)]
-    while True:
-        merges = []  # (bytes, groups widened, their new rung count)
-        for members in features:
-            rungs = sorted(set(taken[members][taken[members] > 0].tolist()))
-            for lo, hi in zip(rungs, rungs[1:]):
-                widened = members[taken[members] == lo]
-                merges.append((float(step_cost[widened, lo:hi].sum()), widened, hi))
-        if not merges:
-            return taken
-        cost, widened, hi = min(merges, key=lambda merge: merge[0])
-        if cost > allowance:
-            return taken
-        allowance -= cost
-        taken[widened] = hi
 
 
 def shared_rows(groups: list[Group], mass, min_row_lookups: float) -> list[int | None]:
@@ -169,7 +125,6 @@ def plan_by_value(
     slack = 0.0  # projections (and quantized slabs' cache-line padding): spend that much less and retry
     while True:
         taken = greedy_rungs(gains, step_cost, steps[:, 0] > 0, left - slack)
-        taken = merge_thin_slabs(taken, [g.key for g in groups], step_cost, THIN_SLAB_SHARE * budget)
         kept = nested_columns(groups, np.concatenate([[0], ladder])[taken], scores, mass)
         plans = tuple(GroupPlan(g, columns, multiple, b if columns else None)
                       for g, columns, b in zip(groups, kept, buckets))
