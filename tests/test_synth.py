@@ -15,7 +15,7 @@ from pipeline.data.synth import BLOCK_ROWS, CATEGORICALS, SyntheticCriteo, main,
 from pipeline.data.synth_worlds import WORLDS, HeavyTail
 
 
-@pytest.mark.parametrize("world", ["longtail", "flat"])
+@pytest.mark.parametrize("world", sorted(WORLDS))
 def test_same_seed_same_bytes_and_chunking_does_not_matter(tmp_path, world):
     common = ["--rows", "3000", "--world", world]
     main([*common, "--out", str(tmp_path / "a.tsv"), "--seed", "5"])
@@ -151,6 +151,28 @@ def test_flat_world_plants_four_dims_in_every_tier(tmp_path):
     assert gen.tail_len.sum() == np.maximum(gen.vocab - 512, 0).sum()  # no rank left without a vector
     for table in (gen.v_head[:-1], gen.v_tail[:-1]):
         assert table.shape[1] == 4 and (table != 0).all()
+
+
+def test_ratings_world_has_users_and_items_only_and_every_id_matters(tmp_path):
+    """MovieLens-1M's shape: C1 users and C2 items, 8 latent dims each whatever its rank,
+    every other field empty; the planted dot product carries most of the signal."""
+    write(tmp_path / "x.tsv", 100, seed=1, world="ratings")
+    truth = json.loads((tmp_path / "synth_truth.json").read_text())
+    assert truth["scales"]["ints"] == 0.0 and {i["missing"] for i in truth["integers"].values()} == {1.0}
+    assert [truth["categoricals"][c]["vocab"] for c in ("C1", "C2")] == [6040, 3706]
+    gen = SyntheticCriteo(seed=1, world="ratings")
+    rows = gen.rows(0, 40000)
+    assert (rows.ranks[:, :2] >= 0).all() and (rows.ranks[:, 2:] == -1).all() and rows.ints_missing.all()
+    assert (np.bincount(rows.ranks[:, 0], minlength=6040) > 0).mean() > 0.98  # nearly every user, in 40k rows
+    assert (gen.v_head[:-1] != 0).all() and (gen.v_tail[:-1] != 0).all() and gen.v_tail.shape[1] == 8
+    for line in gen.to_tsv(gen.rows(0, 5)).decode().splitlines():
+        fields = line.split("\t")
+        assert len(fields) == 40 and all(f == "" for f in fields[1:14] + fields[16:])
+    first, pairwise, _ = gen._terms(rows.ranks, rows.ints, rows.ints_missing)
+    auc = {"true": _auc(rows.labels, rows.logits), "first order": _auc(rows.labels, first),
+           "dot product": _auc(rows.labels, pairwise)}
+    print(auc)
+    assert auc["true"] > 0.85 and auc["dot product"] > auc["first order"] + 0.15
 
 
 def test_flat_world_shows_most_ids_several_times():

@@ -21,6 +21,7 @@ The label model (the point of the generator)::
   need many embedding dimensions, rare ones one or two, the rarest none: what DNIS
   searches. ``flat``: ``d = 4`` for every value, vocabularies capped at 20k and a
   flatter Zipf law, so every id carries signal and is seen often enough to learn it.
+  ``ratings``: users (C1) and items (C2) only, ``d = 8`` each, every other field empty.
 - Missing values contribute nothing; ``c_m`` is non-zero for I1, I6, I11 only.
 - ``a1, a2, a3`` are calibrated on a fixed sample so the three terms have standard
   deviations ``TERM_STD`` (0.6, 2.2, 0.4), and ``b`` so the mean CTR is 0.25.
@@ -53,6 +54,7 @@ records the world, fields, tiers (dims per rank range), scales and seed.
 Example:
     $ dnis-synth --rows 1000000 --out runs/raw/synth.tsv
     $ dnis-synth --rows 1000000 --world flat --out runs/raw/flat.tsv
+    $ dnis-synth --rows 1000000 --world ratings --out runs/raw/ratings.tsv
     $ dnis-synth --rows 24000000 --days 24 --gzip --out runs/raw/synth_1tb   # day_0.gz ...
     $ dnis-synth --rows 6000000 --days 24 --gzip --tail-field C1 --tail-rate 0.9 --out runs/raw/tb_tail
 """
@@ -111,7 +113,7 @@ class SyntheticCriteo:
     Args:
         seed: every table and row derives from it.
         vocab_scale: multiplies every vocabulary size (after the world's cap).
-        world: a name in ``WORLDS`` (``longtail`` or ``flat``).
+        world: a name in ``WORLDS`` (``longtail``, ``flat`` or ``ratings``).
         tail: extra values planted in one field (None: none).
 
     Example:
@@ -136,7 +138,7 @@ class SyntheticCriteo:
         if tail is not None and int(self.vocab[tail.column]) + tail.values >= 2**31:
             raise ValueError(f"heavy tail of {tail.values} values: {tail.field} would pass 2^31 ranks")
         self.tail = tail
-        self.cat_missing = np.array([m for _, m, _ in CATEGORICALS])
+        self.cat_missing = self.world.missing_rates()
         rng = np.random.default_rng([seed, 1 << 40])
         self.hex_keys = rng.integers(0, 1 << 32, size=(len(CATEGORICALS), 2), dtype=np.uint32)
         self._build_tables(rng)
@@ -195,7 +197,8 @@ class SyntheticCriteo:
         ranks, ints, missing = self._draw_features(rng, CALIBRATION_ROWS, 1 << 41)
         terms = self._terms(ranks, ints, missing)
         names = ("first_order", "pairwise", "ints")
-        self.scales = {k: TERM_STD[k] / float(t.std()) for k, t in zip(names, terms)}
+        # A term that never varies (no integer field in the ratings world) gets no weight.
+        self.scales = {k: TERM_STD[k] / float(t.std()) if t.std() > 0 else 0.0 for k, t in zip(names, terms)}
         logit = sum(self.scales[k] * t for k, t in zip(names, terms))
         lo, hi = -20.0, 20.0
         for _ in range(60):  # bisection: mean CTR is increasing in the bias
@@ -221,6 +224,8 @@ class SyntheticCriteo:
         negative = rng.random((n, len(INTEGERS)), dtype=np.float32) < params[:, 3]
         ints[negative] = -rng.integers(1, 4, size=int(negative.sum()))
         missing = rng.random((n, len(INTEGERS)), dtype=np.float32) < params[:, 0]
+        if self.world.integers_missing:
+            missing[:] = True
         return ranks, ints, missing
 
     def logits(
@@ -303,7 +308,8 @@ class SyntheticCriteo:
                     tiers.append([lo, int(min(hi, v)), d])
                 lo = max(lo, hi)
             fields[f"C{i + 1}"] = {"vocab": int(v), "missing": float(m), "zipf_s": float(s), "tiers": tiers}
-        ints = {f"I{i + 1}": {"missing": p[0], "mu": p[1], "sigma": p[2], "negative": p[3], "coef": p[4]}
+        ints = {f"I{i + 1}": {"missing": 1.0 if self.world.integers_missing else p[0], "mu": p[1], "sigma": p[2],
+                              "negative": p[3], "coef": p[4]}
                 for i, p in enumerate(INTEGERS)}
         return {"seed": self.seed, "rows": rows, "days": days, "vocab_scale": self.vocab_scale,
                 "world": self.world.name, "vocab_cap": self.world.vocab_cap,
@@ -394,8 +400,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--vocab-scale", type=float, default=1.0, help="multiply every vocabulary size")
     p.add_argument("--truth", default=None, help="where to write synth_truth.json")
     p.add_argument("--world", choices=sorted(WORLDS), default="longtail",
-                   help="longtail: rare values need few or no dims; flat: every value needs 4 "
-                        "(see pipeline/data/synth_worlds.py)")
+                   help="longtail: rare values need few or no dims; flat: every value needs 4; "
+                        "ratings: users and items only, 8 dims each (see pipeline/data/synth_worlds.py)")
     p.add_argument("--tail-field", default=None, metavar="C<n>",
                    help="plant a heavy tail of extra values without signal in this field")
     p.add_argument("--tail-rate", type=float, default=0.5, help="share of rows drawing a tail value")

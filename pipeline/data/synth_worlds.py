@@ -1,7 +1,7 @@
 """What a synthetic world plants: latent dims by frequency rank, and the frequency law.
 
-Both worlds share Criteo's 26 categorical fields (``CATEGORICALS``: vocabulary size,
-missing rate, Zipf exponent) and the generator of ``pipeline.data.synth``; a ``World``
+The worlds share Criteo's 26 categorical fields (``CATEGORICALS``: vocabulary size,
+missing rate, Zipf exponent; a world may set its own) and the generator of ``pipeline.data.synth``; a ``World``
 says how each field's frequency law is bent and how many latent dims a value of rank
 ``r`` (0 = most frequent) carries.
 
@@ -20,7 +20,12 @@ says how each field's frequency law is bent and how many latent dims a value of 
   and 4096). ``vocab_scale`` applies after the cap, so rows / vocab_scale sets how often
   an id is seen in either world.
 
-A ``HeavyTail`` (optional, either world) adds to one field millions of extra values
+- ``ratings``: a rating log turned into clicks, shaped like MovieLens-1M: C1 users
+  (6,040 values), C2 items (3,706, a steeper law), every other field (and every integer
+  field) empty in every row; 8 latent dims for every user and item. Every id carries
+  signal, and 37 constant fields hold most of the occurrences.
+
+A ``HeavyTail`` (optional, any world) adds to one field millions of extra values
 that carry no label signal, the way a Criteo Terabyte day holds tens of millions of
 values seen once: with probability ``rate`` a row's value is replaced by tail rank
 ``vocab + x``, ``x`` drawn from a power law over ``[0, values)`` (exponent ``zipf``:
@@ -63,6 +68,9 @@ class World:
         dims_past_tiers: latent dims of ranks past the last tier.
         vocab_cap: cap on each field's vocabulary before ``vocab_scale`` (None: none).
         zipf_factor: multiplies each field's Zipf exponent (< 1: a flatter law).
+        categoricals: per categorical field ``(vocabulary size, missing rate, Zipf
+            exponent)``; Criteo's by default.
+        integers_missing: every integer field empty in every row.
     """
 
     name: str
@@ -70,10 +78,15 @@ class World:
     dims_past_tiers: int
     vocab_cap: Optional[int]
     zipf_factor: float
+    categoricals: tuple[tuple[int, float, float], ...] = CATEGORICALS
+    integers_missing: bool = False
 
     def __post_init__(self) -> None:
+        if len(self.categoricals) != len(CATEGORICALS):
+            raise ValueError(f"world {self.name}: {len(self.categoricals)} categorical fields, "
+                             f"the Criteo format has {len(CATEGORICALS)}")
         # The power-law inverse CDF divides by 1 - s.
-        if any(s * self.zipf_factor == 1.0 for *_, s in CATEGORICALS):
+        if any(s * self.zipf_factor == 1.0 for *_, s in self.categoricals):
             raise ValueError(f"world {self.name}: a Zipf exponent of exactly 1")
         if max(self.dims(), default=0) > LATENT_DIM:
             raise ValueError(f"world {self.name}: more than {LATENT_DIM} latent dims")
@@ -107,9 +120,13 @@ class World:
 
     def frequency_law(self, vocab_scale: float) -> tuple[np.ndarray, np.ndarray]:
         """Per-field vocabulary sizes and Zipf exponents at ``vocab_scale``."""
-        sizes = [v if self.vocab_cap is None else min(v, self.vocab_cap) for v, _, _ in CATEGORICALS]
+        sizes = [v if self.vocab_cap is None else min(v, self.vocab_cap) for v, _, _ in self.categoricals]
         vocab = np.array([max(3, round(v * vocab_scale)) for v in sizes], np.int32)
-        return vocab, np.array([s * self.zipf_factor for _, _, s in CATEGORICALS])
+        return vocab, np.array([s * self.zipf_factor for _, _, s in self.categoricals])
+
+    def missing_rates(self) -> np.ndarray:
+        """Per categorical field, the share of rows where it is empty."""
+        return np.array([m for _, m, _ in self.categoricals])
 
 
 @dataclass(frozen=True)
@@ -162,7 +179,11 @@ class HeavyTail:
 
 
 _TIER_BOUNDS = (8, 64, 512, 4096, 32768)
+# A rating log turned into clicks, shaped like MovieLens-1M: C1 users (6,040), C2 items
+# (3,706, a steeper popularity law), every other field empty in every row.
+_RATINGS = ((6040, 0.0, 0.5), (3706, 0.0, 0.65)) + ((3, 1.0, 1.5),) * (len(CATEGORICALS) - 2)
 WORLDS = {
     "longtail": World("longtail", tuple(zip(_TIER_BOUNDS, (16, 8, 4, 2, 1))), 0, None, 1.0),
     "flat": World("flat", tuple(zip(_TIER_BOUNDS, (4,) * 5)), 4, 20000, 0.6),
+    "ratings": World("ratings", (), 8, None, 1.0, _RATINGS, integers_missing=True),
 }
