@@ -283,6 +283,7 @@ def test_a_quantized_budget_buys_more_columns_within_its_quantized_bytes(bits):
     groups, sum_sq, alpha = _value_case()
     unpruned = sum(g.rows for g in groups) * 16 * 4
     mass = [1000 // (i + 1) * g.rows for i, g in enumerate(groups)]
+    scores = column_scores(groups, sum_sq, alpha)
     step = 16 // bits
     for cr in (10, 20, 40):  # (at CR 5 every int4 column fits)
         for widths in (None, sorted({step, 2 * step, 8, 16})):
@@ -293,9 +294,11 @@ def test_a_quantized_budget_buys_more_columns_within_its_quantized_bytes(bits):
             # More columns for the same bytes: each quantized row pays 4 bytes of scale and
             # bias per slab, as much as one fp32 column, so narrow rows gain little.
             assert cells[0] > (1.2 if bits == 8 else 2) * cells[1], (cr, widths, cells)
-            if widths:  # on a ladder, no group the fp32 plan keeps whole is narrower quantized
-                full = [g.width == 16 for g in fp32.groups]
-                assert all(g.width == 16 for g, whole in zip(plan.groups, full) if whole), (cr, widths)
+            # and more worth: a quantized step wider than the one before it can be worth more
+            # per byte (the knapsack merges such steps rather than skip the wider one)
+            worth = [sum(m * float(scores[i, list(g.columns)].sum()) for i, (g, m) in enumerate(zip(p.groups, mass)))
+                     for p in (plan, fp32)]
+            assert worth[0] > worth[1], (cr, widths, worth)
     with pytest.raises(ValueError, match=f"bits {bits}: need 8 or 4, and widths in steps of {step}"):
         plan_by_value(groups, sum_sq, alpha, mass, unpruned / 10, multiple=1, bits=bits)
     if bits == 8:  # a ladder of even widths needs no width step
@@ -339,3 +342,31 @@ def test_a_learned_projection_is_paid_once_per_feature_and_the_budget_is_spent()
         # (charging every group its own W x K matrix left 3-7% of these budgets unspent)
         plan, _ = value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / cr, "learned", 1, 0, CR_TOLERANCE, [1, 2, 4, 8])
         assert cr <= plan.compression_ratio("learned") <= 1.02 * cr, cr
+
+
+def test_constant_fields_do_not_widen_their_learned_projections_for_nothing():
+    """The ratings world's shape: 30 fields of one constant row each, whose columns past
+    the first score ~0 (a principal basis of one row), beside a user field that carries
+    the data. A constant row is cheap to widen, but each of its columns costs a learned
+    projection row (K x 4 bytes): ranked without it, they widened, their projections
+    went over the budget and the retries left 35% of it unspent (CR 15 asked for 10)."""
+    from pipeline.prune.knapsack import value_plan_for_cr
+
+    dim = 32
+    constants = [Group(f"c{i}", 0, 0, 1) for i in range(30)]
+    edges = (0, 3, 9, 26, 78, 231, 685, 2035, 6041)
+    users = [Group("u", 1, lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    groups = constants + users
+    sum_sq = torch.cat([torch.tensor([[1.0] + [1e-12] * (dim - 1)]).repeat(30, 1),
+                        torch.stack([torch.logspace(0, -3, dim) * g.rows for g in users])])
+    mass = [800_000] * 30 + [g.rows * 6000 // (g.start + 10) for g in users]
+    unpruned = sum(g.rows for g in groups) * dim * 4
+    for cr in (10, 20):
+        plan, _ = value_plan_for_cr(groups, sum_sq, torch.ones(len(groups), dim), mass, unpruned / cr, "learned",
+                                    1, 0, CR_TOLERANCE, [1, 2, 4, 8, 16])
+        assert cr <= plan.compression_ratio("learned") <= 1.1 * cr, cr
+        # past their one column, the constant rows get only what buys no column of the
+        # rarest users (values and projection rows: 4 + 128 bytes a column)
+        beyond = sum((g.width - 1) * (4 + dim * 4) for g in plan.groups[:30])
+        assert all(g.width >= 1 for g in plan.groups[:30]) and beyond < users[-1].rows * 4, (cr, beyond)
+        assert [g.width for g in plan.groups[30:33]] == [16] * 3, cr  # the most frequent users

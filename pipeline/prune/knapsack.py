@@ -7,13 +7,17 @@ dropping whole groups of ids to zero (DESIGN.md, "Prune, repack, compression rat
 
 Here a column is worth ``mass_g × score_gj``, where ``mass_g`` is the train occurrences
 of the group's ids (how many lookups the column serves) and ``score_gj = α × RMS`` as
-before, and costs ``rows_g × 4`` bytes plus a selection's index byte. The projection
-back to ``K`` is stored once per feature, as wide as its widest group: a learned one
-(``W × K × 4`` bytes) is not a cost of any one step, so the allocation counts the plan's
-exact bytes and, while the projections push it over, runs again with that much less.
-The allocation is greedy on worth per byte, each group's columns best first, so a
-group's marginal value only falls as it widens and the greedy prefix is the fractional
-knapsack optimum:
+before, and costs ``rows_g × 4`` bytes. The projection back to ``K`` is stored once per
+feature, as wide as its widest group (a selection's index byte per column, a learned
+``W × K × 4`` bytes), so a step that widens its feature's widest group also pays the
+projection columns it adds, and once one group has, the others' steps to that width are
+priced again without them. A constant field's single row is cheap to widen, but each of
+its columns costs a learned projection row (``K × 4`` bytes): priced without it, the 37
+constant fields of a rating log (``dnis-synth --world ratings``) widened, their
+projections went over the budget, and the retry with less left 35% of it unspent (CR 15
+for 10). The allocation is greedy on worth per byte, each group's columns best first, so
+a group's marginal value only falls as it widens and the greedy prefix is the
+fractional knapsack optimum (up to the projections' sharing):
 
 1. first every group whose best column scores above zero gets one column (dropping an
    id to width 0 loses everything it learned), if the budget pays for that floor;
@@ -54,6 +58,8 @@ Example:
 
 from __future__ import annotations
 
+import heapq
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -61,7 +67,7 @@ import numpy as np
 from pipeline.prune.nested import nested_columns
 from pipeline.prune.plan import column_scores
 from plans.bytes import (
-    BUCKETS_BYTES, QUANTIZED_BITS, RANGE_START_BYTES, SCALE_BIAS_BYTES, SELECTION_INDEX_BYTES, VALUE_BYTES,
+    BUCKETS_BYTES, QUANTIZED_BITS, RANGE_START_BYTES, SCALE_BIAS_BYTES, VALUE_BYTES, projection_column_bytes,
 )
 from plans.structured import Group, GroupPlan, StructuredPlan
 
@@ -108,11 +114,12 @@ def plan_by_value(
     buckets = shared_rows(groups, mass, min_row_lookups)
     rows = np.array([g.rows if b is None else b for g, b in zip(groups, buckets)], dtype=np.int64)
     step_columns = np.diff(ladder, prepend=0)[None, :]
-    # Each step is charged a selection's index byte per column (for a selection, an upper
-    # bound); the retry below pays what a learned W x K matrix per feature adds.
-    step_cost = SELECTION_INDEX_BYTES * step_columns + rows[:, None] * (
+    step_cost = rows[:, None] * (
         VALUE_BYTES * step_columns if bits is None else -(-step_columns * bits // 8) + SCALE_BIAS_BYTES
-    )  # [groups, rungs]
+    )  # [groups, rungs]: values only; greedy_rungs adds the projections
+    keys = {key: i for i, key in enumerate(dict.fromkeys(g.key for g in groups))}
+    projections = Projections(np.array([keys[g.key] for g in groups]), np.concatenate([[0], ladder]),
+                              projection_column_bytes(projection, dim))
     order = np.argsort(-scores, axis=1, kind="stable")
     # Worth of each group's steps, best columns first: per column it never rises from one step to the
     # next (per byte it may, with quantized rows: greedy_rungs).
@@ -120,11 +127,11 @@ def plan_by_value(
     steps = np.diff(best_first[:, np.concatenate([[0], ladder])], axis=1)
     gains = np.asarray(mass, dtype=np.float64)[:, None] * steps
     left = budget - RANGE_START_BYTES * num - BUCKETS_BYTES * sum(b is not None for b in buckets)
-    if left < step_cost[:, 0].min():
+    if left < step_cost[:, 0].min() + projections.column_bytes * ladder[0]:
         raise ValueError(f"a budget of {budget:,.0f} bytes does not pay for one column of any group")
-    slack = 0.0  # projections (and quantized slabs' cache-line padding): spend that much less and retry
+    slack = 0.0  # quantized slabs' cache-line padding: spend that much less and retry
     while True:
-        taken = greedy_rungs(gains, step_cost, steps[:, 0] > 0, left - slack)
+        taken = greedy_rungs(gains, step_cost, steps[:, 0] > 0, left - slack, projections)
         kept = nested_columns(groups, np.concatenate([[0], ladder])[taken], scores, mass)
         plans = tuple(GroupPlan(g, columns, multiple, b if columns else None)
                       for g, columns, b in zip(groups, kept, buckets))
@@ -135,9 +142,29 @@ def plan_by_value(
         slack += over
 
 
-def greedy_rungs(gains: np.ndarray, step_cost: np.ndarray, floor: np.ndarray, left: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Projections:
+    """What the features' projections cost: ``feature[g]`` of each group, ``width[r]`` of
+    each rung (``width[0] = 0``) and ``column_bytes`` per column of a feature's widest
+    group (``plans.bytes.projection_column_bytes``)."""
+
+    feature: np.ndarray
+    width: np.ndarray
+    column_bytes: int
+
+    def cost(self, widest: int, rung: int, after: int) -> int:
+        """Projection bytes of taking rungs ``rung`` to ``after`` in a feature ``widest`` wide."""
+        return self.column_bytes * (max(widest, int(self.width[after])) - max(widest, int(self.width[rung])))
+
+
+def greedy_rungs(
+    gains: np.ndarray, step_cost: np.ndarray, floor: np.ndarray, left: float, projections: Projections
+) -> np.ndarray:
     """Rungs taken per group within ``left`` bytes: first one rung for every ``floor``
-    group (if ``left`` pays for all of them), then steps by worth per byte.
+    group (if ``left`` pays for all of them and their features' projections), then steps
+    by worth per byte, a step's bytes being its values and the projection columns it adds
+    to its feature (none once another group of the feature is as wide): when a group
+    widens its feature, the other groups' steps are priced again.
 
     A group's worth per byte falls from step to step when every column costs the same
     (fp32); with quantized rows a wider step spreads a row's scale and bias over more
@@ -146,31 +173,63 @@ def greedy_rungs(gains: np.ndarray, step_cost: np.ndarray, floor: np.ndarray, le
     worth more per byte (the upper concave hull), and the greedy takes merged steps whole;
     for fp32 nothing merges.
 
-    >>> greedy_rungs(np.array([[6.0, 12.0]]), np.array([[6.0, 6.0]]), np.array([False]), 12.0)
+    >>> free = Projections(np.array([0]), np.array([0, 1, 2]), 0)
+    >>> greedy_rungs(np.array([[6.0, 12.0]]), np.array([[6.0, 6.0]]), np.array([False]), 12.0, free)
     array([2])
     """
     num, rungs = gains.shape
     taken = np.zeros(num, dtype=np.int64)
-    if step_cost[floor, 0].sum() <= left:
+    widest = np.zeros(int(projections.feature.max()) + 1, dtype=np.int64)
+    floor_features = np.unique(projections.feature[floor])
+    floor_cost = step_cost[floor, 0].sum() + projections.column_bytes * projections.width[1] * floor_features.size
+    if floor_cost <= left:
         taken[floor] = 1
-        left -= step_cost[floor, 0].sum()
-    units = []  # (worth per byte, group, first rung, rung after, cost)
-    for g in range(num):
-        hull: list[list[float]] = []  # [gain, cost, first rung, rung after]
+        widest[floor_features] = projections.width[1]
+        left -= floor_cost
+
+    def next_step(g: int) -> Optional[tuple[float, float, int]]:
+        """``(gain, bytes, rung after)`` of group ``g``'s next (merged) step, or None."""
+        wide = int(widest[projections.feature[g]])
+        hull: list[list[float]] = []  # [gain, bytes, rung after]
         for k in range(taken[g], rungs):
             if gains[g, k] <= 0:
                 break
-            step = [gains[g, k], step_cost[g, k], k, k + 1]
+            step = [gains[g, k], step_cost[g, k] + projections.cost(wide, k, k + 1), k + 1]
             while hull and step[0] * hull[-1][1] > hull[-1][0] * step[1]:
-                gain, cost, first, _ = hull.pop()
-                step = [gain + step[0], cost + step[1], first, step[3]]
+                gain, cost, _ = hull.pop()
+                step = [gain + step[0], cost + step[1], step[2]]
             hull.append(step)
-        units += [(gain / cost, g, first, after, cost) for gain, cost, first, after in hull]
-    # A stable sort keeps ties in rung order; a step is taken only right after the group's previous one.
-    for _, g, first, after, cost in sorted(units, key=lambda unit: -unit[0]):
-        if first == taken[g] and cost <= left:
-            taken[g] = after
-            left -= cost
+        return tuple(hull[0]) if hull else None
+
+    heap: list[tuple[float, int, int]] = []  # (-worth per byte, group, version)
+    version = np.zeros(num, dtype=np.int64)
+    steps: dict[int, tuple[float, float, int]] = {}
+
+    def price(g: int) -> None:
+        version[g] += 1
+        step = next_step(g)
+        if step is not None:
+            steps[g] = step
+            heapq.heappush(heap, (-step[0] / step[1], g, int(version[g])))
+
+    for g in range(num):
+        price(g)
+    members = {f: np.flatnonzero(projections.feature == f) for f in np.unique(projections.feature)}
+    while heap:
+        _, g, seen = heapq.heappop(heap)
+        if seen != version[g]:
+            continue  # priced again since
+        gain, cost, after = steps[g]
+        if cost > left:
+            continue  # this group stops here unless its feature widens
+        taken[g], left = after, left - cost
+        f = projections.feature[g]
+        if projections.width[after] > widest[f]:
+            widest[f] = projections.width[after]
+            for other in members[f]:
+                price(int(other))
+        else:
+            price(g)
     return taken
 
 
