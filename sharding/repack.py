@@ -358,7 +358,10 @@ def projection_init(order: Sequence[int], embedding_dim: int, rotation: torch.Te
                 [1., 0., 0.]])
     """
     basis = torch.eye(embedding_dim) if rotation is None else rotation.float()
-    return basis[:, list(order)].T.contiguous()
+    # Rows of the transpose by index: a fresh [W, K] tensor with strides (K, 1). (A
+    # transposed [1, K] slice counts as contiguous at strides (1, 1), and DDP then warns
+    # on every step that its gradient's strides do not match.)
+    return basis.T[list(order)]
 
 
 def repacked_weights(

@@ -147,6 +147,16 @@ def test_slabs_store_each_kept_value_once_in_one_key_per_distinct_width_of_a_fea
         RepackedEmbedding(padded, list(NUMS))
 
 
+def test_learned_projections_have_the_strides_ddp_buckets_expect():
+    """A one-column feature's [1, K] projection built as a transposed slice has strides
+    (1, 1); DDP's bucket view copies them and warned on every retraining step."""
+    from sharding.repack import projection_init
+
+    for order in ([2], [2, 0]):
+        for rotation in (None, torch.randn(3, 3)):
+            assert projection_init(order, 3, rotation).stride() == (3, 1)
+
+
 def test_learned_projection_starts_at_the_selection_and_trains():
     alpha_ebc, plan = searched(seed=1)
     fixed, learned = build_repacked(alpha_ebc, plan), build_repacked(alpha_ebc, plan, "learned")
