@@ -1,9 +1,9 @@
 """What a synthetic world plants: latent dims by frequency rank, and the frequency law.
 
 The worlds share Criteo's 26 categorical fields (``CATEGORICALS``: vocabulary size,
-missing rate, Zipf exponent; a world may set its own) and the generator of ``pipeline.data.synth``; a ``World``
-says how each field's frequency law is bent and how many latent dims a value of rank
-``r`` (0 = most frequent) carries.
+missing rate, Zipf exponent; a world may set its own) and the generator of
+``pipeline.data.synth``; a ``World`` says how each field's frequency law is bent and
+how many latent dims a value of rank ``r`` (0 = most frequent) carries.
 
 - ``longtail`` (the default): Criteo's vocabularies (up to 200k) and steep Zipf tails
   (exponents 1.05-1.5); dims 16 / 8 / 4 / 2 / 1 / 0 for ranks [0, 8) / [8, 64) /
