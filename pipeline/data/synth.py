@@ -139,6 +139,8 @@ class SyntheticCriteo:
             raise ValueError(f"heavy tail of {tail.values} values: {tail.field} would pass 2^31 ranks")
         self.tail = tail
         self.cat_missing = self.world.missing_rates()
+        # Per integer field, the share of rows where it is empty (all of them in the ratings world).
+        self.int_missing = np.array([1.0 if self.world.integers_missing else p[0] for p in INTEGERS])
         rng = np.random.default_rng([seed, 1 << 40])
         self.hex_keys = rng.integers(0, 1 << 32, size=(len(CATEGORICALS), 2), dtype=np.uint32)
         self._build_tables(rng)
@@ -223,9 +225,7 @@ class SyntheticCriteo:
         ints = np.expm1(np.clip(z, 0.0, 18.0)).astype(np.int64)
         negative = rng.random((n, len(INTEGERS)), dtype=np.float32) < params[:, 3]
         ints[negative] = -rng.integers(1, 4, size=int(negative.sum()))
-        missing = rng.random((n, len(INTEGERS)), dtype=np.float32) < params[:, 0]
-        if self.world.integers_missing:
-            missing[:] = True
+        missing = rng.random((n, len(INTEGERS)), dtype=np.float32) < self.int_missing.astype(np.float32)
         return ranks, ints, missing
 
     def logits(
@@ -308,9 +308,8 @@ class SyntheticCriteo:
                     tiers.append([lo, int(min(hi, v)), d])
                 lo = max(lo, hi)
             fields[f"C{i + 1}"] = {"vocab": int(v), "missing": float(m), "zipf_s": float(s), "tiers": tiers}
-        ints = {f"I{i + 1}": {"missing": 1.0 if self.world.integers_missing else p[0], "mu": p[1], "sigma": p[2],
-                              "negative": p[3], "coef": p[4]}
-                for i, p in enumerate(INTEGERS)}
+        ints = {f"I{i + 1}": {"missing": float(m), "mu": p[1], "sigma": p[2], "negative": p[3], "coef": p[4]}
+                for i, (m, p) in enumerate(zip(self.int_missing, INTEGERS))}
         return {"seed": self.seed, "rows": rows, "days": days, "vocab_scale": self.vocab_scale,
                 "world": self.world.name, "vocab_cap": self.world.vocab_cap,
                 "zipf_factor": self.world.zipf_factor, "latent_dim": LATENT_DIM,
