@@ -70,7 +70,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--width-step", type=int, default=1, choices=(1, 2, 4),
         help="value allocation: widths in steps of this many columns (2: every table quantizes "
-             "to int8, 4: to int4; FBGEMM needs width x bits to be a multiple of 16)",
+             "to int8, 4: to int4; FBGEMM needs width x bits to be a multiple of 16, and serves "
+             "other tables in fp32)",
     )
     parser.add_argument(
         "--widths", type=parse_widths, metavar="W1,W2,...",

@@ -25,8 +25,11 @@ serving (DESIGN.md, "Prune, repack, compression ratio"); MLP bytes are never inc
   model's tables are its column slabs (``sharding.column_slabs``): per feature one table
   per pair of consecutive distinct widths, holding the rows of every group at least the
   wider one wide, so a row split over ``s`` slabs pays ``s`` scales and biases
-  (``plan_bytes``; ``group_bytes`` prices one table per group). Range starts and
-  projections stay as above (they are not quantized).
+  (``plan_bytes``; ``group_bytes`` prices one table per group). A table FBGEMM cannot
+  quantize (``quantizes``: its width × bits not a multiple of 16, e.g. a width-1 slab at
+  INT8) is served with fp32 rows in the same kernel: ``width × 4`` bytes a row, no
+  scale or bias (at INT8 width 1 that is also the smaller row: 4 bytes against 5).
+  Range starts and projections stay as above (they are not quantized).
 
 Example:
     >>> group_bytes(rows=10, width=4, embedding_dim=64, projection="selection")
@@ -37,6 +40,8 @@ Example:
     (9000, 1000)
     >>> quantized_table_bytes(rows=100, width=16, bits=8), quantized_table_bytes(100, 16, 4)
     (2048, 1280)
+    >>> quantized_table_bytes(rows=200, width=1, bits=8)  # kept fp32: 800 B (not 1,000), one 896 B block
+    896
     >>> plan_bytes(["a", "a"], rows=[10, 90], widths=[4, 2], embedding_dim=64, projection="selection", bits=8)
     788
 
@@ -58,6 +63,7 @@ BUCKETS_BYTES = 8  # int64 row count of a group whose ids share rows (hashing)
 COO_ENTRY_BYTES = 4 + 4 + 1  # fp32 value, int32 row, int8 column
 QUANTIZED_BITS = (8, 4)
 SCALE_BIAS_BYTES = 2 + 2  # fp16 scale and fp16 bias in front of each quantized row
+QUANTIZED_WIDTH_BITS = 16  # FBGEMM's quantizer packs a row's values in whole fp16-sized units
 # TorchRec pads quantized rows to 16 bytes by default (GPU loads); FBGEMM's own CPU
 # tables use 1, and so does serving here: with 16 a width-4 INT4 row would take 16 bytes
 # instead of 6. A test compares this accounting with FBGEMM's allocation.
@@ -102,13 +108,21 @@ def _values(rows: np.ndarray, width: np.ndarray, bits: Optional[int]):
     return rows * width * VALUE_BYTES if bits is None else quantized_table_bytes(rows, width, bits)
 
 
+def quantizes(width, bits: int):
+    """Whether FBGEMM quantizes a table ``width`` wide to ``bits`` (scalars or arrays):
+    ``width × bits`` a multiple of 16 (even widths for INT8, multiples of 4 for INT4)."""
+    return np.asarray(width) * bits % QUANTIZED_WIDTH_BITS == 0
+
+
 def quantized_table_bytes(rows, width, bits: int):
     """Bytes FBGEMM allocates for tables of ``rows × width`` quantized row-wise to
-    ``bits`` (scalars or numpy arrays; width 0 is no table: 0 bytes)."""
+    ``bits``, or kept fp32 where the width does not quantize (``quantizes``); scalars
+    or numpy arrays; width 0 is no table: 0 bytes."""
     if bits not in QUANTIZED_BITS:
         raise ValueError(f"bits {bits}; quantized tables have {QUANTIZED_BITS}")
     rows, width = np.asarray(rows, dtype=np.int64), np.asarray(width, dtype=np.int64)
-    row = _round_up(-(-width * bits // 8) + SCALE_BIAS_BYTES, QUANT_ROW_ALIGNMENT)
+    quantized = -(-width * bits // 8) + SCALE_BIAS_BYTES
+    row = _round_up(np.where(quantizes(width, bits), quantized, width * VALUE_BYTES), QUANT_ROW_ALIGNMENT)
     total = np.where(width > 0, _round_up(rows * row, TABLE_ALIGNMENT), 0)
     return int(total) if total.ndim == 0 else total
 

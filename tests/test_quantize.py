@@ -13,6 +13,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTable
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from launch import cli
 from pipeline.config import load_config
@@ -37,7 +38,9 @@ def test_quantized_bytes_by_hand_and_as_fbgemm_allocates_them():
     assert plan.embedding_bytes("selection", bits=4) == 8 + 8 + 4 + 128
     assert plan.compression_ratio("selection", bits=8) == pytest.approx(320 / (8 + 8 + 4 + 128))
 
-    widths, rows = [4, 8, 12, 16, 32], [100, 101, 3, 40, 7]
+    # INT8 keeps width 1 fp32 (4 B a row, not 1 + 4), INT4 widths 1, 2 and 6: 200 rows × 4 B -> 896.
+    assert quantized_table_bytes(rows=200, width=1, bits=8) == 896
+    widths, rows = [1, 2, 4, 6, 8, 12, 16, 32], [100, 37, 101, 5, 3, 40, 7, 9]
     for bits in (8, 4):
         configs = [
             EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=w, feature_names=[f"f{i}"])
@@ -67,12 +70,23 @@ def test_a_repacked_plans_quantized_bytes_are_what_fbgemm_allocates_for_its_slab
     assert plan.embedding_bytes("selection", bits) == allocated + starts_and_projections
 
 
-def test_widths_fbgemm_cannot_quantize_are_refused_by_name():
-    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_odd", num_embeddings=5, embedding_dim=6, feature_names=["f"])])
-    inference_tables(nn.Sequential(ebc), bits=8)  # even widths are fine for INT8
-    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t_odd", num_embeddings=5, embedding_dim=6, feature_names=["f"])])
-    with pytest.raises(ValueError, match="table t_odd: width 6 cannot be quantized to INT4"):
-        inference_tables(nn.Sequential(ebc), bits=4)
+def test_tables_fbgemm_cannot_quantize_keep_their_exact_fp32_rows():
+    # A repacked plan's width-1 slabs at INT8, width 6 at INT4: fp32 rows in the same kernel.
+    widths = [1, 6, 8]
+    ids = torch.tensor([3, 0, 4])
+    features = KeyedJaggedTensor.from_lengths_sync([f"f{i}" for i in range(3)], ids, torch.ones(3, dtype=torch.int32))
+    for bits, exact in ((8, [True, False, False]), (4, [True, True, False])):
+        torch.manual_seed(bits)
+        ebc = EmbeddingBagCollection([
+            EmbeddingBagConfig(name=f"t{i}", num_embeddings=5, embedding_dim=w, feature_names=[f"f{i}"])
+            for i, w in enumerate(widths)
+        ])
+        want = ebc(features).to_dict()
+        got = inference_tables(nn.Sequential(ebc), bits)[0](features).to_dict()
+        for (key, value), kept in zip(want.items(), exact):
+            error = (got[key] - value).abs().max()
+            assert (error == 0) == kept, (bits, key, error)
+            assert error < 0.02, (bits, key, error)  # the quantized ones: within a step of their rows' range
 
 
 def quantize(run: Path, bits: int) -> dict:

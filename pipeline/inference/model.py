@@ -16,7 +16,8 @@ Every table is served by TorchRec's inference EBC (``quantize_inference_model``:
 inference TBE, all tables in one kernel call), with fp32 rows (exactly the trained
 values) or, with ``bits=8`` or ``bits=4``, rows quantized row-wise to INT8/INT4 (an
 entry's error is at most half its row's ``(max - min) / (2^bits - 1)`` plus fp16 rounding
-of the row's scale and bias; bytes as ``plans.bytes`` counts them). A repacked
+of the row's scale and bias; bytes as ``plans.bytes`` counts them; a table too narrow
+to quantize, such as a width-1 slab at INT8, keeps its fp32 rows). A repacked
 model is served with its own id numbering (``sharding.serving_rows``: the vocabulary maps
 raw values straight to serving ids, and each column slab stores a prefix of them, so the
 ids reach the slabs with one ``minimum`` each), and where it costs less an FM, DeepFM or
@@ -59,7 +60,7 @@ from pipeline.inference.artifact import (
 )
 from pipeline.models.folded import FoldedInteraction
 from pipeline.tasks import build_retrain_task, build_train_task
-from plans.bytes import QUANT_ROW_ALIGNMENT
+from plans.bytes import QUANT_ROW_ALIGNMENT, quantizes
 from plans.structured import StructuredPlan
 from sharding.kjt import single_hot_kjt
 from sharding.serving_rows import ServingRows, orthonormal_projections
@@ -67,8 +68,6 @@ from sharding.serving_rows import ServingRows, orthonormal_projections
 FP32_BITS = 32
 # TorchRec's names for FP32 / INT8 / INT4 rows.
 TABLE_DTYPES = {FP32_BITS: torch.float, 8: torch.qint8, 4: torch.quint4x2}
-# FBGEMM's row-wise quantizer stores each row's values in whole fp16-sized units.
-QUANTIZED_ROW_UNIT_BITS = 16
 
 
 class ServingModel(nn.Module):
@@ -246,28 +245,27 @@ def inference_tables(model: nn.Module, bits: int = FP32_BITS) -> nn.Module:
     holding fp32 rows (``bits=32``, the trained values exactly) or rows quantized
     row-wise to ``bits`` 8 or 4.
 
-    Rows are packed without padding (``QUANT_ROW_ALIGNMENT``). A quantized table's width
-    times ``bits`` must be a multiple of 16 (FBGEMM's quantizer: even widths for INT8,
-    multiples of 4 for INT4; repacked widths always are).
+    Rows are packed without padding (``QUANT_ROW_ALIGNMENT``). A table whose width FBGEMM
+    cannot quantize to ``bits`` (``plans.bytes.quantizes``: width × bits a multiple of
+    16; a repacked plan's width-1 slabs at INT8) keeps fp32 rows, exact, in the same
+    kernel call (``plans.bytes`` counts them so).
 
     Raises:
-        ValueError: for other ``bits``, or naming the first table of a width that cannot be quantized.
+        ValueError: for other ``bits``.
 
     Example:
         >>> int4 = inference_tables(load_model("runs/tiny").model, bits=4)  # doctest: +SKIP
     """
     if bits not in TABLE_DTYPES:
         raise ValueError(f"bits {bits}: served tables have {', '.join(map(str, TABLE_DTYPES))} bits")
-    for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
-            for table in module.embedding_bag_configs():
-                if table.embedding_dim * bits % QUANTIZED_ROW_UNIT_BITS:
-                    raise ValueError(
-                        f"table {table.name}: width {table.embedding_dim} cannot be quantized to INT{bits} "
-                        f"(width × {bits} must be a multiple of {QUANTIZED_ROW_UNIT_BITS} bits)"
-                    )
+    kept_fp32 = {
+        table.name: TABLE_DTYPES[FP32_BITS]
+        for module in model.modules() if isinstance(module, EmbeddingBagCollection)
+        for table in module.embedding_bag_configs() if not quantizes(table.embedding_dim, bits)
+    }
     quant_prep_customize_row_alignment(model, [EmbeddingBagCollection], QUANT_ROW_ALIGNMENT)
     # Served KJTs always have the keys in one order: look it up once, not per batch (an
     # O(keys²) list search, 8 µs with 39 keys and 17 µs with 80 slabs at batch 1).
     quant_prep_enable_cache_features_order(model, [EmbeddingBagCollection])
-    return quantize_inference_model(model, quantization_dtype=TABLE_DTYPES[bits], output_dtype=torch.float)
+    return quantize_inference_model(model, per_table_weight_dtype=kept_fp32 or None,
+                                    quantization_dtype=TABLE_DTYPES[bits], output_dtype=torch.float)
