@@ -7,15 +7,23 @@ projection, as ``dnis prune`` + ``dnis retrain`` would start from; by default th
 allocation with shared rows below 30 lookups, as ``dnis compare``'s ``dnis_shared``),
 each served as ``load_model`` serves it (TorchRec's inference EBC: FBGEMM's TBE with fp32
 or int8 rows; the interaction folded onto the pooled slab columns,
-``pipeline.models.folded``), and once more unfolded (``... unfolded``: the trained model's
-interaction on the ``[B, F, K]`` fields), to show what the fold saves.
+``pipeline.models.folded``), and with fp32 tables once more unfolded (``... unfolded``:
+the trained model's interaction on the ``[B, F, K]`` fields), to show what the fold
+saves. With int8 tables ``CR x`` is the plan whose budget counts INT8 bytes (as
+``dnis compare``'s ``dnis_shared_*_int8``: the even widths of ``--widths``), ``CR x fp32
+plan`` the fp32 plan quantized (its width-1 slabs stay fp32: ``inference_tables``).
 Without ``--run-dir`` a synthetic dataset is made and an untrained search model with a
 seeded α stands in (latency and memory do not depend on training). Per batch size the
 models are timed in alternation on the same rows, ``--rounds`` times (10× that below
-1024 rows: cheap calls, and their p99 needs them), after one warm-up round.
+1024 rows: cheap calls, and their p99 needs them), after one warm-up round; each visit
+times ``--repeat`` calls of the model in a row. With ``--repeat 1`` every call follows
+another model's, so its code and small tensors start cold in the CPU caches (at batch 1
+the repacked model's extra steps, the serving ids and the folded head, pay most for
+that); a server serving one model is nearer ``--repeat 10``, whose p50 is a call after
+one of the same model and whose p99 still holds the first, cold call of each visit.
 
     python benchmarks/inference.py [--run-dir runs/big/search --raw rows.tsv] [--crs 10 20]
-                                   [--batches 1 64 4096] [--rounds 100] [--threads 1]
+                                   [--batches 1 64 4096] [--rounds 100] [--repeat 1] [--threads 1]
                                    [--allocation value --min-row-lookups 30 --widths 2,4,8,16,32]
                                    [--fp32-only] [--basis principal]
 
@@ -87,13 +95,19 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
         rows, dim = list(layout.num_embeddings.values()), cfg.model.embedding_dim
         return 1.0 if bits is None else unpruned_bytes(sum(rows), dim) / quantized_table_bytes(rows, dim, bits).sum()
 
-    plans = {"unpruned": (None, False)}
     made, rotations = structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block,
                                        args.allocation, args.width_step, args.min_row_lookups, args.widths, args.basis)
     projection = projection_of(rotations)
+    plans = {tables: {"unpruned": (None, False)} for tables in PRECISIONS}
     for cr, plan in made.items():
-        plans[f"CR {cr:g}"] = (plan, True)
-        plans[f"CR {cr:g} unfolded"] = (plan, False)
+        plans["fp32"][f"CR {cr:g}"] = (plan, True)
+        plans["fp32"][f"CR {cr:g} unfolded"] = (plan, False)
+    if not args.fp32_only:  # as dnis_shared_*_int8: the budget in INT8 bytes, every rung even
+        even = None if args.widths is None else [w for w in args.widths if w % 2 == 0]
+        int8, _ = structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block, args.allocation,
+                                   max(2, args.width_step), args.min_row_lookups, even, args.basis, bits=8)
+        plans["int8"].update({f"CR {cr:g}": (plan, True) for cr, plan in int8.items()})
+        plans["int8"].update({f"CR {cr:g} fp32 plan": (plan, True) for cr, plan in made.items()})
     return {
         (tables, name): (
             unpruned_cr(bits) if plan is None else plan.compression_ratio(projection, bits),
@@ -101,12 +115,15 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
                           fold),
         )
         for tables, bits in PRECISIONS.items() if bits is None or not args.fp32_only
-        for name, (plan, fold) in plans.items()
+        for name, (plan, fold) in plans[tables].items()
     }
 
 
-def time_models(models: dict, rows: ParsedBlock, rounds: int) -> dict[tuple[str, str], tuple[float, float, float]]:
-    """Per model: p50 and p99 ms of ``predict`` on ``rows``, and p50 ms of the tensor part alone."""
+def time_models(
+    models: dict, rows: ParsedBlock, rounds: int, repeat: int = 1,
+) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """Per model: p50 and p99 ms of ``predict`` on ``rows``, and p50 ms of the tensor part
+    alone; each round visits every model and times ``repeat`` calls of each in a row."""
     batch = len(rows.rows)
     inputs = {key: model.encode(rows) for key, (_, model) in models.items()}
     samples = {key: ([], []) for key in models}
@@ -114,14 +131,15 @@ def time_models(models: dict, rows: ParsedBlock, rounds: int) -> dict[tuple[str,
     with torch.no_grad():
         for round_ in range(rounds + 1):  # the first round warms up
             for key, (_, model) in models.items():
-                start = time.perf_counter()
-                model.predict(rows)
-                middle = time.perf_counter()
-                model(*inputs[key])
-                end = time.perf_counter()
-                if round_:
-                    samples[key][0].append(middle - start)
-                    samples[key][1].append(end - middle)
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    model.predict(rows)
+                    middle = time.perf_counter()
+                    model(*inputs[key])
+                    end = time.perf_counter()
+                    if round_:
+                        samples[key][0].append(middle - start)
+                        samples[key][1].append(end - middle)
     return {
         key: (*(np.percentile(raw, [50, 99]) * 1e3), float(np.median(forward)) * 1e3)
         for key, (raw, forward) in samples.items()
@@ -165,15 +183,16 @@ def main() -> None:
     parser.add_argument("--crs", type=float, nargs="+", default=[10.0, 20.0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 4096])
     parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="calls of one model in a row per round (1: every call follows another model's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--rows", type=int, default=300_000, help="synthetic rows (without --run-dir)")
     parser.add_argument("--ranges-per-block", type=int, default=8)
     parser.add_argument("--allocation", choices=("threshold", "value"), default="value", help="as dnis prune")
-    parser.add_argument("--width-step", type=int, default=2,
-                        help="as dnis prune (value allocation; 2: int8 needs even widths)")
+    parser.add_argument("--width-step", type=int, default=2, help="as dnis prune (value allocation)")
     parser.add_argument("--min-row-lookups", type=float, default=30.0, help="as dnis prune (value allocation)")
     parser.add_argument("--widths", type=parse_widths, help="as dnis prune (value allocation), e.g. 2,4,8,16,32")
-    parser.add_argument("--fp32-only", action="store_true", help="no int8 tables (for plans with odd widths)")
+    parser.add_argument("--fp32-only", action="store_true", help="no int8 tables (half the models to time)")
     parser.add_argument("--basis", choices=BASES, default="columns",
                         help="as dnis prune (principal: the learned projection, folded block by block)")
     args = parser.parse_args()
@@ -189,7 +208,9 @@ def main() -> None:
             setup = synthetic_search(Path(scratch), args.rows)
         cfg, layout, blocking, search, raw = setup
         models = serving_models(cfg, layout, blocking, search, args)
-        timings = {batch: time_models(models, first_rows(raw, batch), args.rounds) for batch in args.batches}
+        timings = {
+            batch: time_models(models, first_rows(raw, batch), args.rounds, args.repeat) for batch in args.batches
+        }
     report(models, timings)
 
 

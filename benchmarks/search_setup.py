@@ -73,11 +73,14 @@ def layout_of(cfg) -> FeatureLayout:
 def structured_plans(
     cfg, layout: FeatureLayout, blocking: Blocking, search, crs: Sequence[float], ranges_per_block: int = 8,
     allocation: str = "threshold", width_step: int = 1, min_row_lookups: float = 0,
-    widths: Optional[Sequence[int]] = None, basis: str = "columns",
+    widths: Optional[Sequence[int]] = None, basis: str = "columns", bits: Optional[int] = None,
 ) -> tuple[dict[float, StructuredPlan], Optional[dict]]:
     """Per target CR, the plan ``dnis prune --cr`` makes of ``search`` with ``--allocation``,
-    ``--width-step``, ``--min-row-lookups``, ``--widths`` and ``--basis`` (the projection:
-    selection, learned for the principal basis), and the basis' rotations (or ``None``)."""
+    ``--width-step``, ``--min-row-lookups``, ``--widths``, ``--basis`` (the projection:
+    selection, learned for the principal basis) and ``--bits`` (value allocation: the
+    budget in quantized bytes), and the basis' rotations (or ``None``)."""
+    if bits is not None and allocation != "value":
+        raise ValueError("bits: a budget in quantized bytes needs the value allocation")
     groups = group_ranges(blocking, layout.num_embeddings, ranges_per_block)
     alpha, mass = search.model.embedding.alpha.detach(), group_mass(groups, layout.counts)
     sum_sq, alpha, rotations = column_statistics(search, groups, alpha, mass, basis)
@@ -87,7 +90,7 @@ def structured_plans(
         # As dnis prune: the row-sharing floor halves while the plan would spend too little.
         return {
             cr: value_plan_for_cr(groups, sum_sq, alpha, mass, unpruned / cr, projection, width_step,
-                                  min_row_lookups, CR_TOLERANCE, widths)[0]
+                                  min_row_lookups, CR_TOLERANCE, widths, bits)[0]
             for cr in crs
         }, rotations
     return {cr: plan_for_cr(groups, sum_sq, alpha, mass, cr, projection) for cr in crs}, rotations
