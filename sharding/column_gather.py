@@ -59,7 +59,8 @@ def scatter_columns(
     written = index.numel()
     order = torch.arange(written, device=index.device)
     if written == width:
-        if torch.equal(index, order):
+        # Identity: no gather. Not while exporting: a data-dependent branch (the gather is exact too).
+        if not torch.compiler.is_compiling() and torch.equal(index, order):
             return values
         # ``index`` inverts the permutation ``source``: source[index[i]] == i.
         return _PermuteColumns.apply(values, torch.empty_like(index).scatter_(0, index, order), index)

@@ -126,6 +126,36 @@ def test_serving_ids_export_with_a_dynamic_batch_and_serve_as_eager():
             assert (program.module()(serving_ids(rows, ranks)) - shared_reference(alpha_ebc, plan, ranks)).abs().max() < 1e-6
 
 
+def test_slabs_too_narrow_to_quantize_keep_exact_fp32_columns_and_export():
+    # Widths 0, 1, 3 and 8 of one nested order: slabs 1, 2 and 5 columns wide. At INT8 the
+    # 2-wide slab quantizes and the others keep their fp32 rows, in the same kernel.
+    from pipeline.inference.exported import _fake_fbgemm_classes
+    from pipeline.prune.plan import group_ranges
+    from plans.structured import GroupPlan, StructuredPlan
+    from test_repack import K, skewed_blocking
+
+    alpha_ebc, _ = searched(seed=3)
+    groups = group_ranges(skewed_blocking(), NUMS, ranges_per_block=2)
+    plan = StructuredPlan(
+        tuple(GroupPlan(g, tuple(range((0, 1, 3, 8)[i % 4])), multiple=1) for i, g in enumerate(groups)), K, 0.0)
+    ranks = random_ids(7, rows=40)
+    with torch.no_grad():
+        expected = build_repacked(alpha_ebc, plan)(KeyRewriter(plan, KEYS)(single_hot_kjt(KEYS, ranks)))
+        rows, module = served(alpha_ebc, plan, bits=8)
+        got = module(rows(serving_ids(rows, ranks)))
+        fp32, int8 = [0, 3, 4, 5, 6, 7], [1, 2]
+        assert torch.equal(got[:, :, fp32], expected[:, :, fp32])
+        assert 0 < (got[:, :, int8] - expected[:, :, int8]).abs().max() < 0.01
+        model = RewriteAndLookUp(rows, module).eval()
+        _fake_fbgemm_classes()
+        first = serving_ids(rows, random_ids(0, rows=8))
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(model, (first,), dynamic_shapes={"ids": {1: batch}}, strict=False)
+        for n in (1, 300):
+            ids = serving_ids(rows, random_ids(n, rows=n))
+            assert torch.equal(program.module()(ids), model(ids)), n
+
+
 def test_ids_outside_a_features_numbering_are_refused_by_name():
     _, plan = searched(seed=3)
     rows = ServingRows(plan, KEYS)
