@@ -13,8 +13,8 @@ key rewrite) and ``pipeline.evaluate``, the metrics of every other stage.
 Writes ``quantized_int{bits}.json`` (``quantized_int{bits}_{split}.json`` for another
 split) into the run directory, atomically: the split's auc/logloss/rows, the stored
 bytes of the quantized tables (``plans.bytes``: packed values + fp16 scale and
-bias per row; a repacked model's range starts and projections as its prune plan counts
-them), the unpruned fp32 bytes, their ratio and the stage's wall time.
+bias per row, fp32 rows for a slab too narrow to quantize; a repacked model's range
+starts and projections as its prune plan counts them), the unpruned fp32 bytes, their ratio and the stage's wall time.
 """
 
 from __future__ import annotations
