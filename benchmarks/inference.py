@@ -104,9 +104,14 @@ def serving_models(cfg, layout, blocking, search, args) -> dict[tuple[str, str],
         plans["fp32"][f"CR {cr:g} unfolded"] = (plan, False)
     if not args.fp32_only:  # as dnis_shared_*_int8: the budget in INT8 bytes, every rung even
         even = None if args.widths is None else [w for w in args.widths if w % 2 == 0]
-        int8, _ = structured_plans(cfg, layout, blocking, search, args.crs, args.ranges_per_block, args.allocation,
-                                   max(2, args.width_step), args.min_row_lookups, even, args.basis, bits=8)
-        plans["int8"].update({f"CR {cr:g}": (plan, True) for cr, plan in int8.items()})
+        for cr in args.crs:
+            try:
+                int8, _ = structured_plans(cfg, layout, blocking, search, [cr], args.ranges_per_block, args.allocation,
+                                           max(2, args.width_step), args.min_row_lookups, even, args.basis, bits=8)
+            except ValueError as refused:  # every column fits: as dnis prune, no plan
+                print(f"int8 tables, CR {cr:g}: no plan ({refused})")
+                continue
+            plans["int8"][f"CR {cr:g}"] = (int8[cr], True)
         plans["int8"].update({f"CR {cr:g} fp32 plan": (plan, True) for cr, plan in made.items()})
     return {
         (tables, name): (
