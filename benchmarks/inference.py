@@ -17,10 +17,9 @@ seeded α stands in (latency and memory do not depend on training). Per batch si
 models are timed in alternation on the same rows, ``--rounds`` times (10× that below
 1024 rows: cheap calls, and their p99 needs them), after one warm-up round; each visit
 times ``--repeat`` calls of the model in a row. With ``--repeat 1`` every call follows
-another model's, so its code and small tensors start cold in the CPU caches (at batch 1
-the repacked model's extra steps, the serving ids and the folded head, pay most for
-that); a server serving one model is nearer ``--repeat 10``, whose p50 is a call after
-one of the same model and whose p99 still holds the first, cold call of each visit.
+another model's; a server serving one model is nearer ``--repeat 10``, whose p50 is a
+call after one of the same model and whose p99 still holds the first call of each
+visit (on the 1M long-tail search the ratios came out the same both ways: README).
 
     python benchmarks/inference.py [--run-dir runs/big/search --raw rows.tsv] [--crs 10 20]
                                    [--batches 1 64 4096] [--rounds 100] [--repeat 1] [--threads 1]
