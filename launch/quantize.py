@@ -14,7 +14,8 @@ Writes ``quantized_int{bits}.json`` (``quantized_int{bits}_{split}.json`` for an
 split) into the run directory, atomically: the split's auc/logloss/rows, the stored
 bytes of the quantized tables (``plans.bytes``: packed values + fp16 scale and
 bias per row, fp32 rows for a slab too narrow to quantize; a repacked model's range
-starts and projections as its prune plan counts them), the unpruned fp32 bytes, their ratio and the stage's wall time.
+starts and projections as its prune plan counts them), the unpruned fp32 bytes, their
+ratio and the stage's wall time.
 """
 
 from __future__ import annotations
