@@ -67,8 +67,8 @@ import numpy as np
 from pipeline.prune.nested import nested_columns
 from pipeline.prune.plan import column_scores
 from plans.bytes import (
-    BUCKETS_BYTES, QUANTIZED_BITS, RANGE_START_BYTES, SCALE_BIAS_BYTES, VALUE_BYTES, projection_column_bytes,
-    quantizes,
+    BUCKETS_BYTES, QUANTIZED_BITS, QUANTIZED_WIDTH_BITS, RANGE_START_BYTES, SCALE_BIAS_BYTES, VALUE_BYTES,
+    projection_column_bytes, quantizes,
 )
 from plans.structured import Group, GroupPlan, StructuredPlan
 
@@ -110,8 +110,8 @@ def plan_by_value(
         raise ValueError(f"embedding_dim {dim} is not a multiple of the width step {multiple}")
     ladder = np.array(width_ladder(widths, multiple, dim))
     if bits is not None and (bits not in QUANTIZED_BITS or not quantizes(np.diff(ladder, prepend=0), bits).all()):
-        raise ValueError(f"bits {bits}: need 8 or 4, and widths in steps of {16 // max(bits, 1)} "
-                         "(FBGEMM quantizes a slab when its width × bits is a multiple of 16)")
+        raise ValueError(f"bits {bits}: need 8 or 4, and widths in steps of {QUANTIZED_WIDTH_BITS // max(bits, 1)} "
+                         f"(FBGEMM quantizes a slab when its width × bits is a multiple of {QUANTIZED_WIDTH_BITS})")
     buckets = shared_rows(groups, mass, min_row_lookups)
     rows = np.array([g.rows if b is None else b for g, b in zip(groups, buckets)], dtype=np.int64)
     step_columns = np.diff(ladder, prepend=0)[None, :]
