@@ -7,8 +7,9 @@ Post-training quantisation (TorchRec's ``quantize_inference_model``, as served b
 ``pipeline.inference.serve_artifact``) of a plain train run (the full tables: the baseline)
 or of a retrain run (the repacked DNIS model: pruning and quantisation compound). No
 process group: the model is rebuilt on the CPU from the run's config and checkpoint and
-scored on the dataset's split through the project's loader (with the repacked model's
-key rewrite) and ``pipeline.evaluate``, the metrics of every other stage.
+scored on the dataset's split through the project's loader and ``pipeline.evaluate``, the
+metrics of every other stage: the model as served (``ServingModel.rank_logits``: a
+repacked model's serving ids, its interaction folded where served so).
 
 Writes ``quantized_int{bits}.json`` (``quantized_int{bits}_{split}.json`` for another
 split) into the run directory, atomically: the split's auc/logloss/rows, the stored
@@ -25,13 +26,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from launch import run_as_process
 from launch.common import open_job
 from launch.export import load_run
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate
-from pipeline.inference.model import serve_artifact
+from pipeline.inference.model import ServingModel, serve_artifact
 from pipeline.loop import BEST
 from pipeline.run_dir import RunDir
 from pipeline.tasks import RunTask, TrainTask, build_run_task
@@ -63,6 +65,18 @@ def quantized_bytes(built: RunTask, num_embeddings: dict[str, int], embedding_di
     return int(quantized_table_bytes(rows, embedding_dim, bits).sum()), unpruned_bytes(sum(rows), embedding_dim)
 
 
+class LoaderBatches(nn.Module):
+    """``served`` as ``TrainTask`` calls a model: ``(dense, sparse) -> logits`` of the
+    loader's batches (frequency ranks; ``ServingModel.rank_logits``)."""
+
+    def __init__(self, served: ServingModel) -> None:
+        super().__init__()
+        self.served = served
+
+    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        return self.served.rank_logits(dense, sparse)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if not (Path(args.run_dir) / "config.yaml").is_file():
@@ -81,11 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         served = serve_artifact(load_run(run.path, args.checkpoint), bits=args.bits)
     except ValueError as error:  # a table width FBGEMM cannot quantize to these bits, or no checkpoint
         raise SystemExit(f"dnis quantize: {error}") from None
-    # The loader's batches (frequency ranks) reach a repacked model's served tables through
-    # its serving ids (the tables are re-laid for them: ``sharding.serving_rows``).
-    job.transform = served.rewrite.from_ranks if served.rewrite is not None else None
     metrics = evaluate(
-        TrainTask(served.model), job.reader(args.split, train=False).batches(), job.env.device,
+        TrainTask(LoaderBatches(served)), job.reader(args.split, train=False).batches(), job.env.device,
         show_progress=job.show_progress, desc=args.split,
     )
     stored, unpruned = quantized_bytes(built, job.layout.num_embeddings, cfg.model.embedding_dim, args.bits)

@@ -78,14 +78,6 @@ class ServingRows(nn.Module):
         group = np.searchsorted(starts, ranks, side="right") - 1
         return bases[group] + (ranks - starts[group]) % moduli[group]
 
-    def from_ranks(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """The slab KJT of a single-hot batch of frequency ranks in ``keys`` order (the
-        loader's batches: evaluating a served model on a preprocessed split)."""
-        serving = self.serving_ids(features.values().long().view(len(self.keys), -1), self.keys)
-        weights = features.weights_or_none()
-        # ``forward``: the loader calls this from its prefetch thread (see ``KeyRewriter``).
-        return self.forward(serving, None if weights is None else weights.view(len(self.keys), -1))
-
     def serving_ids(self, ranks: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         """Serving ids of frequency ranks ``[len(keys), B]``, row ``i`` of feature ``keys[i]``."""
         return torch.from_numpy(np.stack([self.ids_of_ranks(key, ranks[i].numpy()) for i, key in enumerate(keys)]))

@@ -21,7 +21,7 @@ from launch import predict
 from pipeline.config import load_config
 from pipeline.data import synth
 from pipeline.data.loader import SplitReader
-from pipeline.inference import RawInputError, load_model, read_artifact, read_tsv
+from pipeline.inference import RawInputError, load_model, read_artifact, read_tsv, serve_artifact
 from launch_helpers import ROOT, finish, torchrun
 
 pytestmark = pytest.mark.multirank
@@ -46,20 +46,12 @@ def test_retrain_checkpoint_loads_on_any_world_size_and_in_one_plain_process(ret
     reader = SplitReader(data_path, "test", model.layout, 128, shuffle=False, drop_last=False, prefetch=0)
     batch = next(iter(reader.batches()))
     with torch.no_grad():
-        logits["plain"] = model(*served_inputs(batch, model))
+        logits["plain"] = model.rank_logits(batch.dense, batch.sparse)
     assert not torch.distributed.is_initialized()
     for name in (3, "plain"):
         assert (logits[name] - logits[1]).abs().max() < 1e-5, name
     result = json.loads((retrain_run / "result.json").read_text())
     assert result["stage"] == "retrain" and result["compression_ratio"] >= 4 * 0.9
-
-
-def served_inputs(batch, model) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ServingModel``'s inputs of a loader batch: dense values and the id columns ``[B, C]``
-    (frequency ranks in the loader, the model's serving ids here)."""
-    layout = model.layout
-    ids = batch.sparse.values().view(len(layout.keys), -1)[len(layout.dense_keys):]
-    return batch.dense, model.from_ranks(ids.T)
 
 
 def test_predict_in_a_fresh_process_scores_tsv_parquet_and_unlabelled_rows_alike(retrain_run, raw_rows, tmp_path):
@@ -111,25 +103,44 @@ def test_bad_raw_rows_name_file_line_and_field_and_leave_no_output(retrain_run, 
     assert not out.exists() and not list(tmp_path.glob("scores.txt*"))
 
 
+def test_dense_keys_folded_out_of_the_served_tables_score_as_the_unfolded_model(retrain_run, raw_rows):
+    artifact = read_artifact(retrain_run / "model")
+    folded, unfolded = serve_artifact(artifact), serve_artifact(artifact, fold=False)
+    _, block = next(read_tsv(raw_rows))
+    inputs = folded.encode(block)
+    served, full = folded.features(*inputs), unfolded.features(*inputs)
+    dense_slabs = [k for k in full.keys() if k.split(":")[0] in folded.layout.dense_keys]
+    assert folded.ids_only and not unfolded.ids_only and dense_slabs
+    assert served.keys() == [k for k in full.keys() if k not in dense_slabs] and served.weights_or_none() is None
+    widths = [int(hi) - int(lo) for lo, hi in (k.split(":")[1].split("-") for k in dense_slabs)]
+    assert folded.folded.dense_rows.shape == (len(folded.layout.dense_keys), sum(widths))
+    with torch.no_grad():
+        got, expected = folded(*inputs), unfolded(*inputs)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_predictions_stay_within_the_bound_of_each_rows_range(retrain_run, raw_rows, bits):
     fp32, quantized = load_model(retrain_run), load_model(retrain_run, bits=bits)
+    assert fp32.folded is not None and fp32.ids_only  # DeepFM: served folded, its dense keys' rows fp32
     _, block = next(read_tsv(raw_rows))
-    inputs = fp32.encode(block)
-    sparse = fp32.features(*inputs)
+    dense, ids = fp32.encode(block)
+    sparse = fp32.features(dense, ids)
     tables = served_tables(read_artifact(retrain_run / "model").weights, fp32.rewrite)  # fp32, as served
-    bound = embedding_error_bound(tables, fp32.layout.keys, sparse, bits)  # [B, F]
+    bound = pooled_error_bound(tables, sparse, bits)  # [B, C]
     with torch.no_grad():
-        diff = (fp32.model.embedding(sparse) - quantized.model.embedding(sparse)).abs().amax(-1)
+        pooled = fp32.model.embedding.ebc(sparse).values()
+        diff = (pooled - quantized.model.embedding.ebc(sparse).values()).abs()
     assert (diff <= bound).all() and diff.max() > 0
     # Fewer bits, coarser steps: int4's error is well above int8's bound.
-    assert bits == 8 or diff.max() > embedding_error_bound(tables, fp32.layout.keys, sparse, 8).max()
+    assert bits == 8 or diff.max() > pooled_error_bound(tables, sparse, 8).max()
 
-    # First order through the model: |Δlogit| ≤ Σ |∂logit/∂e| · bound; σ' ≤ 1/4.
-    jacobian = embedding_jacobian(fp32, inputs, sparse)
-    logit_bound = (jacobian.abs() * bound[..., None]).sum((1, 2))
+    # First order through the served interaction: |Δlogit| ≤ Σ |∂logit/∂pooled| · bound; σ' ≤ 1/4.
+    pooled.requires_grad_(True)
+    fp32.folded(dense, pooled).sum().backward()  # rows are independent
+    logit_bound = (pooled.grad.abs() * bound).sum(1)
     with torch.no_grad():
-        p_fp32, p_quantized = torch.sigmoid(fp32(*inputs)), torch.sigmoid(quantized(*inputs))
+        p_fp32, p_quantized = torch.sigmoid(fp32(dense, ids)), torch.sigmoid(quantized(dense, ids))
     assert ((p_fp32 - p_quantized).abs() <= 1.5 * logit_bound / 4 + 1e-6).all()
 
 
@@ -143,30 +154,17 @@ def served_tables(weights: dict, rows) -> dict[str, torch.Tensor]:
     return out
 
 
-def embedding_error_bound(tables, keys, sparse, bits: int) -> torch.Tensor:
-    """Per (row, field): Σ over its ids and the column slabs they are read from of
-    |weight| × (half a quantization step of the id's slab row at ``bits`` + fp16 rounding
-    of the row's scale and bias); ``tables`` are the served fp32 slab tables."""
-    keys = list(keys)
-    bound = torch.zeros(sparse.stride(), len(keys))
+def pooled_error_bound(tables, sparse, bits: int) -> torch.Tensor:
+    """Per (row, pooled column) of the slab KJT ``sparse`` (one id per slab and row):
+    half a quantization step of the id's slab row at ``bits`` plus fp16 rounding of the
+    row's scale and bias; ``tables`` are the served fp32 slab tables."""
+    columns = []
     for name, jt in sparse.to_dict().items():
         table = tables[name]
         low, high = table.min(1).values, table.max(1).values
         levels = 2**bits - 1
         step = (high - low) / levels
         per_row = step / 2 + levels * step * 2**-10 + low.abs() * 2**-10 + 1e-7
-        rows = torch.repeat_interleave(torch.arange(jt.lengths().numel()), jt.lengths())
-        weights = jt.weights() if jt.weights_or_none() is not None else torch.ones_like(rows, dtype=torch.float)
-        bound[:, keys.index(name.split(":")[0])].index_add_(0, rows, per_row[jt.values()] * weights.abs())
-    return bound
-
-
-def embedding_jacobian(model, inputs, sparse) -> torch.Tensor:
-    """∂ logit_b / ∂ embedding output [b, f, k] (rows are independent), through the
-    trained model's own interaction (serving runs it folded, without the embedding's output)."""
-    with torch.no_grad():
-        emb = model.model.embedding(sparse)
-    emb.requires_grad_(True)
-    model.model.interact(inputs[0], emb).sum().backward()
-    return emb.grad
+        columns.append(per_row[jt.values()][:, None].expand(-1, table.shape[1]))
+    return torch.cat(columns, dim=1)
 

@@ -23,7 +23,8 @@ raw values straight to serving ids, and each column slab stores a prefix of them
 ids reach the slabs with one ``minimum`` each), and where it costs less an FM, DeepFM or
 Wide & Deep reads its pooled slab columns directly (``pipeline.models.folded``): the
 selection or learned projection is folded into the first layers, so the mostly-zero
-``[B, F, K]`` fields are never built.
+``[B, F, K]`` fields are never built; the weighted dense keys' one-row tables then leave
+the TBE, their pooled columns computed from the dense values (``fold_dense_keys``).
 Serving reads one id per categorical field: a run trained on multi-hot bags
 (``data.multi_hot_sizes``) is refused (``multi_hot_refusal``).
 
@@ -35,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,6 +64,7 @@ from pipeline.models.folded import FoldedInteraction
 from pipeline.tasks import build_retrain_task, build_train_task
 from plans.bytes import QUANT_ROW_ALIGNMENT, quantizes
 from plans.structured import StructuredPlan
+from sharding.column_slabs import ColumnSlabs
 from sharding.kjt import single_hot_kjt
 from sharding.serving_rows import ServingRows, orthonormal_projections
 
@@ -91,6 +94,8 @@ class ServingModel(nn.Module):
         super().__init__()
         self.model, self.folded = model, folded
         self.layout, self.vocab, self.rewrite = layout, vocab, rewrite
+        # Folded dense keys (``fold_dense_keys``): the slab KJT is built from the id columns alone.
+        self.ids_only = folded is not None and folded.dense_rows is not None
         self.dense_fields = tuple(dense_fields)
         self._keys_checked = False
         self.eval()
@@ -108,7 +113,10 @@ class ServingModel(nn.Module):
 
     def features(self, dense: torch.Tensor, ids: torch.Tensor, check: bool = True) -> KeyedJaggedTensor:
         """The KJT the model reads: every key single-hot (``key_ids``), or a repacked
-        model's slabs (serving ids checked against their ranges unless ``check=False``)."""
+        model's slabs (serving ids checked against their ranges unless ``check=False``;
+        without the dense keys' where ``fold_dense_keys`` folded them)."""
+        if self.ids_only:
+            return self.rewrite(ids.T, None, check)
         ids, weights = key_ids(dense, ids.T, self.layout)
         if self.rewrite is None:
             return single_hot_kjt(self.layout.keys, ids, weights)
@@ -130,6 +138,12 @@ class ServingModel(nn.Module):
             self._keys_checked = True
         return self.folded(dense, pooled.values())
 
+    def rank_logits(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """``forward`` of a loader batch (``Batch.dense``, ``Batch.sparse``: every key
+        single-hot, ids as frequency ranks): a preprocessed split scored as served."""
+        ranks = sparse.values().long().view(len(self.layout.keys), -1)[len(self.layout.dense_keys):]
+        return self.logits(dense, self.from_ranks(ranks.T))
+
     @torch.no_grad()
     def predict(self, block: ParsedBlock) -> torch.Tensor:
         """Click probabilities of raw rows (in eval mode: ``eval()`` visits every module,
@@ -143,7 +157,10 @@ class ServingModel(nn.Module):
         """Bytes held by the embedding module (tables, quantization scales, projections)
         and the serving ids' buffers (``ServingRows``)."""
         modules = [self.model.embedding] + ([self.rewrite] if self.rewrite is not None else [])
-        return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        if self.ids_only:
+            tensors.append(self.folded.dense_rows)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def load_model(path: str | Path, bits: Optional[int] = None) -> ServingModel:
@@ -163,9 +180,10 @@ def load_model(path: str | Path, bits: Optional[int] = None) -> ServingModel:
     return serve_artifact(read_artifact(artifact_directory(path)), bits)
 
 
-def serve_artifact(artifact: Artifact, bits: Optional[int] = None) -> ServingModel:
+def serve_artifact(artifact: Artifact, bits: Optional[int] = None, fold: bool = True) -> ServingModel:
     """The model of ``artifact`` (read from disk, or a run's checkpoint in memory:
-    ``launch.export.load_run``) on CPU, ready to serve; ``bits`` as ``load_model``.
+    ``launch.export.load_run``) on CPU, ready to serve; ``bits`` as ``load_model``,
+    ``fold`` as ``serving_model``.
 
     Raises:
         ArtifactError: naming ``model.json`` if no model can be built from it (or it was
@@ -185,7 +203,7 @@ def serve_artifact(artifact: Artifact, bits: Optional[int] = None) -> ServingMod
         raise ArtifactError(f"{directory / MODEL_FILE}: no model can be built from it ({reason})") from None
     check_weights(directory / WEIGHTS_FILE, artifact.weights, task.state_dict())
     task.load_state_dict(artifact.weights)
-    return serving_model(task.model, layout, artifact.vocab, artifact.dense_fields, artifact.plan, bits)
+    return serving_model(task.model, layout, artifact.vocab, artifact.dense_fields, artifact.plan, bits, fold)
 
 
 def artifact_directory(path: str | Path) -> Path:
@@ -224,7 +242,9 @@ def serving_model(
     inference EBC (``inference_tables``: fp32, or ``bits`` 8 or 4); a repacked model's
     (``plan``) re-laid for its serving ids (``ServingRows``, which its vocabulary then maps
     raw values to), and with ``fold`` its interaction folded onto the pooled slab columns
-    where the model allows (``pipeline.models.folded``)."""
+    where the model allows (``pipeline.models.folded``) and its weighted dense keys taken
+    out of the tables (``fold_dense_keys``); ``fold=False`` runs the model's own
+    interaction on its fields."""
     bits = FP32_BITS if bits is None else bits
     if plan is None:
         return ServingModel(inference_tables(model.eval(), bits), layout, vocab, dense_fields)
@@ -232,11 +252,49 @@ def serving_model(
     model.embedding.ebc = rows.relay(model.embedding.ebc)
     if model.embedding.learned:  # the same outputs; folded, the FM's squares become a norm
         orthonormal_projections(model.embedding)
-    model = inference_tables(model.eval(), bits)
     folded = model.folded(model.embedding.output_map()) if fold else None
+    if folded is not None and layout.dense_keys:
+        rows = fold_dense_keys(model.embedding, plan, layout, folded)
+    model = inference_tables(model.eval(), bits)
     model.column_fold = False  # folded once above, or served on its fields: never re-folded per call
     vocab = vocab.renumbered({key: partial(rows.ids_of_ranks, key) for key in layout.id_columns})
     return ServingModel(model, layout, vocab, dense_fields, rows, None if folded is None else folded.eval())
+
+
+def fold_dense_keys(
+    embedding: nn.Module, plan: StructuredPlan, layout: FeatureLayout, folded: FoldedInteraction,
+) -> ServingRows:
+    """Take the weighted dense keys out of a folded repacked model's tables and KJT:
+    ``embedding`` (its tables re-laid by ``ServingRows.relay``) keeps the id columns'
+    slabs only, unweighted, and ``folded`` computes the dense keys' pooled columns
+    (a one-row table's output is the dense value times its row) as ``dense @ rows``
+    (``FoldedInteraction.take_dense_rows``; exact fp32 rows whatever the tables' bits).
+    Returns the ``ServingRows`` of the id columns, whose KJT the tables then read: one
+    key per dense field fewer and no weights per request.
+
+    Raises:
+        ValueError: if the dense keys' slabs are not the first pooled columns (``layout``
+            puts them first, and ``folded`` reads its columns in that order).
+    """
+    dense = list(layout.dense_keys)
+    slabs = [s for s in ColumnSlabs(plan, layout.keys).slabs if s.key in dense]
+    bags = embedding.ebc.embedding_bags
+    if [c.feature_names[0] for c in embedding.ebc.embedding_bag_configs()][: len(slabs)] != [s.name for s in slabs]:
+        raise ValueError("the dense keys' slabs are not the first tables of the repacked embedding")
+    rows = torch.zeros(len(dense), sum(s.width for s in slabs))
+    start = 0
+    for s in slabs:  # a dense key stores one row (row 0), then relay's zero row
+        rows[dense.index(s.key), start : start + s.width] = bags[f"t_{s.name}"].weight.detach()[0]
+        start += s.width
+    folded.take_dense_rows(rows)
+    kept = embedding.ebc.embedding_bag_configs()[len(slabs):]
+    ebc = EmbeddingBagCollection(kept, is_weighted=False, device=torch.device("cpu"))
+    with torch.no_grad():
+        for config in kept:
+            ebc.embedding_bags[config.name].weight.copy_(bags[config.name].weight)
+    embedding.ebc = ebc
+    ids_plan = dataclasses.replace(plan, groups=tuple(g for g in plan.groups if g.group.key not in dense))
+    return ServingRows(ids_plan, layout.id_columns)
 
 
 def inference_tables(model: nn.Module, bits: int = FP32_BITS) -> nn.Module:

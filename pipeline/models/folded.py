@@ -143,11 +143,25 @@ class FoldedInteraction(nn.Module):
         self.register_buffer("places", places, persistent=False)
         self.gram: Optional[torch.Tensor]
         self.register_buffer("gram", gram, persistent=False)
+        self.dense_rows: Optional[torch.Tensor]
+        self.register_buffer("dense_rows", None, persistent=False)
+
+    def take_dense_rows(self, rows: torch.Tensor) -> None:
+        """Compute the first pooled columns as ``dense @ rows`` (``[D, C_d]``) instead of
+        reading them: the columns of the one-row tables of weighted dense keys (their
+        pooled output is the dense value times the row), which the served tables and KJT
+        then leave out (``pipeline.inference.model.fold_dense_keys``)."""
+        if self.dense_arch is not None:
+            raise ValueError("a model with a dense MLP has no dense keys to fold")
+        self.dense_rows = rows
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         # Layers are applied as functions, not module calls: at batch 1 the calls were a
         # third of the interaction's time (56 -> 38 µs for DeepFM, one thread).
-        x = pooled if self.dense_arch is None else torch.cat([self.dense_arch(dense), pooled], dim=1)
+        if self.dense_rows is not None:
+            x = torch.cat([dense @ self.dense_rows, pooled], dim=1)
+        else:
+            x = pooled if self.dense_arch is None else torch.cat([self.dense_arch(dense), pooled], dim=1)
         parts = linear(x, self.first.weight, self.first.bias).split(self.splits, dim=1)
         out = None
         for part, rest in zip(parts, self.rests):
