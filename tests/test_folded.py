@@ -106,3 +106,32 @@ def test_served_learned_projections_fold_with_a_plain_norm_and_the_same_logits()
     assert folded.gram is None
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-3), (got - expected).abs().max()
 
+
+
+@pytest.mark.parametrize("name, projection, seed", [
+    ("deepfm", "selection", NARROW), ("wide_deep", "selection", NARROW), ("fm", "selection", 0),
+    ("deepfm", "learned", NARROW),
+])
+def test_dense_rows_taken_out_of_the_pooled_columns_give_the_same_logits(name, projection, seed):
+    from sharding.serving_rows import ServingRows, orthonormal_projections
+
+    model, plan = repacked_model(name, projection, 0, seed)
+    if projection == "learned":  # served: re-based to orthonormal rows, no Gram term
+        with torch.no_grad():
+            with pytest.raises(ValueError, match="Gram"):
+                model.folded(model.embedding.output_map()).take_dense_rows(torch.ones(1, 1))
+            model.embedding.ebc = ServingRows(plan, list(NUMS)).relay(model.embedding.ebc)
+            orthonormal_projections(model.embedding)
+    folded = model.folded(model.embedding.output_map()).eval()
+    # The first two features' slabs stand for two dense keys: each its own columns.
+    slabs = model.embedding.slabs.by_key
+    widths = [sum(s.width for s in slabs[key]) for key in list(NUMS)[:2]]
+    rows = torch.zeros(2, sum(widths))
+    rows[0, : widths[0]], rows[1, widths[0] :] = torch.randn(widths[0]), torch.randn(widths[1])
+    taken = model.folded(model.embedding.output_map()).eval()
+    taken.take_dense_rows(rows)
+    assert taken.first.in_features == folded.first.in_features - rows.shape[1]
+    dense, pooled = torch.randn(50, 2), torch.randn(50, folded.first.in_features - rows.shape[1])
+    with torch.no_grad():
+        expected, got = folded(None, torch.cat([dense @ rows, pooled], dim=1)), taken(dense, pooled)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (got - expected).abs().max()

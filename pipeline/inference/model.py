@@ -95,7 +95,7 @@ class ServingModel(nn.Module):
         self.model, self.folded = model, folded
         self.layout, self.vocab, self.rewrite = layout, vocab, rewrite
         # Folded dense keys (``fold_dense_keys``): the slab KJT is built from the id columns alone.
-        self.ids_only = folded is not None and folded.dense_rows is not None
+        self.ids_only = folded is not None and folded.dense_map is not None
         self.dense_fields = tuple(dense_fields)
         self._keys_checked = False
         self.eval()
@@ -157,10 +157,8 @@ class ServingModel(nn.Module):
         """Bytes held by the embedding module (tables, quantization scales, projections)
         and the serving ids' buffers (``ServingRows``)."""
         modules = [self.model.embedding] + ([self.rewrite] if self.rewrite is not None else [])
-        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        if self.ids_only:
-            tensors.append(self.folded.dense_rows)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tables = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+        return tables + (self.folded.dense_row_bytes if self.ids_only else 0)
 
 
 def load_model(path: str | Path, bits: Optional[int] = None) -> ServingModel:
@@ -253,7 +251,7 @@ def serving_model(
     if model.embedding.learned:  # the same outputs; folded, the FM's squares become a norm
         orthonormal_projections(model.embedding)
     folded = model.folded(model.embedding.output_map()) if fold else None
-    if folded is not None and layout.dense_keys:
+    if folded is not None and folded.gram is None and layout.dense_keys:
         rows = fold_dense_keys(model.embedding, plan, layout, folded)
     model = inference_tables(model.eval(), bits)
     model.column_fold = False  # folded once above, or served on its fields: never re-folded per call
@@ -267,7 +265,7 @@ def fold_dense_keys(
     """Take the weighted dense keys out of a folded repacked model's tables and KJT:
     ``embedding`` (its tables re-laid by ``ServingRows.relay``) keeps the id columns'
     slabs only, unweighted, and ``folded`` computes the dense keys' pooled columns
-    (a one-row table's output is the dense value times its row) as ``dense @ rows``
+    (a one-row table's output is the dense value times its row) from the dense values
     (``FoldedInteraction.take_dense_rows``; exact fp32 rows whatever the tables' bits).
     Returns the ``ServingRows`` of the id columns, whose KJT the tables then read: one
     key per dense field fewer and no weights per request.
