@@ -135,3 +135,9 @@ def test_dense_rows_taken_out_of_the_pooled_columns_give_the_same_logits(name, p
     with torch.no_grad():
         expected, got = folded(None, torch.cat([dense @ rows, pooled], dim=1)), taken(dense, pooled)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (got - expected).abs().max()
+    # Dense keys the plan gives no column (width 0): no columns to take, the same logits.
+    none = model.folded(model.embedding.output_map()).eval()
+    none.take_dense_rows(torch.zeros(2, 0))
+    full = torch.randn(50, folded.first.in_features)
+    with torch.no_grad():
+        assert torch.allclose(none(dense, full), folded(None, full), rtol=1e-5, atol=1e-4)
