@@ -107,7 +107,8 @@ class ServingRows(nn.Module):
             f = int(bad.any(dim=1).nonzero()[0])
             raise ValueError(f"id {int(ids[f][bad[f]][0])} of {self.keys[f]} is outside its serving ids "
                              f"0..{int(self.top[f])}")
-        values = torch.minimum(ids.index_select(0, field), self.limit)
+        # In place: a fresh [S, B] output is a page-faulting allocation at 4096 rows (0.46 -> 0.35 ms).
+        values = ids.index_select(0, field).clamp_max_(self.limit)
         return single_hot_kjt(self.out_keys, values, None if weights is None else weights.index_select(0, field))
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.data import chunk_passes, preprocess
-from pipeline.data.criteo_reader import TRAIN, Chunk, assign_splits, source_name
+from pipeline.data.criteo_reader import TRAIN, Chunk, assign_splits, parse_block, source_name
 from pipeline.data.features import FeatureLayout
 from pipeline.data.loader import SplitReader
 from pipeline.data.metadata import DatasetMeta
@@ -112,6 +112,30 @@ def test_round_trip_ranks_by_train_frequency_with_ranked_oov(tmp_path):
                                       table.column(name).to_numpy())
     assert vocab.lookup("C1", ["0000beef", "", "00000000"]).tolist() == [meta.oov_ids["C1"]] * 2 + [
         table.column("C1").to_numpy()[[f[14] == "00000000" for f in train_fields]][0]]
+
+
+def test_serving_encodes_raw_rows_as_the_shards_hold_them(tmp_path):
+    """``encode_columns`` (what a served model reads of raw rows) gives every shard column
+    exactly as preprocessing wrote it: OOV, missing and negative values, buckets, dtypes."""
+    lines = make_lines(400, seed=5)
+    path = write(tmp_path / "a.txt", lines)
+    out = tmp_path / "out"
+    meta = run_cli(out, [path], "--min-count", "2")
+    vocab, block = Vocabulary.load(out / "vocab"), parse_block(Path(path).read_bytes())
+    columns = chunk_passes.SHARD_SCHEMA.names[1:]
+    encoded = dict(zip(columns, chunk_passes.encode_columns(block, vocab, columns)))
+    splits = assign_splits("synthetic", 0, "a.txt", np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]))
+    oov = 0
+    for s, split in enumerate(SPLITS):
+        table = read_split(out, meta, split)
+        for column in columns:
+            got, want = encoded[column][splits == s], table.column(column).to_numpy()
+            assert got.dtype == want.dtype, column
+            np.testing.assert_array_equal(got, want, err_msg=f"{split} {column}")
+            oov += int((got == meta.oov_ids[column]).sum()) if column in meta.oov_ids else 0
+    assert oov > 0 and all(s in splits for s in range(len(SPLITS)))
+    picked = chunk_passes.encode_columns(block, vocab, ["C3", "B2", "I1"])  # any columns, in any order
+    assert all(np.array_equal(a, encoded[c]) for a, c in zip(picked, ["C3", "B2", "I1"]))
 
 
 BAD = {  # line (1-based) -> (field, bad line)

@@ -27,6 +27,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -258,33 +259,43 @@ def _vocabulary(output: str) -> Vocabulary:
     return _VOCABS[key]
 
 
+def column_entries(block: ParsedBlock, vocab: Vocabulary, column: str, slice_keys: int = 0) -> np.ndarray:
+    """Shard column ``column``'s value for each of the block's dictionary entries: an
+    integer transformed, a categorical or bucket key looked up once (``FieldVocab.ids_of``,
+    in slices of ``slice_keys`` entries)."""
+    code = _CODE_COLUMN[column]
+    if column in DENSE_FIELDS:  # an empty integer's entry is 0, which maps to 0
+        return dense_transform(block.values[code])
+    keys = block.values[code] if column in SPARSE_FIELDS else bucket_keys(block.values[code], block.absent[code])
+    return vocab.fields[column].ids_of(keys, block.absent[code] if column in SPARSE_FIELDS else None, slice_keys)
+
+
 def entry_values(block: ParsedBlock, vocab: Vocabulary, slice_keys: int = 0) -> list[np.ndarray]:
-    """Per shard column after the label, its value for each of the block's dictionary
-    entries: integers transformed, categorical and bucket keys looked up once
-    (``FieldVocab.ids_of``, in slices of ``slice_keys`` entries)."""
-    # an empty integer's entry is 0, which maps to 0
-    dense = [dense_transform(block.values[j]) for j in range(NUM_DENSE)]
-    sparse = [vocab.fields[f].ids_of(block.values[NUM_DENSE + j], block.absent[NUM_DENSE + j], slice_keys)
-              for j, f in enumerate(SPARSE_FIELDS)]
-    buckets = [vocab.fields[f].ids_of(bucket_keys(block.values[j], block.absent[j]), slice_keys=slice_keys)
-               for j, f in enumerate(BUCKET_FIELDS)]
-    return dense + sparse + buckets
+    """``column_entries`` of every shard column after the label."""
+    return [column_entries(block, vocab, column, slice_keys) for column in SHARD_SCHEMA.names[1:]]
 
 
 # the code column (I1..I13 then C1..C26) each shard column after the label is gathered by
-_CODE_COLUMNS = [*range(NUM_DENSE), *range(NUM_DENSE, NUM_DENSE + len(SPARSE_FIELDS)), *range(NUM_DENSE)]
+_CODE_COLUMN = {
+    **{f: j for j, f in enumerate(DENSE_FIELDS)}, **{f: NUM_DENSE + j for j, f in enumerate(SPARSE_FIELDS)},
+    **{f: j for j, f in enumerate(BUCKET_FIELDS)},
+}
 
 
 def shard_table(block: ParsedBlock, entries: list[np.ndarray], rows=slice(None)) -> pa.Table:
     """The shard columns of the block's good rows ``rows`` (a slice or indices): the
     ``entry_values`` gathered by the rows' codes."""
-    columns = [block.label[rows]] + [v[block.codes[c][rows]] for v, c in zip(entries, _CODE_COLUMNS)]
+    columns = [block.label[rows]] + [v[block.codes[_CODE_COLUMN[c]][rows]]
+                                     for v, c in zip(entries, SHARD_SCHEMA.names[1:])]
     return pa.table(dict(zip(SHARD_SCHEMA.names, columns)), schema=SHARD_SCHEMA)
 
 
-def encode_block(block: ParsedBlock, vocab: Vocabulary) -> pa.Table:
-    """The shard columns of all the block's good rows (serving encodes raw rows so)."""
-    return shard_table(block, entry_values(block, vocab))
+def encode_columns(block: ParsedBlock, vocab: Vocabulary, columns: Sequence[str]) -> list[np.ndarray]:
+    """The shard columns ``columns`` of all the block's good rows, as ``shard_table``
+    writes them: serving encodes raw rows so, only the columns its model reads and
+    without building a table (one row: 0.85 -> 0.35 ms; the table and reading it back
+    were 0.40 ms; 4096 rows: 6.0 -> 4.4 ms)."""
+    return [column_entries(block, vocab, c)[block.codes[_CODE_COLUMN[c]]] for c in columns]
 
 
 class ShardWriter:

@@ -7,7 +7,7 @@ process alone: no process group, no sharding. The module owns every step the tra
 data went through: vocabulary lookup (hex -> frequency rank, OOV; for a repacked model
 its serving id), the dense transform (``log(1 + max(x, 0))``), the ids into the repacked
 tables, the tables and their projections, and the model. The code is the preprocessing's and the loader's own
-(``encode_block``, ``table_rows``, ``key_ids``), so serving cannot drift from training.
+(``encode_columns``, ``key_ids``), so serving cannot drift from training.
 ``encode`` is the numpy part (raw rows -> dense values and ids), ``forward`` the tensor
 part (dense values and ids -> logits), which ``torch.export`` exports with a dynamic
 batch (``pipeline.inference.exported``).
@@ -41,6 +41,7 @@ from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.inference.modules import quantize_inference_model
@@ -52,10 +53,10 @@ from torchrec.quant.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import DataConfig, load_config
-from pipeline.data.chunk_passes import encode_block
+from pipeline.data.chunk_passes import encode_columns
 from pipeline.data.criteo_reader import ParsedBlock
 from pipeline.data.features import FeatureLayout
-from pipeline.data.loader import key_ids, table_rows
+from pipeline.data.loader import key_ids
 from pipeline.data.vocab import Vocabulary
 from pipeline.inference.artifact import (
     EXPORT_DIR, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE, Artifact, ArtifactError, check_weights, read_artifact,
@@ -103,8 +104,9 @@ class ServingModel(nn.Module):
     def encode(self, block: ParsedBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dense [B, D] float32, ids [B, C] int64)`` of raw rows, exactly as the
         preprocessing and the loader make them (``D`` dense fields, ``C`` id columns)."""
-        rows = table_rows(encode_block(block, self.vocab), self.dense_fields, self.layout.id_columns)
-        return torch.from_numpy(rows.dense), torch.from_numpy(rows.ids)
+        dense = np.stack(encode_columns(block, self.vocab, self.dense_fields), 1)
+        ids = np.stack(encode_columns(block, self.vocab, self.layout.id_columns), 1).astype(np.int64)
+        return torch.from_numpy(dense), torch.from_numpy(ids)
 
     def from_ranks(self, ids: torch.Tensor) -> torch.Tensor:
         """The ids ``forward`` reads of frequency ranks ``[B, C]`` (a preprocessed
