@@ -15,8 +15,12 @@ plan`` the fp32 plan quantized (its width-1 slabs stay fp32: ``inference_tables`
 Without ``--run-dir`` a synthetic dataset is made and an untrained search model with a
 seeded α stands in (latency and memory do not depend on training). Per batch size the
 models are timed in alternation on the same rows, ``--rounds`` times (10× that below
-1024 rows: cheap calls, and their p99 needs them), after one warm-up round; each visit
-times ``--repeat`` calls of the model in a row. With ``--repeat 1`` every call follows
+1024 rows: cheap calls, and their p99 needs them), after one warm-up round, in a new
+random order each round (seeded): a small call costs more after a model that evicted
+more of the caches, and in a fixed order each model always followed the same one (at
+batch 1, three runs on both 1M worlds each way: fp32 CR 20 1.08–1.14 in the fixed
+order, 0.99–1.02 shuffled; int8 0.92–1.01, shuffled 0.99–1.03); each visit times
+``--repeat`` calls of the model in a row. With ``--repeat 1`` every call follows
 another model's; a server serving one model is nearer ``--repeat 10``, whose p50 is a
 call after one of the same model and whose p99 still holds the first call of each
 visit (on the 1M long-tail search the ratios came out the same both ways: README).
@@ -132,9 +136,12 @@ def time_models(
     inputs = {key: model.encode(rows) for key, (_, model) in models.items()}
     samples = {key: ([], []) for key in models}
     rounds = rounds if batch >= SMALL_BATCH else 10 * rounds
+    order, shuffle = list(models), np.random.default_rng(0).shuffle
     with torch.no_grad():
         for round_ in range(rounds + 1):  # the first round warms up
-            for key, (_, model) in models.items():
+            shuffle(order)  # every model follows every other alike: a call pays for what ran before it
+            for key in order:
+                model = models[key][1]
                 for _ in range(repeat):
                     start = time.perf_counter()
                     model.predict(rows)
