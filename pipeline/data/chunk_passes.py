@@ -266,8 +266,9 @@ def column_entries(block: ParsedBlock, vocab: Vocabulary, column: str, slice_key
     code = _CODE_COLUMN[column]
     if column in DENSE_FIELDS:  # an empty integer's entry is 0, which maps to 0
         return dense_transform(block.values[code])
-    keys = block.values[code] if column in SPARSE_FIELDS else bucket_keys(block.values[code], block.absent[code])
-    return vocab.fields[column].ids_of(keys, block.absent[code] if column in SPARSE_FIELDS else None, slice_keys)
+    if column in SPARSE_FIELDS:
+        return vocab.fields[column].ids_of(block.values[code], block.absent[code], slice_keys)
+    return vocab.fields[column].ids_of(bucket_keys(block.values[code], block.absent[code]), slice_keys=slice_keys)
 
 
 def entry_values(block: ParsedBlock, vocab: Vocabulary, slice_keys: int = 0) -> list[np.ndarray]:
