@@ -61,7 +61,7 @@ def test_the_folded_first_layer_reads_only_the_pooled_columns():
     columns = sum(s.width for s in model.embedding.slabs.slabs)
     assert columns == len(NUMS) * K - 4
     # first_order's and deep's first layers in one: 1 + 256 outputs (a selection's FM sums add no columns)
-    assert folded.first.in_features == columns and folded.first.out_features == 1 + 256
+    assert folded.first_t.shape == (columns, 1 + 256)
 
 
 @pytest.mark.parametrize("name, projection, seed", [
@@ -130,14 +130,14 @@ def test_dense_rows_taken_out_of_the_pooled_columns_give_the_same_logits(name, p
     rows[0, : widths[0]], rows[1, widths[0] :] = torch.randn(widths[0]), torch.randn(widths[1])
     taken = model.folded(model.embedding.output_map()).eval()
     taken.take_dense_rows(rows)
-    assert taken.first.in_features == folded.first.in_features - rows.shape[1]
-    dense, pooled = torch.randn(50, 2), torch.randn(50, folded.first.in_features - rows.shape[1])
+    assert taken.first_t.shape[0] == folded.first_t.shape[0] - rows.shape[1]
+    dense, pooled = torch.randn(50, 2), torch.randn(50, folded.first_t.shape[0] - rows.shape[1])
     with torch.no_grad():
         expected, got = folded(None, torch.cat([dense @ rows, pooled], dim=1)), taken(dense, pooled)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (got - expected).abs().max()
     # Dense keys the plan gives no column (width 0): no columns to take, the same logits.
     none = model.folded(model.embedding.output_map()).eval()
     none.take_dense_rows(torch.zeros(2, 0))
-    full = torch.randn(50, folded.first.in_features)
+    full = torch.randn(50, folded.first_t.shape[0])
     with torch.no_grad():
         assert torch.allclose(none(dense, full), folded(None, full), rtol=1e-5, atol=1e-4)

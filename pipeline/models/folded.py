@@ -25,8 +25,8 @@ Example:
     >>> lift = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # 2 columns -> F=2, K=2
     >>> deep = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
     >>> folded = folded_interaction(None, [nn.Linear(4, 1), deep], lift, 2, fm=False)
-    >>> folded.first                       # both heads' first layers, on the 2 columns
-    Linear(in_features=2, out_features=4, bias=True)
+    >>> folded.first_t.shape               # both heads' first layers, on the 2 columns
+    torch.Size([2, 4])
 """
 
 from __future__ import annotations
@@ -106,14 +106,26 @@ class FoldedInteraction(nn.Module):
     """Logits ``[B]`` from dense values and pooled columns ``[B, C]``: the sum of the
     heads (each ``[B, 1]``) plus, with ``fm``, the FM pairwise term.
 
+    The heads' folded first layers are one product, ``first = x @ first_t + first_bias``,
+    whose outputs are laid out so that each later step reads a contiguous range without
+    a split: the MLP heads' hidden units first (each head a ``narrow``), then a tail of
+    the FM field sums (a learned projection's, ``K`` columns) and the linear heads' logits
+    (one column each), which two matrix-vector products add up: ``tail @ direct`` for the
+    linear heads and ``tail² @ half_sums`` for ``½|Σ_i v_i|²`` (at batch 1 the call is a
+    chain of small ops, and this layout saves a third of the interaction's: 0.17 -> 0.11
+    ms, its splits and slices among them).
+
     Args:
         dense_arch: the model's bottom MLP (its output is the first field), or ``None``.
         heads: the model's linear and MLP heads that read ``flat(fields)`` (copied; their
-            first layers are folded and stacked into ``first``).
+            first layers are folded and stacked into ``first_t``).
         lift: ``[X, F' * K]``, ``x -> flat(fields)``.
         gram: ``lift @ liftᵀ``, or ``None`` where it is the identity.
         embedding_dim: ``K``.
         fm: whether the model adds ``Σ_{i<j} <v_i, v_j>``.
+
+    Raises:
+        ValueError: for a linear head with more than one output (heads add up to one logit).
     """
 
     def __init__(
@@ -124,32 +136,47 @@ class FoldedInteraction(nn.Module):
         self.dense_arch, self.fm = dense_arch, fm
         fields = lift.shape[1] // embedding_dim
         self.embedding_dim = embedding_dim
-        # Σ_i v_i: a selection's columns added at their places, else a product with lift S,
-        # stacked with the heads' first layers.
         places = field_places(lift, embedding_dim)
-        firsts = [first_linear(h) for h in heads]
-        weights = [f.weight.detach() @ lift.T for f in firsts]
-        biases = [f.bias.detach() if f.bias is not None else torch.zeros(f.out_features) for f in firsts]
-        if fm and places is None:
-            weights.append((lift @ torch.eye(embedding_dim).repeat(fields, 1)).T)
-            biases.append(torch.zeros(embedding_dim))
-        self.first = nn.Linear(lift.shape[0], sum(w.shape[0] for w in weights))
-        with torch.no_grad():
-            self.first.weight.copy_(torch.cat(weights))
-            self.first.bias.copy_(torch.cat(biases))
-        self.splits = [w.shape[0] for w in weights]
-        self.rests = nn.ModuleList([rest_of(h) for h in heads])
+        rests = [rest_of(h) for h in heads]
+        mlps = [(first_linear(h), rest) for h, rest in zip(heads, rests) if len(rest)]
+        linears = [first_linear(h) for h, rest in zip(heads, rests) if not len(rest)]
+        if any(f.out_features != 1 for f in linears):
+            raise ValueError("a linear head folds only with one output (its logit)")
+        # Σ_i v_i: a selection's columns added at their places, else a product with lift S.
+        sums = (lift @ torch.eye(embedding_dim).repeat(fields, 1)).T if fm and places is None else None
+        weights = [f.weight.detach() @ lift.T for f, _ in mlps] + ([sums] if sums is not None else [])
+        weights += [f.weight.detach() @ lift.T for f in linears]
+        biases = [f.bias.detach() if f.bias is not None else torch.zeros(f.out_features) for f, _ in mlps]
+        biases += [torch.zeros(embedding_dim)] if sums is not None else []
+        biases += [f.bias.detach() if f.bias is not None else torch.zeros(1) for f in linears]
+        self.first_t: torch.Tensor
+        self.register_buffer("first_t", torch.cat(weights).T, persistent=False)  # [X, outputs]
+        self.first_bias: torch.Tensor
+        self.register_buffer("first_bias", torch.cat(biases), persistent=False)
+        starts = [0]
+        for first, _ in mlps:
+            starts.append(starts[-1] + first.out_features)
+        self.mlp_parts = list(zip(starts[:-1], [first.out_features for first, _ in mlps]))
+        self.rests = nn.ModuleList([rest for _, rest in mlps])
+        self.tail_start = starts[-1]
+        width = (0 if sums is None else embedding_dim) + len(linears)
+        self.direct: torch.Tensor  # [tail]: 1 at the linear heads' logits
+        self.register_buffer("direct", torch.zeros(width), persistent=False)
+        self.direct[width - len(linears):] = 1
+        self.half_sums: torch.Tensor  # [tail]: ½ at the field sums
+        self.register_buffer("half_sums", torch.zeros(width), persistent=False)
+        self.half_sums[: width - len(linears)] = 0.5
         self.places: Optional[torch.Tensor]
         self.register_buffer("places", places, persistent=False)
         self.gram: Optional[torch.Tensor]
         self.register_buffer("gram", gram, persistent=False)
-        # Folded dense keys (``take_dense_rows``): [D, first outputs (+ K)] and [D].
+        # Folded dense keys (``take_dense_rows``): [D, outputs], [D, K] (a selection's FM sums), [D].
         self.dense_map: Optional[torch.Tensor]
         self.register_buffer("dense_map", None, persistent=False)
+        self.dense_sums: Optional[torch.Tensor]
+        self.register_buffer("dense_sums", None, persistent=False)
         self.dense_norms: Optional[torch.Tensor]
         self.register_buffer("dense_norms", None, persistent=False)
-        self.dense_bias: Optional[torch.Tensor]  # the first layer's bias (and K zeros): added with dense_map
-        self.register_buffer("dense_bias", None, persistent=False)
         self.dense_row_bytes = 0
 
     def take_dense_rows(self, rows: torch.Tensor) -> None:
@@ -159,8 +186,9 @@ class FoldedInteraction(nn.Module):
         the row; each key's columns its own), which the served tables and KJT then leave
         out (``pipeline.inference.model.fold_dense_keys``). Folded into what reads them
         rather than concatenated (a copy of ``pooled``: 3% of a 4096-row request): the
-        first layer adds ``dense @ (rows W_dᵀ)``, a selection's FM field sum ``dense @
-        (rows at their places)`` and the FM's sum of squares ``dense² @ |rows_i|²``.
+        first product adds ``dense @ (rows W_dᵀ)`` (with the bias, in the same op), a
+        selection's FM field sum ``dense @ (rows at their places)`` and the FM's sum of
+        squares ``dense² @ |rows_i|²``.
 
         Raises:
             ValueError: for a model with a bottom MLP (it has no dense keys) or a Gram term
@@ -168,18 +196,12 @@ class FoldedInteraction(nn.Module):
         """
         if self.dense_arch is not None or self.gram is not None:
             raise ValueError("dense keys fold into a model without a bottom MLP or a Gram term only")
-        width, weight = rows.shape[1], self.first.weight.detach()
-        maps = [rows @ weight[:, :width].T]
+        width = rows.shape[1]
+        self.dense_map = rows @ self.first_t[:width]
         if self.fm and self.places is not None:
-            maps.append(rows.new_zeros(rows.shape[0], self.embedding_dim).index_add_(1, self.places[:width], rows))
+            self.dense_sums = rows.new_zeros(rows.shape[0], self.embedding_dim).index_add_(1, self.places[:width], rows)
             self.places = self.places[width:]
-        first = nn.Linear(weight.shape[1] - width, weight.shape[0])
-        with torch.no_grad():
-            first.weight.copy_(weight[:, width:])
-            first.bias.copy_(self.first.bias)
-        self.first = first
-        self.dense_map = torch.cat(maps, dim=1)
-        self.dense_bias = torch.cat([first.bias.detach(), rows.new_zeros(self.dense_map.shape[1] - weight.shape[0])])
+        self.first_t = self.first_t[width:]
         self.dense_norms = rows.square().sum(dim=1) if self.fm else None
         self.dense_row_bytes = width * rows.element_size()  # one stored value per column
 
@@ -187,31 +209,30 @@ class FoldedInteraction(nn.Module):
         # Layers are applied as functions, not module calls: at batch 1 the calls were a
         # third of the interaction's time (56 -> 38 µs for DeepFM, one thread).
         x = pooled if self.dense_arch is None else torch.cat([self.dense_arch(dense), pooled], dim=1)
-        if self.dense_map is None:
-            first, dense_terms = linear(x, self.first.weight, self.first.bias), None
-        else:  # the dense terms with the bias, the pooled columns' product added by the same op
-            dense_terms = torch.addmm(self.dense_bias, dense, self.dense_map)
-            first = torch.addmm(dense_terms[:, : self.first.out_features], x, self.first.weight.T)
-        parts = first.split(self.splits, dim=1)
+        # The dense terms with the bias, then the pooled columns' product added by the same op.
+        bias = self.first_bias if self.dense_map is None else torch.addmm(self.first_bias, dense, self.dense_map)
+        first = torch.addmm(bias, x, self.first_t)
         out = None
-        for part, rest in zip(parts, self.rests):
+        for (start, width), rest in zip(self.mlp_parts, self.rests):
+            part = first.narrow(1, start, width)
             for layer in rest:
                 part = linear(torch.relu(part), layer.weight, layer.bias)
             out = part if out is None else out + part
-        out = out.squeeze(1)
+        tail = first.narrow(1, self.tail_start, first.shape[1] - self.tail_start)
+        logits = tail @ self.direct if out is None else torch.addmv(out.squeeze(1), tail, self.direct)
         if not self.fm:
-            return out
-        if self.places is None:
-            field_sum = parts[-1]
+            return logits
+        if self.places is None:  # + ½|Σ_i v_i|², the sums being tail columns
+            logits = torch.addmv(logits, tail.square(), self.half_sums)
         else:  # one add per column, not a [C, K] product (4.5 -> 2.4 ms at 4096 × 1,248)
             field_sum = x.new_zeros(x.shape[0], self.embedding_dim).index_add_(1, self.places, x)
-            if dense_terms is not None:
-                field_sum = field_sum + dense_terms[:, -self.embedding_dim :]
-        square_of_sum = field_sum.square().sum(dim=1)
-        if self.gram is None:  # the norm reads x once, x * x writes a copy first (0.4 vs 1.2 ms)
-            pairs = square_of_sum - torch.linalg.vector_norm(x, dim=1).square()
-            if self.dense_norms is not None:  # minus Σ_d dense_d² |row_d|²
-                pairs = torch.addmv(pairs, dense.square(), self.dense_norms, alpha=-1)
-        else:
-            pairs = square_of_sum - (x * (x @ self.gram)).sum(dim=1)
-        return torch.add(out, pairs, alpha=0.5)
+            if self.dense_sums is not None:
+                field_sum = torch.addmm(field_sum, dense, self.dense_sums)
+            logits = torch.add(logits, field_sum.square().sum(dim=1), alpha=0.5)
+        if self.gram is not None:
+            return torch.sub(logits, (x * (x @ self.gram)).sum(dim=1), alpha=0.5)
+        # The norm reads x once, x * x writes a copy first (0.4 vs 1.2 ms).
+        logits = torch.sub(logits, torch.linalg.vector_norm(x, dim=1).square(), alpha=0.5)
+        if self.dense_norms is not None:  # minus ½ Σ_d dense_d² |row_d|²
+            logits = torch.addmv(logits, dense.square(), self.dense_norms, alpha=-0.5)
+        return logits
