@@ -141,3 +141,13 @@ def test_dense_rows_taken_out_of_the_pooled_columns_give_the_same_logits(name, p
     full = torch.randn(50, folded.first_t.shape[0])
     with torch.no_grad():
         assert torch.allclose(none(dense, full), folded(None, full), rtol=1e-5, atol=1e-4)
+
+
+def test_a_linear_head_with_more_than_one_output_is_refused():
+    from torch import nn
+
+    from pipeline.models.folded import folded_interaction
+
+    lift = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="one output"):
+        folded_interaction(None, [nn.Linear(4, 2)], lift, 2, fm=False)

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from itertools import accumulate
 from typing import Optional, Sequence
 
 import torch
@@ -53,6 +54,11 @@ def rest_of(head: nn.Module) -> nn.ModuleList:
     if not (all(isinstance(m, nn.ReLU) for m in layers[1::2]) and all(isinstance(m, nn.Linear) for m in layers[::2])):
         raise ValueError(f"cannot fold a head that is not linear layers with ReLUs between them: {head}")
     return nn.ModuleList(copy.deepcopy(layers[2::2]))
+
+
+def bias_of(layer: nn.Linear) -> torch.Tensor:
+    """``layer``'s bias, zeros where it has none."""
+    return layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
 
 
 def first_linear(head: nn.Module) -> nn.Linear:
@@ -143,23 +149,21 @@ class FoldedInteraction(nn.Module):
         linears = [first_linear(h) for h, rest in zip(heads, rests) if not len(rest)]
         if any(f.out_features != 1 for f in linears):
             raise ValueError("a linear head folds only with one output (its logit)")
-        # Σ_i v_i: a selection's columns added at their places, else a product with lift S.
+        # The product's outputs, in order: the MLP heads' hidden units, the FM sums Σ_i v_i
+        # (a learned projection's: a product with lift S; a selection adds its columns at
+        # their places instead), the linear heads' logits.
         sums = (lift @ torch.eye(embedding_dim).repeat(fields, 1)).T if fm and places is None else None
-        weights = [f.weight.detach() @ lift.T for f, _ in mlps] + ([sums] if sums is not None else [])
-        weights += [f.weight.detach() @ lift.T for f in linears]
-        biases = [f.bias.detach() if f.bias is not None else torch.zeros(f.out_features) for f, _ in mlps]
-        biases += [torch.zeros(embedding_dim)] if sums is not None else []
-        biases += [f.bias.detach() if f.bias is not None else torch.zeros(1) for f in linears]
+        blocks = [(f.weight.detach() @ lift.T, bias_of(f)) for f, _ in mlps]
+        blocks += [(sums, torch.zeros(embedding_dim))] if sums is not None else []
+        blocks += [(f.weight.detach() @ lift.T, bias_of(f)) for f in linears]
         self.first_t: torch.Tensor
-        self.register_buffer("first_t", torch.cat(weights).T, persistent=False)  # [X, outputs]
+        self.register_buffer("first_t", torch.cat([w for w, _ in blocks]).T, persistent=False)  # [X, outputs]
         self.first_bias: torch.Tensor
-        self.register_buffer("first_bias", torch.cat(biases), persistent=False)
-        starts = [0]
-        for first, _ in mlps:
-            starts.append(starts[-1] + first.out_features)
-        self.mlp_parts = list(zip(starts[:-1], [first.out_features for first, _ in mlps]))
+        self.register_buffer("first_bias", torch.cat([b for _, b in blocks]), persistent=False)
+        widths = [f.out_features for f, _ in mlps]
+        self.mlp_parts = list(zip(accumulate(widths, initial=0), widths))  # (start, width) of each
         self.rests = nn.ModuleList([rest for _, rest in mlps])
-        self.tail_start = starts[-1]
+        self.tail_start = sum(widths)
         width = (0 if sums is None else embedding_dim) + len(linears)
         self.direct: torch.Tensor  # [tail]: 1 at the linear heads' logits
         self.register_buffer("direct", torch.zeros(width), persistent=False)
